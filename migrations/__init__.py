@@ -1,0 +1,1 @@
+"""Alembic migrations of the index schema (run them with ``pacs db upgrade``)."""

@@ -1,0 +1,282 @@
+"""Read just enough of a DICOM Part 10 object to index it, without decoding pixels.
+
+Two checks run before anything is written:
+
+* :func:`check_structure` walks every element header of the file (skipping
+  values, so pixel data is never copied or decoded) and fails when a declared
+  length runs past the end of the bytes — a truncated transfer is caught here,
+  which pydicom's reader alone would silently accept.
+* :func:`parse_attributes` reads the header up to the pixel data and requires
+  the UIDs the index is keyed on.
+
+References: PS3.10 section 7 (file format), PS3.5 section 7 (data element
+encoding) and A.4 (encapsulated pixel data).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import BinaryIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from pacs.errors import InvalidObject
+from pacs.index.repository import InstanceAttributes
+
+PREAMBLE_LENGTH = 128
+MAGIC = b"DICM"
+# VRs whose explicit encoding has a 2-byte reserved field and a 4-byte length.
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQ_END = (0xFFFE, 0xE0DD)
+_MAX_DEPTH = 64
+
+
+def check_structure(fp: BinaryIO, size: int) -> str:
+    """Validate the element structure of a Part 10 file; return its transfer syntax UID.
+
+    ``fp`` must be seekable; ``size`` is the total byte count.  Raises
+    :class:`InvalidObject` naming what is wrong and where.
+    """
+    fp.seek(0)
+    head = fp.read(PREAMBLE_LENGTH + 4)
+    if len(head) < PREAMBLE_LENGTH + 4 or head[PREAMBLE_LENGTH:] != MAGIC:
+        raise InvalidObject(
+            "not a DICOM Part 10 file: expected 'DICM' at byte 128"
+            + (f", got {head[PREAMBLE_LENGTH:]!r}" if len(head) >= PREAMBLE_LENGTH + 4 else f" (only {size} bytes)")
+        )
+    walker = _Walker(fp, size, implicit=False, little=True)
+    # The file meta group (0002,xxxx) is always explicit VR little endian.
+    meta_end, transfer_syntax = walker.walk_meta(PREAMBLE_LENGTH + 4)
+    if not transfer_syntax:
+        raise InvalidObject("file meta information lacks TransferSyntaxUID (0002,0010)")
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        fp.seek(meta_end)
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(fp.read()) + inflater.flush()
+        except zlib.error as exc:
+            raise InvalidObject(f"deflated dataset does not inflate: {exc}") from exc
+        if not inflater.eof:
+            raise InvalidObject("deflated dataset is truncated: the deflate stream does not end")
+        inner = _Walker(io.BytesIO(body), len(body), implicit=False, little=True)
+        inner.walk_dataset(0, len(body), depth=0)
+    else:
+        walker.implicit = transfer_syntax == ImplicitVRLittleEndian
+        walker.little = transfer_syntax != ExplicitVRBigEndian
+        try:
+            walker.walk_dataset(meta_end, size, depth=0)
+        except _BadVR:
+            # Some writers encode the dataset implicitly while the meta says
+            # explicit; pydicom reads those, so a structure check in implicit
+            # VR decides whether the bytes are whole.
+            if walker.implicit:
+                raise
+            walker.implicit = True
+            walker.walk_dataset(meta_end, size, depth=0)
+    return transfer_syntax
+
+
+class _BadVR(InvalidObject):
+    pass
+
+
+class _Walker:
+    def __init__(self, fp: BinaryIO, size: int, *, implicit: bool, little: bool) -> None:
+        self.fp = fp
+        self.size = size
+        self.implicit = implicit
+        self.little = little
+
+    def _read(self, pos: int, n: int) -> bytes:
+        if pos + n > self.size:
+            raise InvalidObject(
+                f"truncated: an element header at byte {pos} needs {n} bytes, the object has {self.size}"
+            )
+        self.fp.seek(pos)
+        return self.fp.read(n)
+
+    def _header(self, pos: int) -> tuple[tuple[int, int], bytes | None, int, int]:
+        """(tag, vr, value length, header length) of the element at ``pos``."""
+        e = "<" if self.little else ">"
+        group, element = struct.unpack(e + "HH", self._read(pos, 4))
+        tag = (group, element)
+        if group == 0xFFFE or self.implicit:
+            (length,) = struct.unpack(e + "L", self._read(pos + 4, 4))
+            return tag, None, length, 8
+        vr = self._read(pos + 4, 2)
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack(e + "L", self._read(pos + 8, 4))
+            return tag, vr, length, 12
+        if not vr.isalpha() or not vr.isupper():
+            raise _BadVR(f"malformed element {group:04X},{element:04X} at byte {pos}: VR {vr!r}")
+        (length,) = struct.unpack(e + "H", self._read(pos + 6, 2))
+        return tag, vr, length, 8
+
+    def walk_meta(self, pos: int) -> tuple[int, str]:
+        transfer_syntax = ""
+        while pos < self.size:
+            self.fp.seek(pos)
+            (group,) = struct.unpack("<H", self._read(pos, 2))
+            if group != 0x0002:
+                break
+            tag, _vr, length, hlen = self._header(pos)
+            if length == _UNDEFINED:
+                raise InvalidObject(f"file meta element {tag[0]:04X},{tag[1]:04X} has undefined length")
+            value_at = pos + hlen
+            self._skip_to(value_at, length, tag)
+            if tag == (0x0002, 0x0010):
+                transfer_syntax = self._read(value_at, length).rstrip(b"\x00 ").decode("ascii", "replace")
+            pos = value_at + length
+        return pos, transfer_syntax
+
+    def _skip_to(self, value_at: int, length: int, tag: tuple[int, int]) -> None:
+        if value_at + length > self.size:
+            raise InvalidObject(
+                f"truncated: element {tag[0]:04X},{tag[1]:04X} declares {length} bytes at byte "
+                f"{value_at}, but the object ends at byte {self.size}"
+            )
+
+    def walk_dataset(self, pos: int, end: int, *, depth: int, in_item: bool = False) -> int:
+        """Walk elements from ``pos`` to ``end`` (or to an item delimiter); return the end position."""
+        if depth > _MAX_DEPTH:
+            raise InvalidObject(f"sequences nested deeper than {_MAX_DEPTH} levels")
+        while pos < end:
+            tag, vr, length, hlen = self._header(pos)
+            pos += hlen
+            if tag == _ITEM_END:
+                if not in_item:
+                    raise InvalidObject(f"item delimiter outside an item at byte {pos - hlen}")
+                return pos
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ", b"UN", b"OB", b"OW"):
+                    raise InvalidObject(f"element {tag[0]:04X},{tag[1]:04X} of VR {vr!r} has undefined length")
+                if vr == b"UN":
+                    # Items of a UN sequence of undefined length are implicit VR (PS3.5 6.2.2).
+                    implicit, self.implicit = self.implicit, True
+                    try:
+                        pos = self._walk_items(pos, depth + 1)
+                    finally:
+                        self.implicit = implicit
+                else:
+                    pos = self._walk_items(pos, depth + 1)
+                continue
+            self._skip_to(pos, length, tag)
+            pos += length
+        if in_item:
+            raise InvalidObject("truncated: an item of undefined length has no item delimiter")
+        if pos != end:
+            raise InvalidObject(f"element lengths overrun the item ending at byte {end}")
+        return pos
+
+    def _walk_items(self, pos: int, depth: int) -> int:
+        """Items of a sequence (or fragments of encapsulated pixel data) up to the sequence delimiter."""
+        while True:
+            tag, _vr, length, hlen = self._header(pos)
+            if tag == _SEQ_END:
+                return pos + hlen
+            if tag != _ITEM:
+                raise InvalidObject(
+                    f"expected an item (FFFE,E000) or sequence delimiter at byte {pos}, got {tag[0]:04X},{tag[1]:04X}"
+                )
+            pos += hlen
+            if length == _UNDEFINED:
+                pos = self.walk_dataset(pos, self.size, depth=depth, in_item=True)
+            else:
+                self._skip_to(pos, length, tag)
+                pos += length
+
+
+def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip()[:limit]
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def normalize_time(value: str) -> str:
+    """A DICOM TM as ``HHMMSS.ffffff`` (PS3.5 6.2), so strings sort as times do.
+
+    Accepts the old ``HH:MM:SS`` form too; returns "" for an empty value.
+    """
+    value = value.strip().replace(":", "")
+    if not value:
+        return ""
+    whole, _, fraction = value.partition(".")
+    whole = whole.ljust(6, "0")[:6]
+    return f"{whole}.{fraction.ljust(6, '0')[:6]}"
+
+
+def parse_attributes(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceAttributes:
+    """The indexed attributes of a Part 10 object (pixel data is not read)."""
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error) as exc:
+        raise InvalidObject(f"cannot parse the DICOM header: {exc}") from exc
+    missing = [
+        keyword
+        for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+        if not _text(ds, keyword, 64)
+    ]
+    if missing:
+        sop = _text(ds, "SOPInstanceUID", 64)
+        raise InvalidObject(
+            f"missing required {', '.join(missing)}" + (f" in SOP instance {sop}" if sop else "")
+        )
+    meta = getattr(ds, "file_meta", None)
+    meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "")) if meta else ""
+    sop_uid = _text(ds, "SOPInstanceUID", 64)
+    if meta_sop and meta_sop != sop_uid:
+        raise InvalidObject(
+            f"MediaStorageSOPInstanceUID {meta_sop} differs from SOPInstanceUID {sop_uid}"
+        )
+    return InstanceAttributes(
+        patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
+        patient_sex=_text(ds, "PatientSex", 16),
+        study_instance_uid=_text(ds, "StudyInstanceUID", 64),
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=normalize_time(_text(ds, "StudyTime", 16)),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_id=_text(ds, "StudyID", 16),
+        study_description=_text(ds, "StudyDescription", 64),
+        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        series_instance_uid=_text(ds, "SeriesInstanceUID", 64),
+        modality=_text(ds, "Modality", 16),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 64),
+        body_part_examined=_text(ds, "BodyPartExamined", 16),
+        series_date=_text(ds, "SeriesDate", 8),
+        series_time=normalize_time(_text(ds, "SeriesTime", 16)),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID", 64),
+        sop_instance_uid=sop_uid,
+        sop_class_uid=_text(ds, "SOPClassUID", 64),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+        transfer_syntax_uid=transfer_syntax_uid,
+    )

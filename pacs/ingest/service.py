@@ -1,0 +1,251 @@
+"""The one path by which a DICOM object enters the archive.
+
+``store`` checks the object's structure, parses the indexed attributes (never
+the pixel data), writes the original bytes to the store, commits the index row
+and only then returns — so a caller that acknowledges on return acknowledges
+only what is durable.  If indexing fails, the bytes just written are removed.
+
+Re-sends are idempotent: the same SOP Instance UID with the same bytes is a
+no-op success; with different bytes the configured :class:`DuplicatePolicy`
+decides and the decision is logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pacs.errors import (
+    DuplicateConflict,
+    IndexUnavailable,
+    InvalidObject,
+    ObjectTooLarge,
+    StorageUnavailable,
+)
+from pacs.index.database import Database
+from pacs.index.repository import (
+    InstanceAttributes,
+    add_instance,
+    find_instance,
+    location_of,
+    replace_location,
+)
+from pacs.ingest.parse import check_structure, parse_attributes
+from pacs.settings import DuplicatePolicy, StorageSettings
+from pacs.storage.compaction import Compactor
+from pacs.storage.objects import Location, ObjectStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+STORE_ATTEMPTS = 3  # a write that fails on a dying DataNode is retried on a new pipeline
+
+
+class StoreOutcome(str, enum.Enum):
+    STORED = "stored"  # new instance, bytes written and indexed
+    DUPLICATE = "duplicate"  # same UID, same bytes: nothing to do
+    KEPT_EXISTING = "kept-existing"  # same UID, different bytes, policy keep-first
+    OVERWRITTEN = "overwritten"  # same UID, different bytes, policy overwrite
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    location: Location
+
+    @property
+    def length(self) -> int:
+        return self.location.length
+
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
+
+
+class IngestService:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        db: Database,
+        settings: StorageSettings,
+        compactor: Compactor | None = None,
+    ) -> None:
+        self.objects = objects
+        self.db = db
+        self.settings = settings
+        self.compactor = compactor
+        self.max_bytes = settings.max_object_mb << 20
+
+    def store(self, source: Source, *, source_ae: str = "") -> StoreResult:
+        """Store one Part 10 object from bytes, a path or a seekable binary file."""
+        with _open(source) as (fp, size, name):
+            if size > self.max_bytes:
+                raise ObjectTooLarge(
+                    f"{name}: {size} bytes exceeds the limit of {self.max_bytes} bytes "
+                    f"(storage.max_object_mb={self.settings.max_object_mb})"
+                )
+            try:
+                transfer_syntax = check_structure(fp, size)
+                attrs = parse_attributes(fp, transfer_syntax)
+            except InvalidObject as exc:
+                raise InvalidObject(f"{name}: {exc}") from None
+            sha256 = _digest(fp)
+            result = self._store_parsed(fp, attrs, sha256, source_ae)
+        if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
+            self.compactor.after_store()
+        return result
+
+    def _store_parsed(
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, source_ae: str
+    ) -> StoreResult:
+        with self.db.session() as session:
+            existing = find_instance(session, attrs.sop_instance_uid)
+            existing_location = location_of(existing) if existing else None
+        if existing_location is not None:
+            early = self._resolve_duplicate(attrs, existing_location, sha256, source_ae)
+            if early is not None:
+                return early
+
+        location = self._write(fp, sha256, attrs)
+        try:
+            with self.db.session() as session:
+                instance = add_instance(session, attrs, location, source_ae=source_ae)
+                if instance is None:
+                    # The UID is indexed already: stored by another process since
+                    # the look-up above, or the overwrite policy applies.
+                    current = find_instance(session, attrs.sop_instance_uid)
+                    current_location = location_of(current)
+                    early = self._resolve_duplicate(attrs, current_location, sha256, source_ae)
+                    if early is not None:
+                        session.rollback()
+                        self._discard(location)
+                        return early
+                    replace_location(session, current, location, attrs)
+                    outcome = StoreOutcome.OVERWRITTEN
+                elif existing_location is not None:
+                    outcome = StoreOutcome.OVERWRITTEN  # the old row vanished meanwhile
+                else:
+                    outcome = StoreOutcome.STORED
+        except BaseException:
+            self._discard(location)
+            raise
+        if outcome is StoreOutcome.OVERWRITTEN:
+            log.warning(
+                "overwrote SOP instance %s from %r: sha256 %s replaces %s (old bytes kept, see superseded_objects)",
+                attrs.sop_instance_uid, source_ae, sha256, existing_location.sha256 if existing_location else "?",
+            )
+        return self._result(outcome, attrs, location)
+
+    def _resolve_duplicate(
+        self, attrs: InstanceAttributes, existing: Location, sha256: str, source_ae: str
+    ) -> StoreResult | None:
+        """The result for a UID already indexed, or None when the new bytes must be written."""
+        if existing.sha256 == sha256:
+            log.info("SOP instance %s from %r: identical re-send, nothing to do", attrs.sop_instance_uid, source_ae)
+            return self._result(StoreOutcome.DUPLICATE, attrs, existing)
+        policy = self.settings.duplicate_policy
+        if policy is DuplicatePolicy.KEEP_FIRST:
+            log.warning(
+                "SOP instance %s from %r arrived again with different bytes (sha256 %s, stored %s): kept the first",
+                attrs.sop_instance_uid, source_ae, sha256, existing.sha256,
+            )
+            return self._result(StoreOutcome.KEPT_EXISTING, attrs, existing)
+        if policy is DuplicatePolicy.REJECT:
+            log.warning(
+                "SOP instance %s from %r arrived again with different bytes: rejected", attrs.sop_instance_uid, source_ae
+            )
+            raise DuplicateConflict(
+                f"SOP instance {attrs.sop_instance_uid} is already stored with different content "
+                f"(sha256 {existing.sha256}, got {sha256}); storage.duplicate_policy=reject"
+            )
+        return None
+
+    def _write(self, fp: BinaryIO, sha256: str, attrs: InstanceAttributes) -> Location:
+        delay = 0.5
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                return self.objects.put(_chunks(fp), expected_sha256=sha256)
+            except StorageUnavailable as exc:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.warning(
+                    "write of SOP instance %s failed (attempt %d of %d), retrying: %s",
+                    attrs.sop_instance_uid, attempt, STORE_ATTEMPTS, exc,
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _discard(self, location: Location) -> None:
+        try:
+            self.objects.delete(location)
+        except Exception as exc:  # the landing sweeper will find it unreferenced
+            log.warning("could not remove unindexed object %s: %s", location.container, exc)
+
+    @staticmethod
+    def _result(outcome: StoreOutcome, attrs: InstanceAttributes, location: Location) -> StoreResult:
+        return StoreResult(
+            outcome=outcome,
+            sop_instance_uid=attrs.sop_instance_uid,
+            sop_class_uid=attrs.sop_class_uid,
+            study_instance_uid=attrs.study_instance_uid,
+            series_instance_uid=attrs.series_instance_uid,
+            transfer_syntax_uid=attrs.transfer_syntax_uid,
+            location=location,
+        )
+
+
+class _open:
+    """Context manager giving (seekable file, size, display name) for any source."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._owned: BinaryIO | None = None
+
+    def __enter__(self) -> tuple[BinaryIO, int, str]:
+        src = self.source
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            return io.BytesIO(src), len(src), "<bytes>"
+        if isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            try:
+                self._owned = open(path, "rb")
+            except OSError as exc:
+                raise InvalidObject(f"{path}: cannot open: {exc.strerror}") from exc
+            return self._owned, os.fstat(self._owned.fileno()).st_size, str(path)
+        src.seek(0, os.SEEK_END)
+        size = src.tell()
+        src.seek(0)
+        return src, size, getattr(src, "name", "<stream>")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._owned is not None:
+            self._owned.close()
+
+
+def _chunks(fp: BinaryIO) -> Iterator[bytes]:
+    fp.seek(0)
+    while chunk := fp.read(CHUNK):
+        yield chunk
+
+
+def _digest(fp: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in _chunks(fp):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["IndexUnavailable", "IngestService", "StoreOutcome", "StoreResult"]

@@ -1,0 +1,191 @@
+"""The one settings object that chooses every backend.
+
+Loaded in the CLI, the API's ``create_app`` and Alembic's ``env.py`` — never at
+import time.  Values come from, in order of precedence: keyword arguments,
+``PACS_*`` environment variables (nested sections use ``__``, for example
+``PACS_STORAGE__BACKEND=hdfs``; the most used ones also have short aliases such
+as ``PACS_HDFS_URL``), a TOML config file named by ``PACS_CONFIG``, then the
+defaults below, which give the embedded default: local files and SQLite under
+one data directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class StorageBackend(str, enum.Enum):
+    LOCAL = "local"
+    HDFS = "hdfs"
+
+
+class HdfsClient(str, enum.Enum):
+    NATIVE = "native"  # hdfs-native: the NameNode/DataNode RPC protocols, no JVM
+    WEBHDFS = "webhdfs"  # the `hdfs` package over WebHDFS (HTTP)
+
+
+class DuplicatePolicy(str, enum.Enum):
+    """What to do when a SOP Instance UID arrives again with different bytes.
+
+    The same bytes again are always a no-op success.
+    """
+
+    KEEP_FIRST = "keep-first"  # answer success, keep what is stored, log a warning
+    OVERWRITE = "overwrite"  # the new bytes become current; the old location is recorded
+    REJECT = "reject"  # answer a failure status
+
+
+class StorageSettings(BaseModel):
+    backend: StorageBackend = StorageBackend.LOCAL
+    # Local backend: root of the bulk store; defaults to <data_dir>/store.
+    local_root: Path | None = None
+    # HDFS backend.
+    hdfs_url: str = "hdfs://127.0.0.1:19000"
+    webhdfs_url: str = "http://127.0.0.1:19870"
+    hdfs_client: HdfsClient = HdfsClient.NATIVE
+    hdfs_root: str = "/pacs"
+    hdfs_user: str = "pacs"
+    replication: int = Field(default=3, ge=1)
+    block_size_mb: int = Field(default=256, ge=1)
+    # Packing: instances land one file each, then are compacted into containers.
+    pack_target_mb: int = Field(default=256, ge=1)
+    # Compaction starts once this many instances wait in the landing area ...
+    landing_compact_at: int = Field(default=256, ge=1)
+    # ... and ingest waits for it (back-pressure) once this many do.
+    landing_max_files: int = Field(default=2048, ge=2)
+    # Landed bytes are also compacted once they are this old, whatever their count.
+    landing_max_age_s: float = Field(default=300.0, gt=0)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    # Largest object accepted by ingest (bytes); larger ones are refused.
+    max_object_mb: int = Field(default=4096, ge=1)
+
+
+class IndexSettings(BaseModel):
+    # SQLAlchemy URL; None means SQLite at <data_dir>/index.sqlite.
+    url: str | None = None
+    pool_size: int = Field(default=5, ge=1)
+    echo_sql: bool = False
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything the archive's processes need to know to wire themselves."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    data_dir: Path = Field(default=Path("pacs-data"))
+    log_level: str = "INFO"
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def index_url(self) -> str:
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def local_store_root(self) -> Path:
+        return self.storage.local_root or (self.data_dir / "store")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _ShortEnvAliases(settings_cls),
+            env_settings,
+            _TomlFile(settings_cls),
+        )
+
+
+# Short environment names for the settings operators set most, so that
+# `deploy/*.sh env` output can be exported as it is.
+_SHORT_ALIASES: dict[str, tuple[str, ...]] = {
+    "PACS_HDFS_URL": ("storage", "hdfs_url"),
+    "PACS_HDFS_WEBHDFS_URL": ("storage", "webhdfs_url"),
+    "PACS_STORAGE_BACKEND": ("storage", "backend"),
+    "PACS_REPLICATION": ("storage", "replication"),
+    "PACS_INDEX_URL": ("index", "url"),
+    "PACS_AET": ("dicom", "ae_title"),
+    "PACS_DICOM_PORT": ("dicom", "port"),
+}
+
+
+class _ShortEnvAliases(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for env_name, (section, key) in _SHORT_ALIASES.items():
+            if env_name in os.environ:
+                values.setdefault(section, {})[key] = os.environ[env_name]
+        return values
+
+
+class _TomlFile(PydanticBaseSettingsSource):
+    """The optional config file named by ``PACS_CONFIG`` (TOML, same nesting)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("PACS_CONFIG")
+        if not path:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"PACS_CONFIG names {path!r}, which does not exist") from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings of this process from its environment and config file."""
+    return Settings(**overrides)
+
+
+__all__ = [
+    "DicomSettings",
+    "DuplicatePolicy",
+    "HdfsClient",
+    "IndexSettings",
+    "Settings",
+    "StorageBackend",
+    "StorageSettings",
+    "load_settings",
+]

@@ -1,0 +1,108 @@
+"""Blob store on a local (or locally mounted) filesystem: the embedded default."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pacs.errors import NotFound, StorageUnavailable
+from pacs.storage.base import BlobInfo, BlobStore
+
+
+class LocalBlobStore(BlobStore):
+    """Files under one root folder.
+
+    Durability: bytes go to a temporary sibling, are fsync'ed, renamed into
+    place with ``link`` (which refuses to replace an existing file) and the
+    parent folder is fsync'ed, so a crash leaves either the whole file or none.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.description = f"local:{self.root}"
+
+    def _full(self, path: str) -> Path:
+        rel = Path(path)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"blob path must be relative without '..', got {path!r}")
+        return self.root / rel
+
+    def write(self, path: str, chunks: Iterable[bytes]) -> int:
+        final = self._full(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        written = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        written += n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, final)  # fails with FileExistsError instead of replacing
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {final}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return written
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        try:
+            with open(self._full(path), "rb") as f:
+                f.seek(offset)
+                data = f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise NotFound(f"no blob at {path!r} in {self.description}") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {path!r}: {exc}") from exc
+        if length is not None and len(data) != length:
+            raise StorageUnavailable(
+                f"short read of {path!r}: expected {length} bytes at offset {offset}, got {len(data)}"
+            )
+        return data
+
+    def delete(self, path: str) -> bool:
+        try:
+            self._full(path).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def exists(self, path: str) -> bool:
+        return self._full(path).is_file()
+
+    def size(self, path: str) -> int:
+        try:
+            return self._full(path).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"no blob at {path!r} in {self.description}") from None
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        base = self._full(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith("."):
+                    continue  # temporaries of writes in flight
+                full = Path(dirpath) / name
+                yield BlobInfo(full.relative_to(self.root).as_posix(), full.stat().st_size)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,202 @@
+"""DICOM-agnostic object storage with checksums and container packing.
+
+Objects first *land* as one file each under ``landing/`` (a create that is
+durable when it returns), so acknowledging a store never waits for a batch.
+The compactor (:mod:`pacs.storage.compaction`) later copies landed objects
+into large *pack* files under ``packs/`` and switches their index rows in one
+transaction, which bounds the number of files the NameNode has to track.
+
+A pack is a sequence of records, each a 48-byte header followed by the
+object's original bytes::
+
+    offset  size  field
+    0       8     magic  b"PACSREC1"
+    8       8     object length, unsigned little-endian
+    16      32    SHA-256 of the object
+    48      n     the object's bytes, as received
+
+The index stores the offset of the object's first byte (past the header), so
+a read is one range read; the headers make a pack self-describing, so the
+index of a pack can be rebuilt from the pack alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pacs.errors import ChecksumMismatch
+from pacs.storage.base import BlobStore
+
+RECORD_MAGIC = b"PACSREC1"
+RECORD_HEADER = struct.Struct("<8sQ32s")
+LANDING_PREFIX = "landing/"
+PACK_PREFIX = "packs/"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an object's bytes are: a byte range of a container file."""
+
+    container: str
+    offset: int
+    length: int
+    sha256: str
+
+    @property
+    def is_landing(self) -> bool:
+        return self.container.startswith(LANDING_PREFIX)
+
+    def landed_at(self) -> datetime | None:
+        """When a landed object was written, from its path (None for packed objects)."""
+        parts = self.container.split("/")
+        if not self.is_landing or len(parts) != 3:
+            return None
+        try:
+            stamp = datetime.strptime(parts[1] + parts[2][:6], "%Y%m%d%H%M%S")
+        except ValueError:
+            return None
+        return stamp.replace(tzinfo=timezone.utc)
+
+
+class _Hashing:
+    """Pass chunks through while hashing and counting them."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.digest = hashlib.sha256()
+        self.length = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.length += len(chunk)
+            self.digest.update(chunk)
+            yield chunk
+
+
+class ObjectStore:
+    """put / get / get_range / exists / checksum / delete of whole objects."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    @property
+    def description(self) -> str:
+        return self.blobs.description
+
+    def put(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> Location:
+        """Write one object to the landing area; return once it is durable."""
+        now = datetime.now(timezone.utc)
+        path = f"{LANDING_PREFIX}{now:%Y%m%d}/{now:%H%M%S}-{uuid.uuid4().hex}.dcm"
+        hashing = _Hashing(chunks)
+        self.blobs.write(path, hashing)
+        digest = hashing.digest.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            # The source changed while it was streamed (a file rewritten under us).
+            self.blobs.delete(path)
+            raise ChecksumMismatch(
+                f"object changed while stored: expected sha256 {expected_sha256}, got {digest}"
+            )
+        return Location(path, 0, hashing.length, digest)
+
+    def get(self, location: Location, *, verify: bool = True) -> bytes:
+        """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored."""
+        data = self.blobs.read(location.container, location.offset, location.length)
+        if verify:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != location.sha256:
+                raise ChecksumMismatch(
+                    f"{location.container}@{location.offset}+{location.length}: "
+                    f"expected sha256 {location.sha256}, got {digest}"
+                )
+        return data
+
+    def iter_get(self, location: Location, *, chunk_size: int = 4 << 20) -> Iterator[bytes]:
+        """Stream the object; the checksum is verified when the last chunk has been read."""
+        digest = hashlib.sha256()
+        for chunk in self.blobs.iter_read(
+            location.container, location.offset, location.length, chunk_size
+        ):
+            digest.update(chunk)
+            yield chunk
+        if digest.hexdigest() != location.sha256:
+            raise ChecksumMismatch(
+                f"{location.container}@{location.offset}+{location.length}: "
+                f"expected sha256 {location.sha256}, got {digest.hexdigest()}"
+            )
+
+    def get_range(self, location: Location, offset: int, length: int) -> bytes:
+        """A byte range of the object (not verified: verification needs the whole object)."""
+        if offset < 0 or length < 0 or offset + length > location.length:
+            raise ValueError(
+                f"range {offset}+{length} outside an object of {location.length} bytes"
+            )
+        return self.blobs.read(location.container, location.offset + offset, length)
+
+    def exists(self, location: Location) -> bool:
+        return self.blobs.exists(location.container)
+
+    def checksum(self, location: Location) -> str:
+        """Recompute the SHA-256 of the stored bytes (for scrubbing)."""
+        digest = hashlib.sha256()
+        for chunk in self.blobs.iter_read(location.container, location.offset, location.length):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def delete(self, location: Location) -> bool:
+        """Remove a landed object's file.
+
+        Packed objects are never removed one by one: their bytes go when the
+        pack is rewritten without them.
+        """
+        if not location.is_landing:
+            raise ValueError(f"only landed objects can be deleted singly, not {location.container}")
+        return self.blobs.delete(location.container)
+
+    def write_pack(
+        self, objects: Iterable[tuple[str, Location]]
+    ) -> tuple[str, dict[str, Location]]:
+        """Copy objects into one new pack file; return its path and the new locations.
+
+        ``objects`` pairs a caller's key with each object's current location;
+        each object is read, verified and appended with its record header.
+        The pack is durable when this returns.
+        """
+        now = datetime.now(timezone.utc)
+        path = f"{PACK_PREFIX}{now:%Y/%m/%d}/{now:%H%M%S}-{uuid.uuid4().hex[:16]}.pack"
+        placed: dict[str, Location] = {}
+
+        def records() -> Iterator[bytes]:
+            offset = 0
+            for key, location in objects:
+                data = self.get(location)
+                header = RECORD_HEADER.pack(
+                    RECORD_MAGIC, len(data), bytes.fromhex(location.sha256)
+                )
+                yield header
+                offset += len(header)
+                placed[key] = Location(path, offset, len(data), location.sha256)
+                yield data
+                offset += len(data)
+
+        self.blobs.write(path, records())
+        return path, placed
+
+
+def read_pack_records(blobs: BlobStore, path: str) -> Iterator[Location]:
+    """Walk a pack's record headers (to rebuild or check an index from the pack alone)."""
+    size = blobs.size(path)
+    offset = 0
+    while offset < size:
+        magic, length, digest = RECORD_HEADER.unpack(
+            blobs.read(path, offset, RECORD_HEADER.size)
+        )
+        if magic != RECORD_MAGIC:
+            raise ChecksumMismatch(f"{path}@{offset}: bad record magic {magic!r}")
+        offset += RECORD_HEADER.size
+        yield Location(path, offset, length, digest.hex())
+        offset += length
