@@ -60,10 +60,11 @@ class StorageSettings(BaseModel):
     block_size_mb: int = Field(default=256, ge=1)
     # Packing: instances land one file each, then are compacted into containers.
     pack_target_mb: int = Field(default=256, ge=1)
-    # Compaction starts once this many instances wait in the landing area ...
-    landing_compact_at: int = Field(default=256, ge=1)
+    # Compaction starts once a pack's worth of bytes, or this many instances,
+    # wait in the landing area ...
+    landing_compact_at: int = Field(default=1024, ge=1)
     # ... and ingest waits for it (back-pressure) once this many do.
-    landing_max_files: int = Field(default=2048, ge=2)
+    landing_max_files: int = Field(default=4096, ge=2)
     # Landed bytes are also compacted once they are this old, whatever their count.
     landing_max_age_s: float = Field(default=300.0, gt=0)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST

@@ -27,6 +27,8 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
+            # DICOM matching is case-sensitive (PS3.4 C.2.2.2.1), and so an index serves LIKE.
+            cur.execute("PRAGMA case_sensitive_like=ON")
             cur.close()
 
         return engine

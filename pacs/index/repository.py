@@ -237,5 +237,13 @@ def count_landing(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Instance).where(Instance.packed.is_(False))) or 0
 
 
+def landing_totals(session: Session) -> tuple[int, int]:
+    """(object count, byte count) of the instances still in the landing area."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Instance.length), 0)).where(Instance.packed.is_(False))
+    ).one()
+    return int(count), int(size)
+
+
 def oldest_landing(session: Session) -> datetime | None:
     return session.scalar(select(func.min(Instance.stored_at)).where(Instance.packed.is_(False)))

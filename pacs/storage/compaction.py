@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from pacs.errors import ChecksumMismatch, NotFound
 from pacs.index.database import Database
 from pacs.index.models import Container, ContainerState, Instance, Lease, SupersededObject, utcnow
-from pacs.index.repository import count_landing, oldest_landing
+from pacs.index.repository import landing_totals, oldest_landing
 from pacs.settings import StorageSettings
 from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore
 
@@ -74,30 +74,43 @@ class Compactor:
         self._background: threading.Thread | None = None
         self._since_check = 0
         self._last_check = 0.0
+        self._last_count = 0
 
     # ---- triggering -------------------------------------------------------
 
     def after_store(self) -> None:
         """Called by ingest after each new object; compacts when the landing area is full.
 
-        Cheap: the index is asked for the landing count at most once per
-        second or per 64 stores.  Above ``landing_max_files`` the caller
-        compacts in its own thread (back-pressure); above
+        Cheap: the index is asked for the landing count once a second, or
+        sooner when this process's own stores since the last count could
+        have reached a threshold.  At ``landing_max_files`` the caller
+        compacts in its own thread before it returns (back-pressure); at
         ``landing_compact_at`` a background thread does.
         """
         self._since_check += 1
         now = time.monotonic()
-        if self._since_check < 64 and now - self._last_check < 1.0:
+        estimate = self._last_count + self._since_check
+        if estimate < self.settings.landing_compact_at and now - self._last_check < 1.0:
             return
+        if (
+            estimate < self.settings.landing_max_files
+            and now - self._last_check < 1.0
+            and self._background is not None
+            and self._background.is_alive()
+        ):
+            return
+        with self.db.session() as session:
+            landing, landing_bytes = landing_totals(session)
         self._since_check = 0
         self._last_check = now
-        with self.db.session() as session:
-            landing = count_landing(session)
+        self._last_count = landing
         if landing >= self.settings.landing_max_files:
             log.info("landing area holds %d objects (limit %d): compacting before accepting more",
                      landing, self.settings.landing_max_files)
             self.compact(wait_for_lease=True)
-        elif landing >= self.settings.landing_compact_at:
+            self._last_count = 0
+            self._last_check = 0.0
+        elif landing >= self.settings.landing_compact_at or landing_bytes >= self._pack_bytes:
             self.compact_in_background()
 
     def compact_in_background(self) -> None:
@@ -146,13 +159,18 @@ class Compactor:
             )
         return report
 
+    @property
+    def _pack_bytes(self) -> int:
+        return self.settings.pack_target_mb << 20
+
     def _worth_packing(self, force: bool) -> bool:
+        """Pack when a full pack's worth of bytes waits, or many objects, or old ones."""
         with self.db.session() as session:
-            landing = count_landing(session)
+            landing, landing_bytes = landing_totals(session)
             oldest = oldest_landing(session)
         if landing == 0:
             return False
-        if force or landing >= self.settings.landing_compact_at:
+        if force or landing >= self.settings.landing_compact_at or landing_bytes >= self._pack_bytes:
             return True
         if oldest is not None:
             if oldest.tzinfo is None:

@@ -97,7 +97,11 @@ class LocalBlobStore(BlobStore):
                 if name.startswith("."):
                     continue  # temporaries of writes in flight
                 full = Path(dirpath) / name
-                yield BlobInfo(full.relative_to(self.root).as_posix(), full.stat().st_size)
+                try:
+                    size = full.stat().st_size
+                except FileNotFoundError:
+                    continue  # removed (compacted) while we walked
+                yield BlobInfo(full.relative_to(self.root).as_posix(), size)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,241 @@
+"""``pacs``: one command for operators and researchers.
+
+Each subcommand parses its options, loads the settings, builds the services
+and calls one library function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacs.errors import PacsError
+
+app = typer.Typer(
+    help="A processing-oriented DICOM archive: storage on local disk or HDFS, an SQL index, "
+    "DICOM and DICOMweb services, and Spark reconstruction/denoising jobs.\n\n"
+    "With no configuration everything lives under ./pacs-data (local files + SQLite). "
+    "Settings come from PACS_* environment variables or a TOML file named by PACS_CONFIG; "
+    "see docs/operations.md.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Manage the index database schema.", no_args_is_help=True)
+storage_app = typer.Typer(help="Maintain the bulk store: compaction and checksum scrubs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(storage_app, name="storage")
+
+console = Console(stderr=True)
+DataDir = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", help="Folder for the embedded default's files (env PACS_DATA_DIR).", show_default=False),
+]
+
+
+def _settings(data_dir: Path | None):
+    from pacs.settings import load_settings
+
+    if data_dir is not None:
+        os.environ["PACS_DATA_DIR"] = str(data_dir)
+    try:
+        return load_settings()
+    except Exception as exc:
+        console.print(f"[red]invalid settings:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _services(data_dir: Path | None):
+    from pacs.services import build_services
+
+    settings = _settings(data_dir)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return build_services(settings)
+    except PacsError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def store(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files, or folders searched recursively.")],
+    data_dir: DataDir = None,
+    source_ae: Annotated[str, typer.Option(help="Recorded as the instances' source.")] = "CLI",
+) -> None:
+    """Import DICOM files through the ingest service, with a progress bar.
+
+    Files that are not acceptable DICOM are reported and skipped; the exit
+    code is 1 if any file failed.
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            console.print(f"[red]no such file or folder:[/] {path}")
+            raise typer.Exit(2)
+    failures = 0
+    counts: dict[str, int] = {}
+    with _services(data_dir) as services:
+        with Progress(
+            TextColumn("storing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=console, transient=False,
+        ) as progress:
+            task = progress.add_task("store", total=len(files))
+            for path in files:
+                try:
+                    result = services.ingest.store(path, source_ae=source_ae)
+                    counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
+                except PacsError as exc:
+                    failures += 1
+                    progress.console.print(f"[yellow]skipped[/] {exc}")
+                progress.advance(task)
+        services.compactor.compact()
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing stored"
+    console.print(f"{summary}; {failures} failed")
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command("ls")
+def list_(
+    data_dir: DataDir = None,
+    patient: Annotated[Optional[str], typer.Option(help="PatientID to show (wildcards * and ? allowed).")] = None,
+) -> None:
+    """List patients, their studies and series with IDs, UIDs and instance counts."""
+    from sqlalchemy import select
+
+    from pacs.index.models import Patient, Series, Study
+    from pacs.query.matching import Level, build_query
+
+    with _services(data_dir) as services, services.db.session() as session:
+        query = build_query(Level.PATIENT, {"PatientID": patient} if patient else {})
+        patients = session.scalars(query).all()
+        table = Table("patient / study / series", "ID / UID", "description", "date", "instances", box=None)
+        for p in patients:
+            table.add_row(f"[bold]{p.patient_name or '(no name)'}[/]", p.patient_id, p.patient_sex, p.patient_birth_date,
+                          str(p.num_instances))
+            for st in session.scalars(select(Study).where(Study.patient_fk == p.id).order_by(Study.study_date)):
+                table.add_row(f"  study {st.study_id or st.accession_number}", st.study_instance_uid,
+                              st.study_description, st.study_date, str(st.num_instances))
+                for se in session.scalars(select(Series).where(Series.study_fk == st.id).order_by(Series.series_number)):
+                    table.add_row(f"    series {se.series_number if se.series_number is not None else ''} {se.modality}",
+                                  se.series_instance_uid, se.series_description, se.series_date, str(se.num_instances))
+        Console().print(table)
+        if not patients:
+            console.print("the archive is empty" if not patient else f"no patient matches {patient!r}")
+
+
+@app.command()
+def info(data_dir: DataDir = None) -> None:
+    """Show the backends in use and what the archive holds."""
+    from sqlalchemy import func, select
+
+    from pacs.index.models import Container, Instance, Patient, Series, Study
+    from pacs.index.repository import count_landing
+
+    with _services(data_dir) as services, services.db.session() as session:
+        rows = {
+            "storage": services.objects.description,
+            "index": services.db.describe(),
+            "patients": session.scalar(select(func.count()).select_from(Patient)),
+            "studies": session.scalar(select(func.count()).select_from(Study)),
+            "series": session.scalar(select(func.count()).select_from(Series)),
+            "instances": session.scalar(select(func.count()).select_from(Instance)),
+            "bytes": session.scalar(select(func.coalesce(func.sum(Instance.length), 0))),
+            "landing (unpacked) instances": count_landing(session),
+            "packs": session.scalar(select(func.count()).select_from(Container)),
+        }
+    for key, value in rows.items():
+        print(f"{key:>30}: {value}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: DataDir = None,
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Create or upgrade the index schema (SQLite or Postgres) with Alembic."""
+    from pacs.index import migrate
+    from pacs.index.database import Database
+
+    settings = _settings(data_dir)
+    db = Database.from_settings(settings)
+    try:
+        migrate.upgrade(db, revision)
+        console.print(f"index at {db.describe()} is at revision {migrate.current_revision(db)}")
+    except Exception as exc:
+        console.print(f"[red]upgrade failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+
+
+@db_app.command("current")
+def db_current(data_dir: DataDir = None) -> None:
+    """Print the index schema's revision and whether it is current."""
+    from pacs.index import migrate
+    from pacs.index.database import Database
+
+    db = Database.from_settings(_settings(data_dir))
+    try:
+        current, head = migrate.current_revision(db), migrate.head_revision(db)
+        print(f"{current or '(empty)'} (newest: {head})")
+        raise typer.Exit(0 if current == head else 1)
+    finally:
+        db.dispose()
+
+
+@storage_app.command("compact")
+def storage_compact(
+    data_dir: DataDir = None,
+    all_: Annotated[bool, typer.Option("--all", help="Pack every landed object, however few.")] = False,
+) -> None:
+    """Pack landed objects into containers now (normally automatic)."""
+    with _services(data_dir) as services:
+        report = services.compactor.compact(force=all_, wait_for_lease=True)
+    print(
+        f"{report.objects_packed} objects ({report.bytes_packed / 1e6:.1f} MB) into {report.packs_written} packs; "
+        f"{report.landing_files_removed} landing files removed, {report.orphans_removed} orphans, "
+        f"{report.abandoned_packs_removed} abandoned packs"
+    )
+    for problem in report.unreadable:
+        console.print(f"[red]unreadable:[/] {problem}")
+    raise typer.Exit(1 if report.unreadable else 0)
+
+
+@storage_app.command("verify")
+def storage_verify(data_dir: DataDir = None) -> None:
+    """Read every stored object back and check it against its SHA-256 (a scrub)."""
+    from pacs.storage.scrub import scrub
+
+    with _services(data_dir) as services:
+        with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task("verify", total=None)
+            report = scrub(services.db, services.objects,
+                           on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    for sop_uid, problem in report.problems:
+        console.print(f"[red]{sop_uid}:[/] {problem}")
+    print(f"{report.checked} objects checked, {len(report.problems)} problems")
+    raise typer.Exit(1 if report.problems else 0)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except PacsError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Query: DICOM identifiers to indexed SQL (PS3.4 C.2.2.2 matching)."""

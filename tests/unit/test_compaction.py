@@ -1,0 +1,130 @@
+"""Landing area, packing and the crash-safety of compaction (embedded backends)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select, update
+
+from pacs.errors import IndexUnavailable
+from pacs.index.models import Container, ContainerState, Instance
+from pacs.index.repository import find_instance, location_of
+from pacs.services import build_services
+from pacs.settings import Settings
+from pacs.synthetic import SeriesSpec, make_series
+
+
+def small_settings(tmp_path, **storage) -> Settings:
+    base = dict(landing_compact_at=20, landing_max_files=40, pack_target_mb=1)
+    base.update(storage)
+    return Settings(data_dir=tmp_path / "data", storage=base)
+
+
+def blob_paths(services) -> list[str]:
+    return sorted(i.path for i in services.objects.blobs.list(""))
+
+
+def test_landing_area_stays_bounded_and_packs_hold_everything(tmp_path):
+    services = build_services(small_settings(tmp_path))
+    sent = list(make_series(SeriesSpec(study_key="b", series_key="b1", rows=64, columns=64, count=200)))
+    peak = 0
+    for data in sent:
+        services.ingest.store(data)
+        peak = max(peak, sum(1 for p in blob_paths(services) if p.startswith("landing/")))
+    services.compactor.wait()
+    services.compactor.compact(force=True)
+    assert peak <= 40 + 1  # landing_max_files, plus the one being stored
+    paths = blob_paths(services)
+    assert all(p.startswith("packs/") for p in paths)
+    # one pack per compaction trigger (every ~20 objects here), never one file per object
+    assert len(paths) <= len(sent) // 20 + 2
+
+
+def test_packs_fill_to_the_target_size(tmp_path):
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    sent = list(make_series(SeriesSpec(study_key="f", series_key="f1", rows=128, columns=128, count=100)))
+    for data in sent:
+        services.ingest.store(data)
+    services.compactor.wait()
+    services.compactor.compact(force=True)
+    sizes = sorted(i.size for i in services.objects.blobs.list("packs"))
+    total = sum(len(d) for d in sent)
+    assert sum(sizes) == total + 48 * len(sent)
+    assert len(sizes) <= total // (1 << 20) + 2
+    services.close()
+    with services.db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+        assert [services.objects.get(location_of(r)) for r in rows] == sent
+    services.close()
+
+
+def test_crash_before_switch_leaves_an_abandoned_pack_that_is_removed(tmp_path):
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    sent = list(make_series(SeriesSpec(study_key="c", series_key="c1", rows=32, columns=32, count=5)))
+    for data in sent:
+        services.ingest.store(data)
+    # Simulate a compactor that wrote its pack and died before switching the index.
+    with services.db.session() as session:
+        picked = [(str(r.id), location_of(r)) for r in session.scalars(select(Instance))]
+    path, _placed = services.objects.write_pack(picked)
+    with services.db.session() as session:
+        session.add(Container(path=path, state=ContainerState.WRITING))
+    report = services.compactor.compact(force=True)
+    assert report.abandoned_packs_removed == 1
+    assert path not in blob_paths(services)
+    with services.db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+        assert all(r.packed for r in rows)
+        assert [services.objects.get(location_of(r)) for r in rows] == sent
+    services.close()
+
+
+def test_switch_skips_rows_that_changed_meanwhile(tmp_path):
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    data = next(make_series(SeriesSpec(study_key="d", series_key="d1", rows=16, columns=16, count=1)))
+    result = services.ingest.store(data)
+    original = services.objects.write_pack  # a concurrent overwrite lands while the pack is written
+
+    def write_pack_then_move(objects):
+        out = original(objects)
+        with services.db.session() as session:
+            session.execute(update(Instance).values(container="landing/20990101/000000-moved.dcm"))
+        return out
+
+    services.objects.write_pack = write_pack_then_move
+    services.compactor.compact(force=True)
+    with services.db.session() as session:
+        row = find_instance(session, result.sop_instance_uid)
+        assert row.container == "landing/20990101/000000-moved.dcm" and not row.packed
+    # the landing file the row pointed to before was not removed: nothing switched away from it
+    assert result.location.container in blob_paths(services)
+    services.close()
+
+
+def test_index_failure_removes_the_written_bytes(tmp_path, monkeypatch):
+    services = build_services(small_settings(tmp_path))
+    data = next(make_series(SeriesSpec(study_key="e", series_key="e1", rows=16, columns=16, count=1)))
+
+    def broken(*args, **kwargs):
+        raise IndexUnavailable("index database unavailable: simulated")
+
+    monkeypatch.setattr("pacs.ingest.service.add_instance", broken)
+    with pytest.raises(IndexUnavailable):
+        services.ingest.store(data)
+    assert blob_paths(services) == []
+    monkeypatch.undo()
+    assert services.ingest.store(data).outcome.value == "stored"
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+    services.close()
+
+
+def test_one_compactor_at_a_time(tmp_path):
+    settings = small_settings(tmp_path)
+    first, second = build_services(settings), build_services(settings)
+    assert first.compactor._acquire_lease()
+    assert not second.compactor._acquire_lease()
+    first.compactor._release_lease()
+    assert second.compactor._acquire_lease()
+    second.compactor._release_lease()
+    first.close()
+    second.close()
