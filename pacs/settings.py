@@ -57,6 +57,9 @@ class StorageSettings(BaseModel):
     hdfs_root: str = "/pacs"
     hdfs_user: str = "pacs"
     replication: int = Field(default=3, ge=1)
+    # Deadline of each HDFS call (create, one chunk written or read, hsync, close);
+    # a call past it fails and the store is retried on a new pipeline.
+    hdfs_timeout_s: float = Field(default=30.0, gt=0)
     block_size_mb: int = Field(default=256, ge=1)
     # Packing: instances land one file each, then are compacted into containers.
     pack_target_mb: int = Field(default=256, ge=1)

@@ -22,6 +22,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             storage.hdfs_root,
             replication=storage.replication,
             block_size=storage.block_size_mb << 20,
+            timeout_s=storage.hdfs_timeout_s,
         )
     from pacs.storage.hdfs import WebHdfsBlobStore
 

@@ -90,7 +90,8 @@ class Compactor:
         self._since_check += 1
         now = time.monotonic()
         estimate = self._last_count + self._since_check
-        if estimate < self.settings.landing_compact_at and now - self._last_check < 1.0:
+        threshold = min(self.settings.landing_compact_at, self.settings.landing_max_files)
+        if estimate < threshold and now - self._last_check < 1.0:
             return
         if (
             estimate < self.settings.landing_max_files

@@ -14,17 +14,56 @@ client, hsync'ed first, so every replica in the pipeline fsync'ed the block).
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
-from collections.abc import Iterable, Iterator
+import threading
+import uuid
+from collections.abc import Awaitable, Iterable, Iterator
+from typing import TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
 from pacs.storage.base import BlobInfo, BlobStore
+
+T = TypeVar("T")
 
 
 def _join(root: str, path: str) -> str:
     if path.startswith("/") or ".." in path.split("/"):
         raise ValueError(f"blob path must be relative without '..', got {path!r}")
     return posixpath.join(root, path) if path else root
+
+
+class _Loop:
+    """A private asyncio loop in a daemon thread, shared by all threads of a process.
+
+    hdfs-native's blocking client can wait forever on a pipeline whose
+    DataNode died (seen with 0.14.7); its async client can be cancelled, so
+    every call goes through here with a deadline.
+    """
+
+    _instance: _Loop | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="hdfs-native", daemon=True)
+        thread.start()
+
+    @classmethod
+    def shared(cls) -> _Loop:
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, awaitable: Awaitable[T], timeout_s: float, what: str) -> T:
+        async def bounded() -> T:
+            return await asyncio.wait_for(awaitable, timeout_s)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
+        except (asyncio.TimeoutError, TimeoutError):
+            raise StorageUnavailable(f"{what}: no answer from HDFS within {timeout_s:g} s") from None
 
 
 class NativeHdfsBlobStore(BlobStore):
@@ -36,6 +75,7 @@ class NativeHdfsBlobStore(BlobStore):
         replication: int = 3,
         block_size: int = 256 << 20,
         hsync: bool = True,
+        timeout_s: float = 30.0,
     ) -> None:
         import hdfs_native  # imported here: the local default must not need it
 
@@ -45,14 +85,24 @@ class NativeHdfsBlobStore(BlobStore):
         self.replication = replication
         self.block_size = block_size
         self.hsync = hsync
+        self.timeout_s = timeout_s
         self.description = f"hdfs-native:{url}{self.root} (replication {replication})"
+        self._loop = _Loop.shared()
         try:
-            self.client = hdfs_native.Client(url)
-            self.client.mkdirs(self.root, create_parent=True)
+            self.client = self._run(self._connect(), f"connect to {url}")
+            self._run(self.client.mkdirs(self.root, create_parent=True), f"mkdir {self.root}")
+        except StorageUnavailable:
+            raise
         except Exception as exc:  # the client raises plain RuntimeError/OSError kinds
             raise StorageUnavailable(f"cannot reach HDFS at {url}: {exc}") from exc
 
-    def _options(self):
+    async def _connect(self):  # noqa: ANN202
+        return self._hdfs_native.AsyncClient(self.url)
+
+    def _run(self, awaitable: Awaitable[T], what: str) -> T:
+        return self._loop.run(awaitable, self.timeout_s, what)
+
+    def _options(self):  # noqa: ANN202
         opts = self._hdfs_native.WriteOptions()
         opts.replication = self.replication
         opts.block_size = self.block_size
@@ -64,41 +114,55 @@ class NativeHdfsBlobStore(BlobStore):
         full = _join(self.root, path)
         written = 0
         try:
-            writer = self.client.create(full, self._options())
+            writer = self._run(self.client.create(full, self._options()), f"create {full}")
         except FileExistsError:
+            raise
+        except StorageUnavailable:
             raise
         except Exception as exc:
             if "AlreadyExists" in str(exc) or "already exists" in str(exc):
                 raise FileExistsError(full) from exc
             raise StorageUnavailable(f"cannot create {full} on {self.url}: {exc}") from exc
         try:
+            # Chunks are pulled in the caller's thread: a chunk source may itself
+            # read from HDFS (compaction), which must not block the loop.
             for chunk in chunks:
-                writer.write(chunk)
+                self._run(writer.write(chunk), f"write {full}")
                 written += len(chunk)
             if self.hsync:
-                writer.hsync()
-            writer.close()
-        except Exception as exc:
+                self._run(writer.hsync(), f"hsync {full}")
+            self._run(writer.close(), f"close {full}")
+        except BaseException as exc:
             self._abandon(full)
+            if isinstance(exc, StorageUnavailable):
+                raise
+            if not isinstance(exc, Exception):
+                raise
             raise StorageUnavailable(f"write of {full} on {self.url} failed: {exc}") from exc
         return written
 
     def _abandon(self, full: str) -> None:
         """Remove a file whose write failed, so nothing half-written is visible."""
         try:
-            self.client.delete(full)
+            self._run(self.client.delete(full), f"delete {full}")
         except Exception:
-            pass  # the landing sweeper removes it later; it is not referenced by the index
+            pass  # the orphan sweep removes it later; the index does not reference it
 
-    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        full = _join(self.root, path)
+    def _reader(self, full: str):  # noqa: ANN202
         try:
-            with self.client.read(full) as reader:
-                if length is None:
-                    length = reader.size() - offset
-                data = reader.read_range(offset, length)
+            return self._run(self.client.read(full), f"open {full}")
         except FileNotFoundError:
             raise NotFound(f"no blob at {full} on {self.url}") from None
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot read {full} on {self.url}: {exc}") from exc
+
+    def _read_range(self, reader, full: str, offset: int, length: int) -> bytes:  # noqa: ANN001
+        try:
+            data = self._run(reader.read_range(offset, length), f"read {full}")
+        except StorageUnavailable:
+            raise
         except Exception as exc:
             raise StorageUnavailable(f"cannot read {full} on {self.url}: {exc}") from exc
         if len(data) != length:
@@ -107,34 +171,43 @@ class NativeHdfsBlobStore(BlobStore):
             )
         return data
 
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        full = _join(self.root, path)
+        reader = self._reader(full)
+        if length is None:
+            length = len(reader) - offset
+        return self._read_range(reader, full, offset, length)
+
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20
     ) -> Iterator[bytes]:
         full = _join(self.root, path)
-        try:
-            with self.client.read(full) as reader:
-                if length is None:
-                    length = reader.size() - offset
-                end = offset + length
-                while offset < end:
-                    n = min(chunk_size, end - offset)
-                    yield reader.read_range(offset, n)
-                    offset += n
-        except FileNotFoundError:
-            raise NotFound(f"no blob at {full} on {self.url}") from None
+        reader = self._reader(full)
+        if length is None:
+            length = len(reader) - offset
+        end = offset + length
+        while offset < end:
+            n = min(chunk_size, end - offset)
+            yield self._read_range(reader, full, offset, n)
+            offset += n
 
     def delete(self, path: str) -> bool:
         full = _join(self.root, path)
         try:
-            return bool(self.client.delete(full))
+            return bool(self._run(self.client.delete(full), f"delete {full}"))
         except FileNotFoundError:
             return False
+        except StorageUnavailable:
+            raise
         except Exception as exc:
             raise StorageUnavailable(f"cannot delete {full} on {self.url}: {exc}") from exc
 
+    def _info(self, full: str):  # noqa: ANN202
+        return self._run(self.client.get_file_info(full), f"stat {full}")
+
     def exists(self, path: str) -> bool:
         try:
-            self.client.get_file_info(_join(self.root, path))
+            self._info(_join(self.root, path))
         except FileNotFoundError:
             return False
         return True
@@ -142,20 +215,24 @@ class NativeHdfsBlobStore(BlobStore):
     def size(self, path: str) -> int:
         full = _join(self.root, path)
         try:
-            return self.client.get_file_info(full).length
+            return self._info(full).length
         except FileNotFoundError:
             raise NotFound(f"no blob at {full} on {self.url}") from None
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         base = _join(self.root, prefix)
         strip = len(self.root.rstrip("/")) + 1
+
+        async def collect():  # noqa: ANN202
+            return [status async for status in self.client.list_status(base, recursive=True)]
+
         try:
-            statuses = list(self.client.list_status(base, recursive=True))
+            statuses = self._run(collect(), f"list {base}")
         except FileNotFoundError:
             return
         for status in statuses:
-            if status.isdir:
-                continue
+            if status.isdir or posixpath.basename(status.path).startswith("."):
+                continue  # folders, and temporaries of writes in flight
             yield BlobInfo(status.path[strip:], status.length)
 
 
@@ -184,24 +261,28 @@ class WebHdfsBlobStore(BlobStore):
             raise StorageUnavailable(f"cannot reach WebHDFS at {url}: {exc}") from exc
 
     def write(self, path: str, chunks: Iterable[bytes]) -> int:
+        # The DataNode closes whatever arrived when an HTTP upload breaks off, so
+        # write under a temporary name and rename (atomic at the NameNode).
         full = _join(self.root, path)
+        if self.exists(path):
+            raise FileExistsError(full)
+        folder, name = posixpath.split(full)
+        tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         counted = _Counter(chunks)
         try:
             self.client.write(
-                full,
-                data=iter(counted),
-                overwrite=False,
-                replication=self.replication,
-                blocksize=self.block_size,
+                tmp, data=iter(counted), overwrite=False, replication=self.replication, blocksize=self.block_size
             )
-        except self._hdfs.util.HdfsError as exc:
-            if "FileAlreadyExists" in str(exc) or "already exists" in str(exc):
-                raise FileExistsError(full) from exc
-            self._abandon(full)
-            raise StorageUnavailable(f"write of {full} via {self.url} failed: {exc}") from exc
         except Exception as exc:
-            self._abandon(full)
+            self._abandon(tmp)
             raise StorageUnavailable(f"write of {full} via {self.url} failed: {exc}") from exc
+        try:
+            self.client.rename(tmp, full)
+        except self._hdfs.util.HdfsError as exc:
+            self._abandon(tmp)
+            if self.exists(path):
+                raise FileExistsError(full) from exc
+            raise StorageUnavailable(f"rename to {full} via {self.url} failed: {exc}") from exc
         return counted.count
 
     def _abandon(self, full: str) -> None:
@@ -216,7 +297,7 @@ class WebHdfsBlobStore(BlobStore):
             with self.client.read(full, offset=offset, length=length) as reader:
                 data = reader.read()
         except self._hdfs.util.HdfsError as exc:
-            if "FileNotFound" in str(exc) or "does not exist" in str(exc):
+            if "not found" in str(exc) or "FileNotFound" in str(exc) or "does not exist" in str(exc):
                 raise NotFound(f"no blob at {full} via {self.url}") from None
             raise StorageUnavailable(f"cannot read {full} via {self.url}: {exc}") from exc
         except Exception as exc:
@@ -247,6 +328,8 @@ class WebHdfsBlobStore(BlobStore):
         for dirpath, _dirs, files in self.client.walk(base, status=True):
             folder = dirpath[0] if isinstance(dirpath, tuple) else dirpath
             for name, status in files:
+                if name.startswith("."):
+                    continue
                 yield BlobInfo(posixpath.join(folder, name)[strip:], int(status["length"]))
 
 

@@ -1,0 +1,95 @@
+"""Fixtures for the real stack: HDFS (NameNode + 3 DataNodes) and Postgres.
+
+The servers are started by ``deploy/hdfs.sh up`` and ``deploy/postgres.sh up``
+(``.ci/run`` does both).  Without ``PACS_REQUIRE_STACK=1`` a test whose server
+is not reachable is skipped; with it (as in CI) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from pacs.services import build_services
+from pacs.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+HDFS_URL = os.environ.get("PACS_HDFS_URL", "hdfs://127.0.0.1:19000")
+WEBHDFS_URL = os.environ.get("PACS_HDFS_WEBHDFS_URL", "http://127.0.0.1:19870")
+PG_URL = os.environ.get("PACS_INDEX_URL", "postgresql+psycopg2://pacs:pacs@127.0.0.1:55432/pacs")
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _need(url: str, what: str) -> None:
+    if _reachable(url):
+        return
+    message = f"{what} is not reachable at {url}; start it with deploy/{what.lower()}.sh up"
+    if os.environ.get("PACS_REQUIRE_STACK") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def deploy(script: str, *args: str) -> str:
+    """Run a deploy/ script (used by fault-injection tests); return its output."""
+    done = subprocess.run(
+        ["bash", str(REPO / "deploy" / script), *args], capture_output=True, text=True, timeout=300
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"deploy/{script} {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+@pytest.fixture
+def hdfs_root() -> str:
+    """A fresh folder on HDFS for one test, removed afterwards."""
+    _need(HDFS_URL, "HDFS")
+    root = f"/pacs-test/{uuid.uuid4().hex[:12]}"
+    yield root
+    import hdfs_native
+
+    try:
+        hdfs_native.Client(HDFS_URL).delete(root, recursive=True)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """The Postgres index, emptied (all tables dropped) for one test."""
+    _need(PG_URL, "Postgres")
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return PG_URL
+
+
+def cluster_settings(tmp_path, hdfs_root: str, pg_url: str, **storage) -> Settings:
+    values = dict(backend="hdfs", hdfs_url=HDFS_URL, webhdfs_url=WEBHDFS_URL, hdfs_root=hdfs_root, replication=3,
+                  hdfs_timeout_s=10)
+    values.update(storage)
+    return Settings(data_dir=tmp_path / "data", storage=values, index={"url": pg_url})
+
+
+@pytest.fixture
+def cluster(tmp_path, hdfs_root, pg_url):
+    """Services on HDFS (replication 3) + Postgres."""
+    services = build_services(cluster_settings(tmp_path, hdfs_root, pg_url))
+    yield services
+    services.close()
