@@ -11,7 +11,7 @@ import hashlib
 
 import pytest
 
-from pacs.errors import ChecksumMismatch, DuplicateConflict, InvalidObject, NotFound
+from pacs.errors import ChecksumMismatch, DuplicateConflict, InvalidObject, NotFound, StorageUnavailable
 from pacs.index.models import Instance, Patient, Series, Study
 from pacs.index.repository import find_instance, location_of
 from pacs.ingest.service import StoreOutcome
@@ -30,6 +30,11 @@ class BlobStoreContract:
         assert b"".join(blobs.iter_read("t/a.bin", 10, 100_000, chunk_size=30_000)) == data[10:100_010]
         assert blobs.size("t/a.bin") == len(data)
         assert blobs.exists("t/a.bin")
+
+    def test_read_past_the_end_fails_clearly(self, blobs):
+        blobs.write("t/short.bin", [b"abc"])
+        with pytest.raises(StorageUnavailable):
+            blobs.read("t/short.bin", 0, 100)
 
     def test_never_overwrites(self, blobs):
         blobs.write("t/once.bin", [b"first"])

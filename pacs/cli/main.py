@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +61,8 @@ def _services(data_dir: Path | None):
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
         return build_services(settings)
     except PacsError as exc:
@@ -107,6 +110,41 @@ def store(
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing stored"
     console.print(f"{summary}; {failures} failed")
     raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    aet: Annotated[Optional[str], typer.Option("--aet", help="The archive's AE title (env PACS_AET).")] = None,
+    dicom_port: Annotated[Optional[int], typer.Option("--dicom-port", help="DICOM port (env PACS_DICOM_PORT).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+) -> None:
+    """Run the archive's DICOM service (C-ECHO, C-STORE) until interrupted."""
+    from pacs.net.scp import start_scp
+
+    if aet:
+        os.environ["PACS_AET"] = aet
+    if dicom_port is not None:
+        os.environ["PACS_DICOM_PORT"] = str(dicom_port)
+    if host:
+        os.environ["PACS_DICOM__HOST"] = host
+    services = _services(data_dir)
+    settings = services.settings
+    console.print(
+        f"[bold]pacs[/] serving AE [bold]{settings.dicom.ae_title}[/] on "
+        f"{settings.dicom.host}:{settings.dicom.port} — storage {services.objects.description}, "
+        f"index {services.db.describe()}. Ctrl-C stops."
+    )
+    server = start_scp(settings, services.ingest)
+    try:
+        while True:
+            time.sleep(settings.storage.landing_max_age_s / 4)
+            services.compactor.compact()  # packs objects that waited past their landing age
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        server.shutdown()
+        services.close()
 
 
 @app.command("ls")

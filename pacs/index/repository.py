@@ -55,8 +55,8 @@ class InstanceAttributes:
     transfer_syntax_uid: str
 
 
-def _insert_ignore(session: Session, model: type, values: dict[str, Any]) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
+def _insert_ignore(session: Session, model: type, values: dict[str, Any], returning: Any = None) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING; the new row's ``returning`` column (or 1), None on conflict."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -64,8 +64,10 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any]) -> boo
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - only the two supported databases
         raise NotImplementedError(f"index dialect {dialect!r} is not supported")
-    result = session.execute(insert(model).values(**values).on_conflict_do_nothing())
-    return result.rowcount == 1
+    statement = insert(model).values(**values).on_conflict_do_nothing()
+    if returning is None:
+        return 1 if session.execute(statement).rowcount == 1 else None
+    return session.execute(statement.returning(returning)).scalar_one_or_none()
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
@@ -80,13 +82,72 @@ def location_of(instance: Instance) -> Location:
 
 def add_instance(
     session: Session, attrs: InstanceAttributes, location: Location, *, source_ae: str = ""
-) -> Instance | None:
-    """Index a new instance with its parents; None if its SOP Instance UID is already there.
+) -> int | None:
+    """Index a new instance with its parents; return its row id, or None if the UID is there.
 
     The counters of the series, study and patient are incremented in the same
-    transaction.
+    transaction.  The common case — the series exists already — costs one
+    look-up, one insert and three counter updates.
     """
     now = utcnow()
+    parents = session.execute(
+        select(Series.id, Study.id, Study.patient_fk)
+        .join(Study, Series.study_fk == Study.id)
+        .where(Series.series_instance_uid == attrs.series_instance_uid)
+    ).one_or_none()
+    new_study = new_series = False
+    if parents is None:
+        series_pk, study_pk, patient_pk, new_study, new_series = _add_parents(session, attrs, now)
+    else:
+        series_pk, study_pk, patient_pk = parents
+    instance_pk = _insert_ignore(
+        session,
+        Instance,
+        dict(
+            series_fk=series_pk,
+            sop_instance_uid=attrs.sop_instance_uid,
+            sop_class_uid=attrs.sop_class_uid,
+            instance_number=attrs.instance_number,
+            rows=attrs.rows,
+            columns=attrs.columns,
+            number_of_frames=attrs.number_of_frames,
+            transfer_syntax_uid=attrs.transfer_syntax_uid,
+            container=location.container,
+            offset=location.offset,
+            length=location.length,
+            sha256=location.sha256,
+            packed=not location.is_landing,
+            source_ae=source_ae,
+            stored_at=now,
+        ),
+        returning=Instance.id,
+    )
+    if instance_pk is None:
+        return None
+    # Counters, each bumped only by the transaction that created the row below it.
+    session.execute(
+        update(Series)
+        .where(Series.id == series_pk)
+        .values(num_instances=Series.num_instances + 1, updated_at=now)
+    )
+    study_values: dict[str, Any] = dict(num_instances=Study.num_instances + 1, updated_at=now)
+    patient_values: dict[str, Any] = dict(num_instances=Patient.num_instances + 1)
+    if new_series:
+        study_values["num_series"] = Study.num_series + 1
+        patient_values["num_series"] = Patient.num_series + 1
+    if new_study:
+        patient_values["num_studies"] = Patient.num_studies + 1
+    session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
+    session.execute(update(Patient).where(Patient.id == patient_pk).values(**patient_values))
+    if new_series and attrs.modality:
+        _add_modality(session, study_pk, attrs.modality)
+    return instance_pk
+
+
+def _add_parents(
+    session: Session, attrs: InstanceAttributes, now: datetime
+) -> tuple[int, int, int, bool, bool]:
+    """Create (or find) the patient, study and series of a new series' first instance."""
     _insert_ignore(
         session,
         Patient,
@@ -126,10 +187,10 @@ def add_instance(
             created_at=now,
             updated_at=now,
         ),
-    )
-    study_pk = session.scalar(
-        select(Study.id).where(Study.study_instance_uid == attrs.study_instance_uid)
-    )
+    ) is not None
+    study_pk, patient_pk = session.execute(
+        select(Study.id, Study.patient_fk).where(Study.study_instance_uid == attrs.study_instance_uid)
+    ).one()
     new_series = _insert_ignore(
         session,
         Series,
@@ -147,51 +208,11 @@ def add_instance(
             created_at=now,
             updated_at=now,
         ),
-    )
+    ) is not None
     series_pk = session.scalar(
         select(Series.id).where(Series.series_instance_uid == attrs.series_instance_uid)
     )
-    new_instance = _insert_ignore(
-        session,
-        Instance,
-        dict(
-            series_fk=series_pk,
-            sop_instance_uid=attrs.sop_instance_uid,
-            sop_class_uid=attrs.sop_class_uid,
-            instance_number=attrs.instance_number,
-            rows=attrs.rows,
-            columns=attrs.columns,
-            number_of_frames=attrs.number_of_frames,
-            transfer_syntax_uid=attrs.transfer_syntax_uid,
-            container=location.container,
-            offset=location.offset,
-            length=location.length,
-            sha256=location.sha256,
-            packed=not location.is_landing,
-            source_ae=source_ae,
-            stored_at=now,
-        ),
-    )
-    if not new_instance:
-        return None
-    # Counters, each bumped only by the transaction that created the row below it.
-    session.execute(
-        update(Series)
-        .where(Series.id == series_pk)
-        .values(num_instances=Series.num_instances + 1, updated_at=now)
-    )
-    study_values: dict[str, Any] = dict(num_instances=Study.num_instances + 1, updated_at=now)
-    patient_values: dict[str, Any] = dict(num_instances=Patient.num_instances + 1)
-    if new_series:
-        study_values["num_series"] = Study.num_series + 1
-        patient_values["num_series"] = Patient.num_series + 1
-    if new_study:
-        patient_values["num_studies"] = Patient.num_studies + 1
-    session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
-    session.execute(update(Patient).where(Patient.id == patient_pk).values(**patient_values))
-    if new_series and attrs.modality:
-        _add_modality(session, study_pk, attrs.modality)
-    return find_instance(session, attrs.sop_instance_uid)
+    return series_pk, study_pk, patient_pk, new_study, new_series
 
 
 def _add_modality(session: Session, study_pk: int, modality: str) -> None:

@@ -121,8 +121,8 @@ class IngestService:
         location = self._write(fp, sha256, attrs)
         try:
             with self.db.session() as session:
-                instance = add_instance(session, attrs, location, source_ae=source_ae)
-                if instance is None:
+                instance_pk = add_instance(session, attrs, location, source_ae=source_ae)
+                if instance_pk is None:
                     # The UID is indexed already: stored by another process since
                     # the look-up above, or the overwrite policy applies.
                     current = find_instance(session, attrs.sop_instance_uid)

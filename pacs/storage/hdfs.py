@@ -64,6 +64,14 @@ class _Loop:
             return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
         except (asyncio.TimeoutError, TimeoutError):
             raise StorageUnavailable(f"{what}: no answer from HDFS within {timeout_s:g} s") from None
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except Exception:
+            raise
+        except BaseException as exc:
+            # A panic in the Rust client arrives as pyo3's PanicException, a
+            # BaseException: turn it into a storage failure the caller handles.
+            raise StorageUnavailable(f"{what}: HDFS client failed: {exc}") from exc
 
 
 class NativeHdfsBlobStore(BlobStore):

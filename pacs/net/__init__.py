@@ -1,0 +1,1 @@
+"""DICOM networking: the DIMSE boundary, where domain errors become status codes."""

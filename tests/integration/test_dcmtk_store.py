@@ -1,0 +1,88 @@
+"""dcmtk's echoscu and storescu against the archive's SCP (embedded backends)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+
+import pydicom
+import pytest
+
+from pacs.index.repository import find_instance, location_of
+from pacs.net.scp import start_scp
+from pacs.synthetic import SeriesSpec, make_series
+
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.skipif(shutil.which("storescu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
+                       reason="dcmtk is not installed (apt-get install dcmtk)"),
+]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def scp(embedded):
+    embedded.settings.dicom.port = free_port()
+    server = start_scp(embedded.settings, embedded.ingest)
+    yield embedded
+    server.shutdown()
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The bytes after the file meta group: what travelled over the association."""
+    ds = pydicom.dcmread(io.BytesIO(part10), stop_before_pixels=True)
+    meta_end = 132 + 12 + ds.file_meta.FileMetaInformationGroupLength
+    return part10[meta_end:]
+
+
+def test_echoscu(scp):
+    done = subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port)],
+                          env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_storescu_series_is_stored_as_sent(scp, tmp_path):
+    sent = list(make_series(SeriesSpec(study_key="dcmtk", series_key="dcmtk-1", rows=64, columns=64, count=12)))
+    for i, data in enumerate(sent):
+        (tmp_path / f"{i:03d}.dcm").write_bytes(data)
+    done = subprocess.run(
+        ["storescu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port), *sorted(map(str, tmp_path.glob("*.dcm")))],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with scp.db.session() as session:
+        for data in sent:
+            uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+            row = find_instance(session, uid)
+            assert row is not None, f"{uid} was not stored"
+            stored = scp.objects.get(location_of(row))
+            assert dataset_bytes(stored) == dataset_bytes(data)
+            assert row.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+
+
+def test_truncated_file_gets_a_failure_and_the_server_keeps_serving(scp, tmp_path):
+    good = next(make_series(SeriesSpec(study_key="dcmtk2", series_key="d2", rows=32, columns=32, count=1)))
+    # A dataset whose pixel data element claims more bytes than it has: storescu
+    # sends what the file holds, the SCP's structure check refuses it.
+    bad = bytearray(good)
+    bad[-2048 - 4: -2048] = (len(good)).to_bytes(4, "little")
+    (tmp_path / "bad.dcm").write_bytes(bytes(bad[:-100]))
+    subprocess.run(["storescu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port), str(tmp_path / "bad.dcm")],
+                   env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    with scp.db.session() as session:
+        assert find_instance(session, pydicom.dcmread(io.BytesIO(good)).SOPInstanceUID) is None
+    (tmp_path / "good.dcm").write_bytes(good)
+    done = subprocess.run(["storescu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port), str(tmp_path / "good.dcm")],
+                          env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with scp.db.session() as session:
+        assert find_instance(session, pydicom.dcmread(io.BytesIO(good)).SOPInstanceUID) is not None
