@@ -177,6 +177,24 @@ def list_(
 
 
 @app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the .dcm files into (created).")],
+    studies: Annotated[int, typer.Option(help="Number of studies.")] = 3,
+    series: Annotated[int, typer.Option(help="Series per study (CT and MR alternate).")] = 2,
+    instances: Annotated[int, typer.Option(help="Instances per series.")] = 10,
+    size: Annotated[int, typer.Option(help="Rows and columns of each image.")] = 256,
+) -> None:
+    """Write synthetic CT/MR studies as DICOM files (for demos and tests; no PHI)."""
+    from pacs.synthetic import make_study_set
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, data in enumerate(make_study_set(studies, series, instances, rows=size, columns=size), 1):
+        (out_dir / f"{count:06d}.dcm").write_bytes(data)
+    console.print(f"wrote {count} instances to {out_dir}")
+
+
+@app.command()
 def info(data_dir: DataDir = None) -> None:
     """Show the backends in use and what the archive holds."""
     from sqlalchemy import func, select
