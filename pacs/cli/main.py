@@ -295,3 +295,7 @@ def main() -> None:  # pragma: no cover - console entry point
     except PacsError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m pacs.cli.main
+    main()

@@ -19,12 +19,7 @@ STUDIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    from pacs.services import build_services
-    from pacs.settings import Settings
-
-    services = build_services(Settings(data_dir=tmp_path_factory.mktemp("matching")))
+def fill(services) -> None:
     for key, pid, name, date, time, acc, modalities in STUDIES:
         for k, modality in enumerate(modalities):
             spec = SeriesSpec(patient_id=pid, patient_name=name, study_key=key, series_key=f"{key}-{k}",
@@ -32,6 +27,15 @@ def index(tmp_path_factory):
                               series_number=k + 1, accession_number=acc)
             for i in range(spec.count):
                 services.ingest.store(make_instance(spec, i))
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    from pacs.services import build_services
+    from pacs.settings import Settings
+
+    services = build_services(Settings(data_dir=tmp_path_factory.mktemp("matching")))
+    fill(services)
     yield services
     services.close()
 

@@ -1,0 +1,70 @@
+"""The index on the real Postgres: migrations by the CLI, and the same matching tests as SQLite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from pacs.services import build_services
+from pacs.settings import Settings
+from tests.unit import test_matching
+from tests.unit.test_matching import (  # noqa: F401  (collected here, against Postgres)
+    test_date_ranges,
+    test_levels,
+    test_modalities_in_study,
+    test_single_value_is_exact_and_case_sensitive,
+    test_time_ranges_include_the_whole_upper_minute,
+    test_uid_lists,
+    test_universal_matching,
+    test_wildcards,
+)
+
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    from tests.integration.conftest import PG_URL, _need
+
+    _need(PG_URL, "Postgres")
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    services = build_services(Settings(data_dir=tmp_path_factory.mktemp("pg"), index={"url": PG_URL}))
+    test_matching.fill(services)
+    yield services
+    services.close()
+
+
+def test_cli_migrates_postgres(pg_url, tmp_path):
+    env = {**os.environ, "PACS_INDEX_URL": pg_url, "PACS_DATA_DIR": str(tmp_path)}
+    pacs = [sys.executable, "-m", "pacs.cli.main"]
+    done = subprocess.run([*pacs, "db", "current"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1  # empty database: an upgrade is due
+    done = subprocess.run([*pacs, "db", "upgrade"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*pacs, "db", "current"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("0001")
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        indexdef = conn.execute(text(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_patients_patient_name'")).scalar_one()
+    engine.dispose()
+    assert "varchar_pattern_ops" in indexdef
+
+
+def test_wildcard_match_uses_an_index_on_postgres(index):
+    from pacs.query.matching import Level, build_query
+
+    query = build_query(Level.PATIENT, {"PatientName": "DOE^*"})
+    with index.db.session() as session:
+        session.execute(text("SET enable_seqscan = off"))
+        compiled = query.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
+        plan = "\n".join(r[0] for r in session.execute(text(f"EXPLAIN {compiled}")))
+    assert "ix_patients_patient_name" in plan, plan
