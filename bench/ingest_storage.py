@@ -15,45 +15,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pacs.devstack import HDFS_URL, PG_URL, empty_database, reachable  # noqa: E402
 from pacs.services import build_services  # noqa: E402
 from pacs.settings import Settings  # noqa: E402
 from pacs.synthetic import SeriesSpec, make_series  # noqa: E402
-
-HDFS_URL = os.environ.get("PACS_HDFS_URL", "hdfs://127.0.0.1:19000")
-PG_URL = os.environ.get("PACS_INDEX_URL", "postgresql+psycopg2://pacs:pacs@127.0.0.1:55432/pacs")
-
-
-def reachable(url: str) -> bool:
-    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def reset_postgres(url: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-
 
 def run(label: str, settings: Settings, instances: list[bytes], threads: int) -> dict:
     services = build_services(settings)
@@ -100,7 +75,7 @@ def main() -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if reachable(HDFS_URL) and reachable(PG_URL):
-            reset_postgres(PG_URL)
+            empty_database(PG_URL)
             root = f"/pacs-bench/{uuid.uuid4().hex[:8]}"
             settings = Settings(
                 data_dir=Path(tempfile.mkdtemp(prefix="pacs-bench-")),

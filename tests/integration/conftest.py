@@ -8,35 +8,21 @@ is not reachable is skipped; with it (as in CI) that is a failure.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-from sqlalchemy import create_engine, text
 
+from pacs.devstack import HDFS_URL, PG_URL, WEBHDFS_URL, empty_database, reachable
 from pacs.services import build_services
 from pacs.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-HDFS_URL = os.environ.get("PACS_HDFS_URL", "hdfs://127.0.0.1:19000")
-WEBHDFS_URL = os.environ.get("PACS_HDFS_WEBHDFS_URL", "http://127.0.0.1:19870")
-PG_URL = os.environ.get("PACS_INDEX_URL", "postgresql+psycopg2://pacs:pacs@127.0.0.1:55432/pacs")
-
-
-def _reachable(url: str) -> bool:
-    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def _need(url: str, what: str) -> None:
-    if _reachable(url):
+    if reachable(url):
         return
     message = f"{what} is not reachable at {url}; start it with deploy/{what.lower()}.sh up"
     if os.environ.get("PACS_REQUIRE_STACK") == "1":
@@ -72,11 +58,7 @@ def hdfs_root() -> str:
 def pg_url() -> str:
     """The Postgres index, emptied (all tables dropped) for one test."""
     _need(PG_URL, "Postgres")
-    engine = create_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    empty_database(PG_URL)
     return PG_URL
 
 

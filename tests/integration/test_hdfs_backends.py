@@ -6,7 +6,7 @@ import pytest
 
 from pacs.storage.hdfs import NativeHdfsBlobStore, WebHdfsBlobStore
 from tests.contracts import BlobStoreContract, IngestContract
-from tests.integration.conftest import HDFS_URL, WEBHDFS_URL
+from pacs.devstack import HDFS_URL, WEBHDFS_URL
 
 pytestmark = [pytest.mark.hdfs]
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 from sqlalchemy import create_engine, text
 
+from pacs.devstack import PG_URL, empty_database
 from pacs.services import build_services
 from pacs.settings import Settings
 from tests.unit import test_matching
@@ -28,14 +29,10 @@ pytestmark = [pytest.mark.postgres]
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    from tests.integration.conftest import PG_URL, _need
+    from tests.integration.conftest import _need
 
     _need(PG_URL, "Postgres")
-    engine = create_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    empty_database(PG_URL)
     services = build_services(Settings(data_dir=tmp_path_factory.mktemp("pg"), index={"url": PG_URL}))
     test_matching.fill(services)
     yield services

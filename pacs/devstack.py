@@ -1,0 +1,35 @@
+"""Helpers for the development stack that ``deploy/`` starts (tests and benchmarks).
+
+Not used by the service itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+HDFS_URL = os.environ.get("PACS_HDFS_URL", "hdfs://127.0.0.1:19000")
+WEBHDFS_URL = os.environ.get("PACS_HDFS_WEBHDFS_URL", "http://127.0.0.1:19870")
+PG_URL = os.environ.get("PACS_INDEX_URL", "postgresql+psycopg2://pacs:pacs@127.0.0.1:55432/pacs")
+
+
+def reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at the host and port of ``url``."""
+    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def empty_database(url: str) -> None:
+    """Drop every table of the database at ``url`` (a throw-away test database!)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
