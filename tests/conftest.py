@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -22,5 +23,9 @@ def embedded(local_settings):
 
 
 @pytest.fixture(autouse=True)
-def _quiet_alembic():
+def _hermetic(monkeypatch):
+    """Tests build their Settings explicitly: no PACS_* variable of the shell leaks in."""
+    for name in list(os.environ):
+        if name.startswith("PACS_"):
+            monkeypatch.delenv(name)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -19,13 +19,16 @@ from pacs.services import build_services
 from pacs.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+# The environment the stack was started with (ports, stack folder), kept before
+# the per-test fixture clears PACS_* variables.
+STACK_ENV = dict(os.environ)
 
 
 def _need(url: str, what: str) -> None:
     if reachable(url):
         return
     message = f"{what} is not reachable at {url}; start it with deploy/{what.lower()}.sh up"
-    if os.environ.get("PACS_REQUIRE_STACK") == "1":
+    if STACK_ENV.get("PACS_REQUIRE_STACK") == "1":
         pytest.fail(message)
     pytest.skip(message)
 
@@ -33,7 +36,7 @@ def _need(url: str, what: str) -> None:
 def deploy(script: str, *args: str) -> str:
     """Run a deploy/ script (used by fault-injection tests); return its output."""
     done = subprocess.run(
-        ["bash", str(REPO / "deploy" / script), *args], capture_output=True, text=True, timeout=300
+        ["bash", str(REPO / "deploy" / script), *args], capture_output=True, text=True, timeout=300, env=STACK_ENV
     )
     if done.returncode != 0:
         raise RuntimeError(f"deploy/{script} {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")

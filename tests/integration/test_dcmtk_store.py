@@ -20,7 +20,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("storescu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
                        reason="dcmtk is not installed (apt-get install dcmtk)"),
 ]
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
+DCMTK_ENV["TCP_NODELAY"] = "1"
 
 
 def free_port() -> int:
