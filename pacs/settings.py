@@ -60,6 +60,10 @@ class StorageSettings(BaseModel):
     # Deadline of each HDFS call (create, one chunk written or read, hsync, close);
     # a call past it fails and the store is retried on a new pipeline.
     hdfs_timeout_s: float = Field(default=30.0, gt=0)
+    # hsync before close makes every DataNode of the pipeline fsync the block.
+    # A cluster with dfs.datanode.synconclose=true fsyncs on close anyway and
+    # may turn this off (one round trip less per object).
+    hdfs_hsync: bool = True
     block_size_mb: int = Field(default=256, ge=1)
     # Packing: instances land one file each, then are compacted into containers.
     pack_target_mb: int = Field(default=256, ge=1)

@@ -23,6 +23,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             replication=storage.replication,
             block_size=storage.block_size_mb << 20,
             timeout_s=storage.hdfs_timeout_s,
+            hsync=storage.hdfs_hsync,
         )
     from pacs.storage.hdfs import WebHdfsBlobStore
 

@@ -24,18 +24,20 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pacs.errors import ChecksumMismatch
+from pacs.errors import ChecksumMismatch, StorageUnavailable
 from pacs.storage.base import BlobStore
 
 RECORD_MAGIC = b"PACSREC1"
 RECORD_HEADER = struct.Struct("<8sQ32s")
 LANDING_PREFIX = "landing/"
 PACK_PREFIX = "packs/"
+READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,19 @@ class ObjectStore:
         return Location(path, 0, hashing.length, digest)
 
     def get(self, location: Location, *, verify: bool = True) -> bytes:
-        """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored."""
-        data = self.blobs.read(location.container, location.offset, location.length)
+        """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored.
+
+        A read that fails on the store is tried again (three times in all): a
+        DataNode that just died can fail a read until its replicas are avoided.
+        """
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                data = self.blobs.read(location.container, location.offset, location.length)
+                break
+            except StorageUnavailable:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         if verify:
             digest = hashlib.sha256(data).hexdigest()
             if digest != location.sha256:
