@@ -90,6 +90,8 @@ class DicomSettings(BaseModel):
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
+    # C-FIND answers at most this many matches (a Success follows them).
+    max_find_results: int = Field(default=10_000, ge=1)
 
 
 class Settings(BaseSettings):

@@ -32,6 +32,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Manage the index database schema.", no_args_is_help=True)
 storage_app = typer.Typer(help="Maintain the bulk store: compaction and checksum scrubs.", no_args_is_help=True)
+ae_app = typer.Typer(help="Manage the remote AEs the archive knows (C-MOVE destinations).", no_args_is_help=True)
+app.add_typer(ae_app, name="ae")
 app.add_typer(db_app, name="db")
 app.add_typer(storage_app, name="storage")
 
@@ -119,7 +121,7 @@ def serve(
     dicom_port: Annotated[Optional[int], typer.Option("--dicom-port", help="DICOM port (env PACS_DICOM_PORT).")] = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
 ) -> None:
-    """Run the archive's DICOM service (C-ECHO, C-STORE) until interrupted."""
+    """Run the archive's DICOM service (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until interrupted."""
     from pacs.net.scp import start_scp
 
     if aet:
@@ -135,7 +137,7 @@ def serve(
         f"{settings.dicom.host}:{settings.dicom.port} — storage {services.objects.description}, "
         f"index {services.db.describe()}. Ctrl-C stops."
     )
-    server = start_scp(settings, services.ingest)
+    server = start_scp(services)
     try:
         while True:
             time.sleep(settings.storage.landing_max_age_s / 4)
@@ -216,6 +218,67 @@ def info(data_dir: DataDir = None) -> None:
         }
     for key, value in rows.items():
         print(f"{key:>30}: {value}")
+
+
+@ae_app.command("add")
+def ae_add(
+    ae_title: Annotated[str, typer.Argument(help="The peer's AE title (at most 16 characters).")],
+    host: Annotated[str, typer.Argument(help="Host name or address the peer listens on.")],
+    port: Annotated[int, typer.Argument(help="The peer's DICOM port.")],
+    data_dir: DataDir = None,
+    store: Annotated[bool, typer.Option("--store/--no-store", help="May send instances to the archive.")] = True,
+    query: Annotated[bool, typer.Option("--query/--no-query", help="May query (C-FIND).")] = True,
+    retrieve: Annotated[bool, typer.Option("--retrieve/--no-retrieve", help="May retrieve and be a C-MOVE destination.")] = True,
+    description: Annotated[str, typer.Option(help="Free text, e.g. the device's location.")] = "",
+) -> None:
+    """Add or update a remote AE."""
+    from pacs.index.models import AuditEvent, RemoteAE
+    from pacs.index.repository import find_remote_ae
+
+    title = ae_title.strip()
+    if not title or len(title) > 16 or "\\" in title:
+        console.print(f"[red]invalid AE title {ae_title!r}:[/] expected 1 to 16 characters without a backslash")
+        raise typer.Exit(2)
+    if not 0 < port < 65536:
+        console.print(f"[red]invalid port {port}:[/] expected 1 to 65535")
+        raise typer.Exit(2)
+    with _services(data_dir) as services, services.db.session() as session:
+        peer = find_remote_ae(session, title) or RemoteAE(ae_title=title)
+        peer.host, peer.port, peer.description = host, port, description
+        peer.may_store, peer.may_query, peer.may_retrieve = store, query, retrieve
+        session.add(peer)
+        session.add(AuditEvent(actor="cli", action="ae.add", target=title, detail=f"{host}:{port}"))
+    console.print(f"remote AE {title} at {host}:{port}")
+
+
+@ae_app.command("list")
+def ae_list(data_dir: DataDir = None) -> None:
+    """List the remote AEs."""
+    from pacs.index.repository import list_remote_aes
+
+    with _services(data_dir) as services, services.db.session() as session:
+        table = Table("AE title", "host", "port", "store", "query", "retrieve", "description", box=None)
+        for peer in list_remote_aes(session):
+            yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+            table.add_row(peer.ae_title, peer.host, str(peer.port), yes(peer.may_store), yes(peer.may_query),
+                          yes(peer.may_retrieve), peer.description)
+        Console().print(table)
+
+
+@ae_app.command("remove")
+def ae_remove(ae_title: Annotated[str, typer.Argument(help="The AE title to forget.")], data_dir: DataDir = None) -> None:
+    """Remove a remote AE."""
+    from pacs.index.models import AuditEvent
+    from pacs.index.repository import find_remote_ae
+
+    with _services(data_dir) as services, services.db.session() as session:
+        peer = find_remote_ae(session, ae_title)
+        if peer is None:
+            console.print(f"[red]no remote AE {ae_title!r}[/]")
+            raise typer.Exit(1)
+        session.delete(peer)
+        session.add(AuditEvent(actor="cli", action="ae.remove", target=peer.ae_title))
+    console.print(f"removed {ae_title}")
 
 
 @db_app.command("upgrade")

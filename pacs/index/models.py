@@ -195,3 +195,19 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(256), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class RemoteAE(Base):
+    """A DICOM peer the archive knows: where it listens and what it may do."""
+
+    __tablename__ = "remote_aes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    may_store: Mapped[bool] = mapped_column(Boolean, default=True)
+    may_query: Mapped[bool] = mapped_column(Boolean, default=True)
+    may_retrieve: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pacs.index.models import Instance, Patient, Series, Study, SupersededObject, utcnow
+from pacs.index.models import Instance, Patient, RemoteAE, Series, Study, SupersededObject, utcnow
 from pacs.storage.objects import Location
 
 
@@ -268,3 +268,11 @@ def landing_totals(session: Session) -> tuple[int, int]:
 
 def oldest_landing(session: Session) -> datetime | None:
     return session.scalar(select(func.min(Instance.stored_at)).where(Instance.packed.is_(False)))
+
+
+def find_remote_ae(session: Session, ae_title: str) -> RemoteAE | None:
+    return session.scalars(select(RemoteAE).where(RemoteAE.ae_title == ae_title.strip())).one_or_none()
+
+
+def list_remote_aes(session: Session) -> list[RemoteAE]:
+    return list(session.scalars(select(RemoteAE).order_by(RemoteAE.ae_title)))

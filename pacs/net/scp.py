@@ -1,4 +1,4 @@
-"""The archive's DICOM SCP: Verification and Storage (Query/Retrieve follow).
+"""The archive's DICOM SCP: Verification, Storage and Query/Retrieve (FIND, GET, MOVE).
 
 Handlers get the services they need bound as extra arguments (pynetdicom's
 ``evt_handlers`` tuples), never through globals.  C-STORE hands the received
@@ -12,11 +12,14 @@ import logging
 import socket
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 
 from pacs.ingest.service import IngestService
+from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.status import status_dataset, store_failure
+from pacs.services import Services
 from pacs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,25 +49,39 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     return status_dataset(int(Status.SUCCESS))
 
 
+# pynetdicom accepts, per presentation context, the first syntax of *this*
+# list that the requestor proposed.  Encoded syntaxes come first: a requestor
+# that offers one (storescu -xr, getscu +xr) prefers it, and a retrieve then
+# sends stored compressed objects without conversion.
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in UNCOMPRESSED] + UNCOMPRESSED
+
+
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
     ae.maximum_associations = 32
     ae.network_timeout = 60
     ae.dimse_timeout = 60
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, UNCOMPRESSED)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # scp_role: a C-GET requestor may act as Storage SCP on these contexts.
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
+    add_qr_contexts(ae)
     return ae
 
 
-def start_scp(settings: Settings, ingest: IngestService, *, block: bool = False):  # noqa: ANN201
+def start_scp(services: Services, *, block: bool = False):  # noqa: ANN201
     """Start listening on ``settings.dicom.host:port``; return the server (or block)."""
+    settings = services.settings
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingest]),
+        (evt.EVT_C_STORE, handle_store, [services.ingest]),
+        (evt.EVT_C_FIND, handle_find, [services.db, settings.dicom.max_find_results]),
+        (evt.EVT_C_GET, handle_get, [services.db, services.objects]),
+        (evt.EVT_C_MOVE, handle_move, [services.db, services.objects]),
     ]
     address = (settings.dicom.host, settings.dicom.port)
     log.info("DICOM SCP %s listening on %s:%d", settings.dicom.ae_title, *address)

@@ -115,6 +115,7 @@ UNIQUE_KEYS: dict[Level, str] = {
     IM: "SOPInstanceUID",
 }
 ENTITIES = {P: Patient, ST: Study, SE: Series, IM: Instance}
+LEVELS = [P, ST, SE, IM]
 
 
 def attribute(keyword: str) -> Attribute:
@@ -241,12 +242,14 @@ def build_query(level: Level, identifier: Mapping[str, str]) -> Select:
     """SELECT the entities of ``level`` matching every key of ``identifier``.
 
     Keys of the query level and the levels above it may constrain; a key of
-    a lower level is an error (PS3.4 C.4.1.1.3.1).  Rows are the level's
-    entity, with its parents joined so that their attributes can be
-    returned (``select(...).add_columns`` by the caller, or via relationships).
+    a lower level is an error (PS3.4 C.4.1.1.3.1).  Each row is the level's
+    entity followed by its parents up to the patient (``(Series, Study,
+    Patient)`` at SERIES level), so their attributes can be returned without
+    further queries; ``session.scalars`` yields the level's entity alone.
     """
     entity = ENTITIES[level]
-    query = select(entity)
+    # The level's entity first (``session.scalars`` gives just it), then its parents.
+    query = select(entity, *(ENTITIES[up] for up in reversed(LEVELS[: level.depth])))
     # Join upwards: Instance -> Series -> Study -> Patient.
     if level.depth >= IM.depth:
         query = query.join(Series, Instance.series_fk == Series.id)

@@ -33,7 +33,7 @@ def free_port() -> int:
 @pytest.fixture
 def scp(embedded):
     embedded.settings.dicom.port = free_port()
-    server = start_scp(embedded.settings, embedded.ingest)
+    server = start_scp(embedded)
     yield embedded
     server.shutdown()
 

@@ -1,0 +1,177 @@
+"""Query/Retrieve SCP handlers: C-FIND, C-GET and C-MOVE (PS3.4 Annex C).
+
+Patient Root and Study Root, hierarchical queries at PATIENT/STUDY/SERIES/
+IMAGE level, matched by :mod:`pacs.query.matching` in SQL.  Retrieves send the
+stored objects in their stored transfer syntax, so what a modality sent is
+what a viewer receives.
+"""
+
+from __future__ import annotations
+
+import io
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom import dcmread
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import (
+    Verification,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.status import Status
+
+from pacs.errors import InvalidQuery, PacsError
+from pacs.index.database import Database
+from pacs.index.models import Instance
+from pacs.index.repository import find_remote_ae, location_of
+from pacs.net.status import status_dataset
+from pacs.query.identifiers import InformationModel, parse_identifier, response_identifier
+from pacs.query.matching import Level, build_query
+from pacs.storage.objects import Location, ObjectStore
+
+log = logging.getLogger(__name__)
+
+for _name, _code in (
+    ("IDENTIFIER_DOES_NOT_MATCH", 0xA900),  # Failed: identifier does not match SOP class
+    ("UNABLE_TO_PROCESS", 0xC000),  # Failed: unable to process
+    ("SUB_OPERATIONS_WARNING", 0xB000),  # Warning: sub-operations complete, one or more failures
+):
+    if not hasattr(Status, _name):
+        Status.add(_name, _code)
+
+MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: InformationModel.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: InformationModel.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: InformationModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: InformationModel.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: InformationModel.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: InformationModel.STUDY_ROOT,
+}
+QR_CONTEXTS = list(MODELS)
+
+
+def _model(event: evt.Event) -> InformationModel:
+    return MODELS[event.request.AffectedSOPClassUID]
+
+
+def handle_find(event: evt.Event, db: Database, max_results: int) -> Iterator:
+    """Yield (Pending, identifier) per match, then pynetdicom sends Success."""
+    calling = event.assoc.requestor.ae_title
+    try:
+        query = parse_identifier(event.identifier, _model(event))
+        statement = query.statement().limit(max_results)
+    except InvalidQuery as exc:
+        log.info("C-FIND from %s refused: %s", calling, exc)
+        yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc)), None
+        return
+    try:
+        with db.session() as session:
+            count = 0
+            for row in session.execute(statement):
+                if event.is_cancelled:
+                    yield int(Status.CANCEL), None
+                    return
+                yield int(Status.PENDING), response_identifier(query, tuple(row))
+                count += 1
+    except PacsError as exc:
+        log.warning("C-FIND from %s failed: %s", calling, exc)
+        yield status_dataset(int(Status.UNABLE_TO_PROCESS), str(exc)), None
+        return
+    log.info("C-FIND from %s at %s level: %d matches", calling, query.level.value, count)
+
+
+@dataclass(frozen=True)
+class _ToSend:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    location: Location
+
+
+def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
+    query = parse_identifier(event.identifier, _model(event))
+    if not query.matching:
+        raise InvalidQuery("a retrieve needs at least one unique key (e.g. StudyInstanceUID)")
+    statement = build_query(Level.IMAGE, query.matching).with_only_columns(
+        Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+        Instance.container, Instance.offset, Instance.length, Instance.sha256,
+    ).order_by(Instance.series_fk, Instance.instance_number, Instance.id)
+    with db.session() as session:
+        return [
+            _ToSend(row.sop_instance_uid, row.sop_class_uid, row.transfer_syntax_uid, location_of(row))
+            for row in session.execute(statement)
+        ]
+
+
+def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event) -> Iterator:
+    """Yield (Pending, dataset) per stored object.
+
+    The dataset is parsed from the archived bytes but not otherwise touched:
+    pydicom writes its elements back as they were read, so in the stored
+    transfer syntax the peer receives the bytes the modality sent.  Where the
+    peer accepted only another uncompressed syntax, pynetdicom converts.
+    """
+    for item in matches:
+        if event.is_cancelled:
+            yield int(Status.CANCEL), None
+            return
+        try:
+            dataset = dcmread(io.BytesIO(objects.get(item.location)))
+        except PacsError as exc:
+            log.error("retrieve: cannot read SOP instance %s: %s", item.sop_instance_uid, exc)
+            yield int(Status.UNABLE_TO_PROCESS), None  # counts as a failed sub-operation
+            continue
+        yield int(Status.PENDING), dataset
+
+
+def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:
+    calling = event.assoc.requestor.ae_title
+    try:
+        matches = _instances_to_send(event, db)
+    except (InvalidQuery, PacsError) as exc:
+        log.info("C-GET from %s refused: %s", calling, exc)
+        yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc))
+        return
+    yield len(matches)
+    log.info("C-GET from %s: %d instances", calling, len(matches))
+    yield from _send_stored(objects, matches, event)
+
+
+def handle_move(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:
+    calling = event.assoc.requestor.ae_title
+    destination = str(event.move_destination or "").strip()
+    with db.session() as session:
+        peer = find_remote_ae(session, destination)
+        address = (peer.host, peer.port) if peer is not None and peer.may_retrieve else None
+    if address is None:
+        log.warning("C-MOVE from %s to unknown destination %r", calling, destination)
+        yield None, None  # pynetdicom answers 0xA801, move destination unknown
+        return
+    try:
+        matches = _instances_to_send(event, db)
+    except (InvalidQuery, PacsError) as exc:
+        log.info("C-MOVE from %s refused: %s", calling, exc)
+        yield *address, {}
+        yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc))
+        return
+    # Propose exactly the stored (SOP class, transfer syntax) pairs, so every
+    # object goes out as it was received.
+    pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})[:128]
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+    yield *address, {"contexts": contexts or [build_context(Verification)]}
+    yield len(matches)
+    log.info("C-MOVE from %s to %s: %d instances", calling, destination, len(matches))
+    yield from _send_stored(objects, matches, event)
+
+
+def add_qr_contexts(ae: AE) -> None:
+    for sop_class in QR_CONTEXTS:
+        ae.add_supported_context(sop_class)
