@@ -92,6 +92,14 @@ class DicomSettings(BaseModel):
     port: int = Field(default=11112, ge=0, le=65535)
     # C-FIND answers at most this many matches (a Success follows them).
     max_find_results: int = Field(default=10_000, ge=1)
+    # Accept associations only from AEs in the remote AE table (title and host).
+    # None: on in cluster mode (HDFS storage), off in the embedded default.
+    require_known_ae: bool | None = None
+    # TLS: with a certificate and key the port speaks DICOM over TLS only;
+    # with a CA file too, peers must present a certificate signed by it.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
 
 class Settings(BaseSettings):
@@ -120,6 +128,12 @@ class Settings(BaseSettings):
         if self.index.url:
             return self.index.url
         return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def require_known_ae(self) -> bool:
+        if self.dicom.require_known_ae is not None:
+            return self.dicom.require_known_ae
+        return self.storage.backend is StorageBackend.HDFS
 
     @property
     def local_store_root(self) -> Path:

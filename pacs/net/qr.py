@@ -32,6 +32,7 @@ from pacs.errors import InvalidQuery, PacsError
 from pacs.index.database import Database
 from pacs.index.models import Instance
 from pacs.index.repository import find_remote_ae, location_of
+from pacs.net.access import QUERY, RETRIEVE, may
 from pacs.net.status import status_dataset
 from pacs.query.identifiers import InformationModel, parse_identifier, response_identifier
 from pacs.query.matching import Level, build_query
@@ -65,6 +66,9 @@ def _model(event: evt.Event) -> InformationModel:
 def handle_find(event: evt.Event, db: Database, max_results: int) -> Iterator:
     """Yield (Pending, identifier) per match, then pynetdicom sends Success."""
     calling = event.assoc.requestor.ae_title
+    if not may(event, QUERY):
+        yield status_dataset(int(Status.NOT_AUTHORIZED), f"{calling} may not query"), None
+        return
     try:
         query = parse_identifier(event.identifier, _model(event))
         statement = query.statement().limit(max_results)
@@ -134,6 +138,9 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
 
 def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:
     calling = event.assoc.requestor.ae_title
+    if not may(event, RETRIEVE):
+        yield status_dataset(int(Status.NOT_AUTHORIZED), f"{calling} may not retrieve")
+        return
     try:
         matches = _instances_to_send(event, db)
     except (InvalidQuery, PacsError) as exc:
@@ -147,6 +154,10 @@ def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator
 
 def handle_move(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:
     calling = event.assoc.requestor.ae_title
+    if not may(event, RETRIEVE):
+        log.warning("C-MOVE from %s refused: the AE may not retrieve", calling)
+        yield None, None
+        return
     destination = str(event.move_destination or "").strip()
     with db.session() as session:
         peer = find_remote_ae(session, destination)

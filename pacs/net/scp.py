@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -17,6 +18,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 
 from pacs.ingest.service import IngestService
+from pacs.net.access import STORE, handle_requested, may
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.status import status_dataset, store_failure
 from pacs.services import Services
@@ -38,6 +40,8 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     calling_ae = event.assoc.requestor.ae_title
+    if not may(event, STORE):
+        return status_dataset(int(Status.NOT_AUTHORIZED), f"{calling_ae} may not store")
     try:
         data = event.encoded_dataset(include_meta=True)
         result = ingest.store(data, source_ae=calling_ae)
@@ -77,6 +81,7 @@ def start_scp(services: Services, *, block: bool = False):  # noqa: ANN201
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
+        *([(evt.EVT_REQUESTED, handle_requested, [services.db])] if settings.require_known_ae else []),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingest]),
         (evt.EVT_C_FIND, handle_find, [services.db, settings.dicom.max_find_results]),
@@ -84,5 +89,25 @@ def start_scp(services: Services, *, block: bool = False):  # noqa: ANN201
         (evt.EVT_C_MOVE, handle_move, [services.db, services.objects]),
     ]
     address = (settings.dicom.host, settings.dicom.port)
-    log.info("DICOM SCP %s listening on %s:%d", settings.dicom.ae_title, *address)
-    return ae.start_server(address, block=block, evt_handlers=handlers)
+    context = tls_context(settings)
+    log.info(
+        "DICOM SCP %s listening on %s:%d%s%s", settings.dicom.ae_title, *address,
+        " (TLS)" if context else "", " (known AEs only)" if settings.require_known_ae else "",
+    )
+    return ae.start_server(address, block=block, evt_handlers=handlers, ssl_context=context)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None when no certificate is configured."""
+    dicom = settings.dicom
+    if dicom.tls_cert_file is None and dicom.tls_key_file is None:
+        return None
+    if dicom.tls_cert_file is None or dicom.tls_key_file is None:
+        raise ValueError("DICOM TLS needs both dicom.tls_cert_file and dicom.tls_key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(dicom.tls_cert_file, dicom.tls_key_file)
+    if dicom.tls_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(dicom.tls_ca_file)
+    return context

@@ -19,6 +19,7 @@ for _name, _code in (
     ("CANNOT_UNDERSTAND", 0xC000),  # Storage: Error, cannot understand
     ("PROCESSING_FAILURE", 0x0110),  # General: processing failure
     ("DUPLICATE_SOP_INSTANCE", 0x0111),  # General: duplicate SOP instance
+    ("NOT_AUTHORIZED", 0x0124),  # General: refused, not authorised
 ):
     if not hasattr(Status, _name):
         Status.add(_name, _code)
