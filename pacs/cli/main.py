@@ -220,6 +220,70 @@ def info(data_dir: DataDir = None) -> None:
         print(f"{key:>30}: {value}")
 
 
+def _peer(services, ae_title: str, host: str | None, port: int | None) -> tuple[str, int]:
+    if host and port:
+        return host, port
+    from pacs.index.repository import find_remote_ae
+
+    with services.db.session() as session:
+        peer = find_remote_ae(session, ae_title)
+        if peer is None:
+            console.print(f"[red]unknown AE {ae_title!r}:[/] add it with `pacs ae add` or give --host and --port")
+            raise typer.Exit(2)
+        return peer.host, peer.port
+
+
+@app.command()
+def echo(
+    ae_title: Annotated[str, typer.Argument(help="The peer's AE title (looked up in `pacs ae list` unless --host/--port).")],
+    host: Annotated[Optional[str], typer.Option(help="The peer's host.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="The peer's port.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Send a C-ECHO to a peer (test a route)."""
+    from pacs.net.scu import echo as c_echo
+
+    with _services(data_dir) as services:
+        address = _peer(services, ae_title, host, port)
+        try:
+            status = c_echo(*address, called_ae=ae_title, calling_ae=services.settings.dicom.ae_title)
+        except ConnectionError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    console.print(f"C-ECHO {ae_title} at {address[0]}:{address[1]}: status 0x{status:04X}")
+    raise typer.Exit(0 if status == 0 else 1)
+
+
+@app.command()
+def push(
+    ae_title: Annotated[str, typer.Argument(help="Destination AE title (from `pacs ae list` unless --host/--port).")],
+    study: Annotated[str, typer.Option(help="StudyInstanceUID to send.")],
+    series: Annotated[Optional[str], typer.Option(help="Only this SeriesInstanceUID.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="The peer's host.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="The peer's port.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Send a stored study (or series) to a remote AE with C-STORE, as stored."""
+    from pacs.net.scu import push as c_push
+
+    with _services(data_dir) as services:
+        address = _peer(services, ae_title, host, port)
+        with Progress(TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task("push", total=None)
+            try:
+                report = c_push(services, *address, called_ae=ae_title, study_instance_uid=study,
+                                series_instance_uid=series,
+                                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+            except (ConnectionError, PacsError) as exc:
+                console.print(f"[red]{exc}[/]")
+                raise typer.Exit(1) from None
+    for sop_uid, problem in report.failed:
+        console.print(f"[red]{sop_uid}:[/] {problem}")
+    console.print(f"{report.sent} sent, {len(report.failed)} failed")
+    raise typer.Exit(1 if report.failed else 0)
+
+
 @ae_app.command("add")
 def ae_add(
     ae_title: Annotated[str, typer.Argument(help="The peer's AE title (at most 16 characters).")],

@@ -250,3 +250,31 @@ def test_move_to_storescp_byte_for_byte_and_unknown_destination(archive, tmp_pat
     finally:
         storescp.terminate()
         storescp.wait(timeout=10)
+
+
+def test_pacs_echo_and_push_to_storescp(archive, tmp_path):
+    from pacs.net.scu import echo, push
+
+    services, sent = archive
+    port = free_port()
+    out = tmp_path / "pushed"
+    out.mkdir()
+    storescp = subprocess.Popen(["storescp", "-aet", "PUSHDEST", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert echo("127.0.0.1", port, called_ae="PUSHDEST", calling_ae="PACS") == 0
+        report = push(services, "127.0.0.1", port, called_ae="PUSHDEST", study_instance_uid=uid("qr-study"))
+        assert (report.sent, report.failed) == (9, [])
+        check_received(out, sent, study_uids(sent, uid("qr-study")))
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=10)
+    with pytest.raises(ConnectionError):
+        echo("127.0.0.1", port, called_ae="PUSHDEST", calling_ae="PACS", timeout_s=3)
