@@ -22,10 +22,19 @@ def embedded(local_settings):
     services.close()
 
 
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch):
-    """Tests build their Settings explicitly: no PACS_* variable of the shell leaks in."""
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic():
+    """Tests build their Settings explicitly: no PACS_* variable of the shell leaks in.
+
+    Session-scoped so that module-scoped fixtures, which run before any
+    function-scoped one, see the cleaned environment too.  The stack's
+    variables stay available to tests through ``tests.integration.conftest.STACK_ENV``
+    and ``pacs.devstack``, read at import time.
+    """
+    patch = pytest.MonkeyPatch()
     for name in list(os.environ):
         if name.startswith("PACS_"):
-            monkeypatch.delenv(name)
+            patch.delenv(name)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    yield
+    patch.undo()

@@ -71,6 +71,7 @@ class Compactor:
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
+        self._running = threading.Lock()
         self._background: threading.Thread | None = None
         self._since_check = 0
         self._last_check = 0.0
@@ -108,7 +109,12 @@ class Compactor:
         if landing >= self.settings.landing_max_files:
             log.info("landing area holds %d objects (limit %d): compacting before accepting more",
                      landing, self.settings.landing_max_files)
-            self.compact(wait_for_lease=True)
+            try:
+                self.compact(wait_for_lease=True)
+            except Exception:
+                # The object that triggered this is stored and indexed already:
+                # a failed compaction must not turn its success into a failure.
+                log.exception("compaction failed; landed objects stay readable where they are")
             self._last_count = 0
             self._last_check = 0.0
         elif landing >= self.settings.landing_compact_at or landing_bytes >= self._pack_bytes:
@@ -138,6 +144,17 @@ class Compactor:
     def compact(self, *, force: bool = False, wait_for_lease: bool = False) -> CompactionReport:
         """Pack landed objects while there are enough of them (all of them with ``force``)."""
         report = CompactionReport()
+        # One compaction per process at a time (the background thread and a
+        # storing thread under back-pressure share the lease holder name) ...
+        if not self._running.acquire(blocking=wait_for_lease, timeout=LEASE_SECONDS if wait_for_lease else -1):
+            return report
+        try:
+            return self._compact_holding_lock(report, force=force, wait_for_lease=wait_for_lease)
+        finally:
+            self._running.release()
+
+    def _compact_holding_lock(self, report: CompactionReport, *, force: bool, wait_for_lease: bool) -> CompactionReport:
+        # ... and one across processes, through the lease row.
         deadline = time.monotonic() + LEASE_SECONDS
         while not self._acquire_lease():
             if not wait_for_lease or time.monotonic() > deadline:
@@ -152,6 +169,7 @@ class Compactor:
             self._remove_orphans(report)
         finally:
             self._release_lease()
+        report.unreadable = list(dict.fromkeys(report.unreadable))  # once each, in order
         if report.packs_written:
             log.info(
                 "compaction: %d objects (%.1f MB) into %d packs, %d landing files removed",
@@ -225,12 +243,21 @@ class Compactor:
             with self.db.session() as session:
                 session.execute(delete(Container).where(Container.id == container_pk))
             return False
+        if not placed:  # every picked object was unreadable: nothing to switch
+            self.objects.blobs.delete(path)
+            with self.db.session() as session:
+                session.execute(delete(Container).where(Container.id == container_pk))
+            report.unreadable.extend(loc.container for _pk, loc in readable)
+            return False
         with self.db.session() as session:
             session.execute(update(Container).where(Container.id == container_pk).values(path=path))
         switched: list[Location] = []
         with self.db.session() as session:
             for pk, old in readable:
-                new = placed[str(pk)]
+                new = placed.get(str(pk))
+                if new is None:  # unreadable or gone: it stays where it is
+                    report.unreadable.append(old.container)
+                    continue
                 result = session.execute(
                     update(Instance)
                     .where(Instance.id == pk, Instance.container == old.container, Instance.packed.is_(False))
@@ -257,7 +284,7 @@ class Compactor:
         report.packs_written += 1
         report.objects_packed += len(switched)
         report.bytes_packed += sum(loc.length for loc in switched)
-        return True
+        return bool(switched)  # nothing switched: the rest cannot be packed now, stop
 
     def _remove_abandoned_packs(self, report: CompactionReport) -> None:
         """Delete packs a crashed compactor left in state WRITING (no row references them)."""

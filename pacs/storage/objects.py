@@ -23,6 +23,7 @@ index of a pack can be rebuilt from the pack alone.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import time
 import uuid
@@ -30,8 +31,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pacs.errors import ChecksumMismatch, StorageUnavailable
+from pacs.errors import ChecksumMismatch, NotFound, StorageUnavailable
 from pacs.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
 
 RECORD_MAGIC = b"PACSREC1"
 RECORD_HEADER = struct.Struct("<8sQ32s")
@@ -177,6 +180,8 @@ class ObjectStore:
 
         ``objects`` pairs a caller's key with each object's current location;
         each object is read, verified and appended with its record header.
+        An object whose file is gone, or whose bytes fail their checksum, is
+        left out (and absent from the result).
         The pack is durable when this returns.
         """
         now = datetime.now(timezone.utc)
@@ -186,7 +191,13 @@ class ObjectStore:
         def records() -> Iterator[bytes]:
             offset = 0
             for key, location in objects:
-                data = self.get(location)
+                try:
+                    data = self.get(location)
+                except NotFound:
+                    continue  # removed meanwhile (packed by another compactor): leave its row alone
+                except ChecksumMismatch as exc:
+                    log.error("not packing %s: %s", key, exc)  # stays in place for the scrub to report
+                    continue
                 header = RECORD_HEADER.pack(
                     RECORD_MAGIC, len(data), bytes.fromhex(location.sha256)
                 )

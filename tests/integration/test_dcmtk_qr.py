@@ -14,12 +14,14 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 import warnings
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from pacs.devstack import HDFS_URL, PG_URL, empty_database
 from pacs.index.models import RemoteAE
 from pacs.net.scp import start_scp
 from pacs.services import build_services
@@ -53,11 +55,28 @@ def run(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess
     return subprocess.run(list(args), env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def backend_settings(kind: str, root) -> Settings:
+    """Settings for the embedded default, or for HDFS + Postgres from deploy/."""
+    dicom = {"port": free_port()}
+    if kind == "embedded":
+        return Settings(data_dir=root / "data", dicom=dicom)
+    from tests.integration.conftest import _need
+
+    _need(HDFS_URL, "HDFS")
+    _need(PG_URL, "Postgres")
+    empty_database(PG_URL)
+    storage = dict(backend="hdfs", hdfs_url=HDFS_URL, hdfs_root=f"/pacs-test/qr-{uuid.uuid4().hex[:8]}")
+    # the allow-list is on by default with HDFS; these tests are about Q/R, test_dcmtk_security about it
+    return Settings(data_dir=root / "data", dicom={**dicom, "require_known_ae": False}, storage=storage,
+                    index={"url": PG_URL})
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("cluster", marks=[pytest.mark.hdfs,
+                                                                                  pytest.mark.postgres])])
+def archive(request, tmp_path_factory):
     """An SCP on a free port holding the study set, stored by storescu; yields (services, sent)."""
     root = tmp_path_factory.mktemp("qr")
-    services = build_services(Settings(data_dir=root / "data", dicom={"port": free_port()}))
+    services = build_services(backend_settings(request.param, root))
     server = start_scp(services)
     inbox = root / "inbox"
     inbox.mkdir()

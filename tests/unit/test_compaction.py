@@ -128,3 +128,48 @@ def test_one_compactor_at_a_time(tmp_path):
     second.compactor._release_lease()
     first.close()
     second.close()
+
+
+def test_a_corrupt_landed_object_is_left_in_place_and_the_rest_packed(tmp_path):
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    sent = list(make_series(SeriesSpec(study_key="g", series_key="g1", rows=16, columns=16, count=4)))
+    results = [services.ingest.store(data) for data in sent]
+    bad = services.objects.blobs.root / results[1].location.container
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    report = services.compactor.compact(force=True)
+    assert report.objects_packed == 3 and report.unreadable == [results[1].location.container]
+    with services.db.session() as session:
+        rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
+    assert not rows[results[1].sop_instance_uid].packed
+    assert all(rows[r.sop_instance_uid].packed for r in results if r is not results[1])
+    services.close()
+
+
+def test_concurrent_compactions_in_one_process_do_not_collide(tmp_path):
+    import threading
+
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    sent = list(make_series(SeriesSpec(study_key="h", series_key="h1", rows=32, columns=32, count=60)))
+    for data in sent:
+        services.ingest.store(data)
+    errors = []
+
+    def run():
+        try:
+            services.compactor.compact(force=True, wait_for_lease=True)
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with services.db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+        assert all(r.packed for r in rows)
+        assert [services.objects.get(location_of(r)) for r in rows] == sent
+    services.close()
