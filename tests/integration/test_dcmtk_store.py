@@ -13,7 +13,7 @@ import pytest
 
 from pacs.index.repository import find_instance, location_of
 from pacs.net.scp import start_scp
-from pacs.synthetic import SeriesSpec, make_series
+from pacs.synthetic import SeriesSpec, make_instance, make_series
 
 pytestmark = [
     pytest.mark.dcmtk,
@@ -87,3 +87,50 @@ def test_truncated_file_gets_a_failure_and_the_server_keeps_serving(scp, tmp_pat
     assert done.returncode == 0, done.stderr
     with scp.db.session() as session:
         assert find_instance(session, pydicom.dcmread(io.BytesIO(good)).SOPInstanceUID) is not None
+
+
+def test_association_dropped_mid_store_leaves_nothing(scp):
+    """A connection that dies in the middle of a C-STORE stores nothing; the SCP serves on."""
+    import threading
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    big = make_instance(SeriesSpec(study_key="cut", series_key="cut-1", rows=3000, columns=3000), 0)  # ~18 MB
+    ae = AE(ae_title="CUTTER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    ae.maximum_pdu_size = 16382  # many small PDUs, so the cut falls inside the dataset
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom.port, ae_title="PACS")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    real_send = assoc.dul.socket.send
+    sent = 0
+
+    def send_then_cut(data):
+        # the network goes away after 4 MB of the ~18 MB dataset
+        nonlocal sent
+        sent += len(data)
+        if sent > 4_000_000:
+            sock.shutdown(socket.SHUT_RDWR)
+            raise OSError("connection cut by the test")
+        real_send(data)
+
+    assoc.dul.socket.send = send_then_cut
+    def send():
+        try:
+            assoc.send_c_store(pydicom.dcmread(io.BytesIO(big)))
+        except Exception:  # noqa: BLE001 - the cut is the point
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(timeout=5)  # pynetdicom may go on waiting for the response that never comes
+    time.sleep(1.0)
+    assert sent > 4_000_000
+    with scp.db.session() as session:
+        assert find_instance(session, pydicom.dcmread(io.BytesIO(big)).SOPInstanceUID) is None
+    assert list(scp.objects.blobs.list("")) == []
+    done = subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port)],
+                          env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
