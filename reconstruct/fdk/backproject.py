@@ -15,9 +15,15 @@ two coefficients of ``v`` are computed once per (projection, z, x) column in
 float64, and the per-voxel grid is one broadcast and one multiply-add in
 float32.
 
-A slab only sees a band of detector rows (``slab_rows``): the projections are
-cropped to that band before sampling, which is also what lets a distributed
-job ship each task only the rows it needs.
+The normalised sampling coordinates are prepared once per chunk as float32
+maps over (projection, z, x): ``grid_u`` and ``v = grid_v0 + grid_v_step * j``
+over the whole detector, so a slab costs one copy, one multiply-add, the
+``grid_sample`` call, the weighting and the sum over the chunk, all
+voxel-sized (recomputing float64 (c, nz, nx) maps for a cropped row band per
+slab used to cost as much as the sampling itself; removing that made the
+backprojection ~1.7x faster on 2 CPU cores).  A slab only sees a band of
+detector rows (``slab_rows``); slabs that miss the detector are skipped, and
+a distributed job can ship each task only the rows it needs.
 
 Memory: temporaries are ``c * slab_voxels * 12`` bytes (float32 sampling
 grid with 2 coordinates + float32 samples) plus the slab sum; the slab
@@ -151,37 +157,42 @@ def backproject(
     inside_u = (u_index >= 0) & (u_index <= nu - 1)
     grid_u = torch.where(inside_u, u_index * (2.0 / (nu - 1)) - 1.0, _OUTSIDE).to(torch.float32)
     weight = ((sid / depth) ** 2).to(torch.float32)
-    # Detector row index of voxel row j: v_index_0 + v_index_step * j (y = origin_y + j * spacing_y).
+    # Detector row index of voxel row j: v_index_0 + v_index_step * j (y = origin_y + j * spacing_y),
+    # normalised once per chunk to grid_sample's [-1, 1] over the whole detector: the per-slab
+    # work is then only voxel-sized (no float64 (c, nz, nx) maps recomputed per slab).
     _, oy, _ = grid.origin_xyz_mm  # type: ignore[misc]
+    if nv == 1:  # grid_sample needs 2 rows to normalise: add a zero row below the only one
+        filtered = torch.cat((filtered, torch.zeros_like(filtered)), dim=1)
+    v_scale = 2.0 / (filtered.shape[1] - 1)
     v_index_0 = (sy + mag * (oy - sy) - py - ov) / dv
     v_index_step = mag * (grid.spacing_xyz_mm[1] / dv)
-    del x_rot, depth, mag, u_index
+    grid_v0 = (v_index_0 * v_scale - 1.0).to(torch.float32)[:, :, None, :]  # (c, nz, 1, nx)
+    grid_v_step = (v_index_step * v_scale).to(torch.float32)[:, :, None, :]
+    del x_rot, depth, mag, u_index, v_index_0, v_index_step
 
     nz, ny, nx = grid.shape
     thickness = slab_thickness(grid, c, memory_budget_mb)
+    image = filtered[:, None]  # (c, 1, nv, nu)
+    y_all = torch.arange(ny, device=device, dtype=torch.float32)[None, None, :, None]
     for y0 in range(0, ny, thickness):
         y1 = min(ny, y0 + thickness)
         r0, r1 = slab_rows(geometry, grid, (y0, y1))
         if r1 <= r0:
             continue  # the slab projects outside the detector
-        band = filtered[:, None, r0:r1, :]  # (c, 1, rows, nu)
-        scale = 2.0 / (r1 - r0 - 1)
-        v_a = ((v_index_0 + v_index_step * y0 - r0) * scale - 1.0).to(torch.float32)  # (c, nz, nx)
-        v_b = (v_index_step * scale).to(torch.float32)
-        j = torch.arange(y1 - y0, device=device, dtype=torch.float32)[None, None, :, None]
+        t = y1 - y0
         # Coordinates stored as two planes (u, v) rather than interleaved: both
         # planes are filled with contiguous writes, and grid_sample takes the
         # permuted (strided) view as its grid; measured ~15 % faster on CPU.
-        planes = torch.empty((c, 2, nz, y1 - y0, nx), dtype=torch.float32, device=device)
+        planes = torch.empty((c, 2, nz, t, nx), dtype=torch.float32, device=device)
         planes[:, 0] = grid_u[:, :, None, :]  # u does not depend on y
-        torch.addcmul(v_a[:, :, None, :], v_b[:, :, None, :], j, out=planes[:, 1])  # v is affine in y
+        torch.addcmul(grid_v0, grid_v_step, y_all[:, :, y0:y1], out=planes[:, 1])  # v is affine in y
         samples = F.grid_sample(
-            band,
-            planes.view(c, 2, nz * (y1 - y0), nx).permute(0, 2, 3, 1),
+            image,
+            planes.view(c, 2, nz * t, nx).permute(0, 2, 3, 1),
             mode="bilinear",
             padding_mode="zeros",
             align_corners=True,
-        ).view(c, nz, y1 - y0, nx)
+        ).view(c, nz, t, nx)
         del planes
         samples.mul_(weight[:, :, None, :])
         out[:, y0:y1, :] += samples.sum(dim=0)
