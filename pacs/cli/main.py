@@ -61,7 +61,7 @@ def _services(data_dir: Path | None):
 
     settings = _settings(data_dir)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -120,30 +120,75 @@ def serve(
     aet: Annotated[Optional[str], typer.Option("--aet", help="The archive's AE title (env PACS_AET).")] = None,
     dicom_port: Annotated[Optional[int], typer.Option("--dicom-port", help="DICOM port (env PACS_DICOM_PORT).")] = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes sharing the port, so parallel associations use all cores.")] = 1,
 ) -> None:
     """Run the archive's DICOM service (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) until interrupted."""
-    from pacs.net.scp import start_scp
-
     if aet:
         os.environ["PACS_AET"] = aet
     if dicom_port is not None:
         os.environ["PACS_DICOM_PORT"] = str(dicom_port)
     if host:
         os.environ["PACS_DICOM__HOST"] = host
-    services = _services(data_dir)
+    if data_dir is not None:
+        os.environ["PACS_DATA_DIR"] = str(data_dir)
+    if workers < 1:
+        console.print(f"[red]--workers must be at least 1, got {workers}[/]")
+        raise typer.Exit(2)
+    if workers == 1:
+        _serve_worker(share_port=False)
+        return
+    _services(None).close()  # create or upgrade the index once, before the workers start
+    import multiprocessing
+    import signal
+
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or sockets inherited
+    processes = [spawn.Process(target=_serve_worker, kwargs={"share_port": True}, name=f"pacs-worker-{n}")
+                 for n in range(workers)]
+    for process in processes:
+        process.start()
+    console.print(f"started {workers} workers: pids {', '.join(str(p.pid) for p in processes)}")
+
+    def stop(*_args: object) -> None:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM to that PID: the worker shuts down cleanly
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        stop()
+        for process in processes:
+            process.join(timeout=30)
+    failed = [p for p in processes if p.exitcode not in (0, None, -signal.SIGTERM)]
+    raise typer.Exit(1 if failed else 0)
+
+
+def _serve_worker(*, share_port: bool) -> None:
+    """One serving process: its own services, the SCP, and periodic compaction."""
+    import signal
+
+    from pacs.net.scp import start_scp
+
+    def interrupt(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    services = _services(None)
     settings = services.settings
     console.print(
         f"[bold]pacs[/] serving AE [bold]{settings.dicom.ae_title}[/] on "
-        f"{settings.dicom.host}:{settings.dicom.port} — storage {services.objects.description}, "
+        f"{settings.dicom.host}:{settings.dicom.port} (pid {os.getpid()}) — storage {services.objects.description}, "
         f"index {services.db.describe()}. Ctrl-C stops."
     )
-    server = start_scp(services)
+    server = start_scp(services, share_port=share_port)
     try:
         while True:
             time.sleep(settings.storage.landing_max_age_s / 4)
             services.compactor.compact()  # packs objects that waited past their landing age
     except KeyboardInterrupt:
-        console.print("stopping")
+        console.print(f"stopping (pid {os.getpid()})")
     finally:
         server.shutdown()
         services.close()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
+from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.ingest.service import IngestService
 from pacs.net.access import STORE, handle_requested, may
@@ -75,8 +77,24 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(services: Services, *, block: bool = False):  # noqa: ANN201
-    """Start listening on ``settings.dicom.host:port``; return the server (or block)."""
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other processes may share (SO_REUSEPORT).
+
+    With several ``pacs serve`` worker processes on one port the kernel
+    spreads incoming associations over them, so parallel associations are
+    served in parallel despite the GIL.
+    """
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_scp(services: Services, *, block: bool = False, share_port: bool = False):  # noqa: ANN201
+    """Start listening on ``settings.dicom.host:port``; return the server (or block).
+
+    ``share_port`` lets several worker processes listen on the same port.
+    """
     settings = services.settings
     ae = build_ae(settings)
     handlers = [
@@ -90,11 +108,22 @@ def start_scp(services: Services, *, block: bool = False):  # noqa: ANN201
     ]
     address = (settings.dicom.host, settings.dicom.port)
     context = tls_context(settings)
+    server = ae.make_server(
+        address,
+        evt_handlers=handlers,
+        ssl_context=context,
+        server_class=SharedPortServer if share_port else ThreadedAssociationServer,
+    )
     log.info(
         "DICOM SCP %s listening on %s:%d%s%s", settings.dicom.ae_title, *address,
         " (TLS)" if context else "", " (known AEs only)" if settings.require_known_ae else "",
     )
-    return ae.start_server(address, block=block, evt_handlers=handlers, ssl_context=context)
+    if block:
+        server.serve_forever()
+        return None
+    threading.Thread(target=server.serve_forever, name=f"scp-{settings.dicom.port}", daemon=True).start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it again
+    return server
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

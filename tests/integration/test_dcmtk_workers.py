@@ -1,0 +1,75 @@
+"""`pacs serve --workers 2`: two processes share the port and both serve associations."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from pacs.index.models import Instance
+from pacs.services import build_services
+from pacs.settings import Settings
+from pacs.synthetic import SeriesSpec, make_series
+
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.skipif(shutil.which("storescu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
+                       reason="dcmtk is not installed (apt-get install dcmtk)"),
+]
+CLEAN_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_share_the_port(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pacs.cli.main", "serve", "--data-dir", str(data_dir), "--dicom-port", str(port),
+             "--workers", "2"], env=CLEAN_ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            listening = len(re.findall(r"listening on", log_path.read_text()))
+            if listening == 2:
+                break
+            assert time.monotonic() < deadline, "the workers did not start:\n" + log_path.read_text()
+            time.sleep(0.2)
+        inbox = tmp_path / "in"
+        inbox.mkdir()
+        senders = []
+        for k in range(12):
+            folder = inbox / str(k)
+            folder.mkdir()
+            spec = SeriesSpec(study_key=f"w{k}", series_key=f"w{k}-1", rows=32, columns=32, count=3)
+            for i, data in enumerate(make_series(spec)):
+                (folder / f"{i}.dcm").write_bytes(data)
+            senders.append(subprocess.Popen(
+                ["storescu", "-aec", "PACS", "127.0.0.1", str(port), *map(str, sorted(folder.iterdir()))],
+                env={**CLEAN_ENV, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for sender in senders:
+            assert sender.wait(timeout=120) == 0, sender.stderr.read()
+    finally:
+        server.send_signal(signal.SIGTERM)  # by PID; the parent stops its workers
+        server.wait(timeout=60)
+    services = build_services(Settings(data_dir=data_dir))
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 36
+    services.close()
+    pids = set(re.findall(r"\[(\d+)\] pacs\.net\.scp: C-STORE", log_path.read_text()))
+    assert len(pids) == 2, f"associations were served by {len(pids)} process(es)"
