@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import concurrent.futures as cf
 import json
 import os
 import random
-import statistics
 import struct
 import subprocess
 import sys
@@ -821,7 +819,7 @@ def section_e() -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     lines = []
-    lines.append(f"   writer process exited after write(1 MiB)+hsync+write(0.5 MiB) without close:")
+    lines.append("   writer process exited after write(1 MiB)+hsync+write(0.5 MiB) without close:")
     lines.append(f"     get_file_info.length={reader.c.get_file_info(p2).length} "
                  f"reader.size={reader.c.read(p2).size} read()={len(reader.read_file(p2))} B")
     try:

@@ -202,7 +202,7 @@ def list_(
     """List patients, their studies and series with IDs, UIDs and instance counts."""
     from sqlalchemy import select
 
-    from pacs.index.models import Patient, Series, Study
+    from pacs.index.models import Series, Study
     from pacs.query.matching import Level, build_query
 
     with _services(data_dir) as services, services.db.session() as session:

@@ -9,12 +9,10 @@ what a viewer receives.
 from __future__ import annotations
 
 import io
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pydicom import dcmread
 from pydicom import dcmread
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (

@@ -9,9 +9,7 @@ byte after the file meta (which every receiver writes anew).
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -27,23 +25,12 @@ from pacs.net.scp import start_scp
 from pacs.services import build_services
 from pacs.settings import Settings
 from pacs.synthetic import SeriesSpec, make_series, uid
+from tests.integration.dicom_tools import DCMTK_ENV, NEEDS_DCMTK, free_port, storescp
 
-pytestmark = [
-    pytest.mark.dcmtk,
-    pytest.mark.skipif(shutil.which("findscu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
-                       reason="dcmtk is not installed (apt-get install dcmtk)"),
-]
-DCMTK_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
-DCMTK_ENV["TCP_NODELAY"] = "1"
+pytestmark = NEEDS_DCMTK
 # pydicom's test files in compressed transfer syntaxes, with the getscu option that proposes each
 TESTDATA = {"SC_rgb_rle.dcm": "+xr", "image_dfl.dcm": "+xd", "JPEG2000.dcm": "+xw", "J2K_pixelrep_mismatch.dcm": "+xv"}
 DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dataset_bytes(part10: bytes) -> bytes:
@@ -241,19 +228,9 @@ def test_get_keeps_compressed_transfer_syntaxes(archive, tmp_path, name, prefer)
 
 def test_move_to_storescp_byte_for_byte_and_unknown_destination(archive, tmp_path):
     services, sent = archive
-    port = free_port()
     out = tmp_path / "moved"
     out.mkdir()
-    storescp = subprocess.Popen(["storescp", "-aet", "STORESCP", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with storescp("STORESCP", out) as port:
         with services.db.session() as session:
             session.add(RemoteAE(ae_title="STORESCP", host="127.0.0.1", port=port))
         done = run("movescu", "-S", "-aec", "PACS", "-aem", "STORESCP", "-k", "QueryRetrieveLevel=SERIES",
@@ -266,34 +243,18 @@ def test_move_to_storescp_byte_for_byte_and_unknown_destination(archive, tmp_pat
         unknown = run("movescu", "-S", "-aec", "PACS", "-aem", "NOSUCHAE", "-k", "QueryRetrieveLevel=STUDY",
                       "-k", f"StudyInstanceUID={uid('qr-study')}", "127.0.0.1", str(services.settings.dicom.port))
         assert "MoveDestinationUnknown" in unknown.stdout + unknown.stderr  # dcmtk's name for 0xA801
-    finally:
-        storescp.terminate()
-        storescp.wait(timeout=10)
 
 
 def test_pacs_echo_and_push_to_storescp(archive, tmp_path):
     from pacs.net.scu import echo, push
 
     services, sent = archive
-    port = free_port()
     out = tmp_path / "pushed"
     out.mkdir()
-    storescp = subprocess.Popen(["storescp", "-aet", "PUSHDEST", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with storescp("PUSHDEST", out) as port:
         assert echo("127.0.0.1", port, called_ae="PUSHDEST", calling_ae="PACS") == 0
         report = push(services, "127.0.0.1", port, called_ae="PUSHDEST", study_instance_uid=uid("qr-study"))
         assert (report.sent, report.failed) == (9, [])
         check_received(out, sent, study_uids(sent, uid("qr-study")))
-    finally:
-        storescp.terminate()
-        storescp.wait(timeout=10)
     with pytest.raises(ConnectionError):
         echo("127.0.0.1", port, called_ae="PUSHDEST", calling_ae="PACS", timeout_s=3)

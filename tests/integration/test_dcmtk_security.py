@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 
 import pytest
@@ -14,20 +11,9 @@ from pacs.net.scp import start_scp
 from pacs.services import build_services
 from pacs.settings import Settings
 from pacs.synthetic import SeriesSpec, make_instance
+from tests.integration.dicom_tools import DCMTK_ENV, NEEDS_DCMTK, free_port
 
-pytestmark = [
-    pytest.mark.dcmtk,
-    pytest.mark.skipif(shutil.which("echoscu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
-                       reason="dcmtk is not installed (apt-get install dcmtk)"),
-]
-DCMTK_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
-DCMTK_ENV["TCP_NODELAY"] = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = NEEDS_DCMTK
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

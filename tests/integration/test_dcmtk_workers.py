@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import pytest
 from sqlalchemy import func, select
 
 from pacs.index.models import Instance
 from pacs.services import build_services
 from pacs.settings import Settings
 from pacs.synthetic import SeriesSpec, make_series
+from tests.integration.dicom_tools import DCMTK_ENV, NEEDS_DCMTK, free_port
 
-pytestmark = [
-    pytest.mark.dcmtk,
-    pytest.mark.skipif(shutil.which("storescu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
-                       reason="dcmtk is not installed (apt-get install dcmtk)"),
-]
-CLEAN_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = NEEDS_DCMTK
 
 
 def test_two_workers_share_the_port(tmp_path):
@@ -40,7 +26,7 @@ def test_two_workers_share_the_port(tmp_path):
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "pacs.cli.main", "serve", "--data-dir", str(data_dir), "--dicom-port", str(port),
-             "--workers", "2"], env=CLEAN_ENV, stdout=log, stderr=subprocess.STDOUT)
+             "--workers", "2"], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -61,7 +47,7 @@ def test_two_workers_share_the_port(tmp_path):
                 (folder / f"{i}.dcm").write_bytes(data)
             senders.append(subprocess.Popen(
                 ["storescu", "-aec", "PACS", "127.0.0.1", str(port), *map(str, sorted(folder.iterdir()))],
-                env={**CLEAN_ENV, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         for sender in senders:
             assert sender.wait(timeout=120) == 0, sender.stderr.read()
     finally:
