@@ -564,3 +564,65 @@ def volume_to_ct_datasets(
         ds.PixelData = pixels.tobytes()
         out.append(ds)
     return out
+
+
+def projections_to_multiframe(
+    projections: np.ndarray,
+    geometry: ConeBeamGeometry,
+    *,
+    patient_id: str = "PHANTOM",
+    patient_name: str = "PHANTOM^SHEPP LOGAN",
+    study_instance_uid: str | None = None,
+    series_description: str = "cone-beam projections",
+) -> FileDataset:
+    """A projection stack as ONE multi-frame X-Ray Angiographic instance (encoding a).
+
+    The inverse of :func:`geometry_from_projection_datasets` for a centred
+    detector without offsets: line integrals are stored as 16-bit unsigned
+    values with a RescaleSlope chosen to cover their range, angles as
+    PositionerPrimaryAngle plus per-frame offsets in
+    PositionerPrimaryAngleIncrement.  Used by the demo scanner and tests.
+    """
+    if projections.ndim != 3 or projections.shape[0] != geometry.n_projections:
+        raise ValueError(
+            f"projections: expected [angle, v, u] with {geometry.n_projections} angles, got shape {projections.shape}"
+        )
+    if np.any(geometry.projection_offset_x_mm) or np.any(geometry.projection_offset_y_mm):
+        raise ValueError("geometry: expected a centred detector without offsets, got projection offsets")
+    n, nv, nu = projections.shape
+    peak = float(max(np.max(projections), 1e-6))
+    slope = peak / 65000.0
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, patient_name, "", "O"
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    now = _dt.datetime.now()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "XA", 1, 1
+    ds.SeriesDescription = series_description
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = nv, nu
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = format_number_as_ds(slope), "0"
+    ds.DistanceSourceToDetector = format_number_as_ds(float(geometry.source_to_detector_mm[0]))
+    ds.DistanceSourceToPatient = format_number_as_ds(float(geometry.source_to_isocenter_mm[0]))
+    du, dv = geometry.detector_spacing_uv_mm
+    ds.ImagerPixelSpacing = [format_number_as_ds(float(dv)), format_number_as_ds(float(du))]
+    degrees = np.degrees(geometry.angles_rad)
+    ds.NumberOfFrames = n
+    ds.FrameIncrementPointer = 0x00181520
+    ds.PositionerMotion = "DYNAMIC"
+    ds.PositionerPrimaryAngle = format_number_as_ds(float(degrees[0]))
+    ds.PositionerPrimaryAngleIncrement = [format_number_as_ds(float(v)) for v in degrees - degrees[0]]
+    ds.PixelData = np.rint(np.clip(projections, 0, None) / slope).astype("<u2").tobytes()
+    return ds

@@ -293,6 +293,59 @@ def fdk(
     console.print(f"wrote {out}: {grid.shape} voxels [z, y, x]")
 
 
+@app.command("synth-projections")
+def synth_projections(
+    out: Annotated[Path, typer.Argument(help="The .dcm file to write (one multi-frame X-ray angiographic instance).")],
+    views: Annotated[int, typer.Option(help="Number of projections over 360 degrees.")] = 180,
+    detector: Annotated[int, typer.Option(help="Detector rows and columns.")] = 128,
+    pixel_mm: Annotated[float, typer.Option(help="Detector pixel size in mm.")] = 3.0,
+    radius_mm: Annotated[float, typer.Option(help="Radius of the Shepp-Logan head in mm.")] = 90.0,
+) -> None:
+    """Write a simulated cone-beam scan of the 3D Shepp-Logan head (exact line integrals) as DICOM."""
+    from reconstruct.dicom_io import projections_to_multiframe
+    from reconstruct.geometry import ConeBeamGeometry
+    from reconstruct.phantom import project_ellipsoids, shepp_logan_3d
+
+    geometry = ConeBeamGeometry.circular(views, source_to_isocenter_mm=500.0, source_to_detector_mm=1000.0,
+                                         detector_size_uv=detector, detector_spacing_uv_mm=pixel_mm)
+    # attenuation of water-like tissue, 1/mm, so the reconstruction reads in HU
+    projections = project_ellipsoids(shepp_logan_3d(radius_mm, density_scale=0.0195), geometry)
+    projections_to_multiframe(projections, geometry).save_as(out, enforce_file_format=True)
+    console.print(f"wrote {out}: {views} projections of {detector}x{detector}")
+
+
+@app.command()
+def reconstruct(
+    series_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of a stored projection series.")],
+    dimension: Annotated[str, typer.Option(help="Volume size in voxels: one value or x,y,z.")] = "256",
+    spacing: Annotated[str, typer.Option(help="Voxel size in mm: one value or x,y,z.")] = "1",
+    filter_: Annotated[str, typer.Option("--filter", help="Ramp window: ram-lak, shepp-logan, cosine, hamming, hann.")] = "hann",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    data_dir: DataDir = None,
+) -> None:
+    """Reconstruct a stored cone-beam projection series (FDK) into a new CT series in the archive.
+
+    Runs in this process; the projection tags read are listed in docs/conformance.md.
+    """
+    from reconstruct.jobs.archive import reconstruct_series
+
+    sizes = [int(v) for v in _numbers(dimension, "--dimension", (1, 3))]
+    voxel = _numbers(spacing, "--spacing", (1, 3))
+    with _services(data_dir) as services:
+        with Progress(TextColumn("backprojecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task("fdk", total=None)
+            try:
+                result = reconstruct_series(
+                    services, series_uid, dimension=tuple(sizes) if len(sizes) == 3 else sizes[0],
+                    spacing=tuple(voxel) if len(voxel) == 3 else voxel[0], filter=filter_, device=device,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+            except (PacsError, ValueError) as exc:
+                console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(1) from None
+    console.print(f"stored CT series {result.series_instance_uid}: {result.slices} slices")
+
+
 @app.command()
 def info(data_dir: DataDir = None) -> None:
     """Show the backends in use and what the archive holds."""

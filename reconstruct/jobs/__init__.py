@@ -1,0 +1,1 @@
+"""Reconstruction jobs that read from and write to the archive."""
