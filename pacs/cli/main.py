@@ -183,10 +183,18 @@ def _serve_worker(*, share_port: bool) -> None:
         f"index {services.db.describe()}. Ctrl-C stops."
     )
     server = start_scp(services, share_port=share_port)
+    parent = os.getppid()
+    compact_every_s = settings.storage.landing_max_age_s / 4
+    next_compaction = time.monotonic() + compact_every_s
     try:
         while True:
-            time.sleep(settings.storage.landing_max_age_s / 4)
-            services.compactor.compact()  # packs objects that waited past their landing age
+            time.sleep(1.0)
+            if share_port and os.getppid() != parent:
+                console.print(f"the parent process {parent} is gone: stopping (pid {os.getpid()})")
+                break  # a worker never outlives the `pacs serve` that started it
+            if time.monotonic() >= next_compaction:
+                services.compactor.compact()  # packs objects that waited past their landing age
+                next_compaction = time.monotonic() + compact_every_s
     except KeyboardInterrupt:
         console.print(f"stopping (pid {os.getpid()})")
     finally:

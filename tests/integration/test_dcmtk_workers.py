@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -59,3 +60,26 @@ def test_two_workers_share_the_port(tmp_path):
     services.close()
     pids = set(re.findall(r"\[(\d+)\] pacs\.net\.scp: C-STORE", log_path.read_text()))
     assert len(pids) == 2, f"associations were served by {len(pids)} process(es)"
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pacs.cli.main", "serve", "--data-dir", str(tmp_path / "data"),
+             "--dicom-port", str(port), "--workers", "2"], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while len(re.findall(r"listening on", log_path.read_text())) < 2:
+        assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()
+        time.sleep(0.2)
+    workers = [int(p) for p in re.search(r"started 2 workers: pids (\d+), (\d+)", log_path.read_text()).groups()]
+    server.kill()  # SIGKILL: no chance to stop the workers itself
+    server.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                 "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+    assert alive == [], f"workers {alive} outlived their parent"

@@ -1,0 +1,553 @@
+"""DICOM network services, the archive (``pacs serve``) vs Orthanc, with the same dcmtk clients.
+
+    .venv/bin/python bench/dicom_services.py [--quick] [--keep]
+
+Both servers run as child processes on fresh data dirs, bound to loopback
+(Orthanc 1.10 cannot choose its listen address; it gets "RemoteAccessAllowed":
+false), and every dcmtk client, storescp and both servers run with
+``TCP_NODELAY=1`` in the environment (see docs/conformance.md: without it
+every exchange waits for delayed ACKs).  Measured, in the same run:
+
+1. C-STORE: 500 CT instances of 512x512x16-bit over one association (one
+   ``storescu`` call) and over 4 parallel associations (4 ``storescu``
+   processes, a quarter each, a different series); wall time of the storescu
+   run(s) -> instances/s and MB/s (file bytes).
+2. C-STORE: 5,000 instances of 64x64 over one association (``--quick``: 1,000).
+3. C-FIND at STUDY level after 2,000 studies x 10 instances of 64x64
+   (``--quick``: 200) are in the archive: median and p95 of 20 ``findscu``
+   runs, each one process + one association (setup included), for a
+   1-match query and for ``PatientName=PAT*`` (every study matches); an
+   ``echoscu`` run gives the process + association floor.  pacs is filled
+   through its ingest service before ``pacs serve`` starts; Orthanc through
+   4 parallel storescu associations (its fill rate is printed too).
+4. C-MOVE (``movescu`` to a ``storescp`` started here) and C-GET (``getscu``
+   into a temp dir) of the first 500-instance CT series: MB/s.
+
+Orthanc (Debian package ``orthanc``) is installed with apt-get when
+``Orthanc`` is not on PATH.  Every process started here is stopped by its PID
+(its process group) in a finally block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pacs.synthetic import SeriesSpec, make_series, make_study_set, uid  # noqa: E402
+
+HOST = "127.0.0.1"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+PACS_BIN = str(Path(sys.executable).with_name("pacs"))
+FIND_RUNS = 20
+SCP_AET = "BENCHSCP"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {HOST}:{port} after {timeout}s")
+
+
+class Procs:
+    """Child processes started here; each in its own session, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, **kw) -> subprocess.Popen:
+        out = open(log, "wb")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                start_new_session=True, **kw)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the group led by this PID (workers included)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        else:  # leader gone: make sure nothing of its group is left behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.procs)):
+            self.stop(proc)
+
+
+def run_clients(cmds: list[list[str]], what: str) -> float:
+    """Run the commands in parallel; wall seconds from the first start to the last exit."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in cmds]
+    outs = [p.communicate()[0].decode(errors="replace") for p in procs]
+    elapsed = time.perf_counter() - started
+    for p, out in zip(procs, outs):
+        bad = [ln for ln in out.splitlines() if ln.startswith(("E:", "F:"))]
+        if p.returncode != 0 or bad:
+            raise RuntimeError(f"{what}: {p.args[0]} rc={p.returncode}\n" + "\n".join((bad or out.splitlines())[:15]))
+    return elapsed
+
+
+def write_files(folder: Path, blobs) -> tuple[int, int]:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = size = 0
+    for i, data in enumerate(blobs):
+        (folder / f"{i:06d}.dcm").write_bytes(data)
+        n += 1
+        size += len(data)
+    return n, size
+
+
+def dir_bytes(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def storescu(aet: str, port: int, folder: Path) -> list[str]:
+    # +sd: scan the folder; one association for all of its files
+    return ["storescu", "-aet", "STORESCU", "-aec", aet, "+sd", HOST, str(port), str(folder)]
+
+
+def series_count(aet: str, port: int, study_uid: str, series_uid: str, tmp: Path) -> int:
+    """NumberOfSeriesRelatedInstances of a series, by findscu (a check, not timed)."""
+    out = tmp / f"chk-{time.monotonic_ns()}"
+    out.mkdir()
+    subprocess.run(["findscu", "-aec", aet, "-S", "-k", "QueryRetrieveLevel=SERIES",
+                    "-k", f"StudyInstanceUID={study_uid}", "-k", f"SeriesInstanceUID={series_uid}",
+                    "-k", "NumberOfSeriesRelatedInstances", "-X", "-od", str(out), HOST, str(port)],
+                   env=ENV, check=True, capture_output=True)
+    import pydicom
+
+    rsps = sorted(out.glob("*.dcm"))
+    return int(pydicom.dcmread(rsps[0]).NumberOfSeriesRelatedInstances) if rsps else 0
+
+
+def find_cmd(aet: str, port: int, keys: list[str], out: Path | None = None) -> list[str]:
+    cmd = ["findscu", "-aec", aet, "-S", "-k", "QueryRetrieveLevel=STUDY"]
+    for k in keys:
+        cmd += ["-k", k]
+    if out is not None:
+        cmd += ["-X", "-od", str(out)]
+    return cmd + [HOST, str(port)]
+
+
+def timed_runs(cmd: list[str], runs: int) -> tuple[float, float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(cmd, env=ENV, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - started)
+    samples.sort()
+    p95 = samples[min(len(samples) - 1, -(-95 * len(samples) // 100) - 1)]  # nearest rank
+    return statistics.median(samples) * 1e3, p95 * 1e3
+
+
+# --------------------------------------------------------------------------- servers
+
+class Pacs:
+    name = "pacs"
+    aet = "PACS"
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        self.procs, self.tmp = procs, tmp
+        self.proc: subprocess.Popen | None = None
+        help_text = subprocess.run([PACS_BIN, "serve", "--help"], capture_output=True, text=True).stdout
+        self.has_workers_option = "--workers" in help_text
+        self.workers = (os.cpu_count() or 1) if self.has_workers_option else 1
+
+    @staticmethod
+    def version() -> str:
+        try:
+            v = metadata.version("pacs")
+        except metadata.PackageNotFoundError:
+            v = "?"
+        return f"pacs {v} (pynetdicom {metadata.version('pynetdicom')}, pydicom {metadata.version('pydicom')}, " \
+               f"Python {platform.python_version()})"
+
+    def new_data_dir(self, tag: str) -> Path:
+        d = self.tmp / f"pacs-{tag}"
+        d.mkdir()
+        self.data_dir = d
+        return d
+
+    def add_move_destination(self, port: int) -> None:
+        subprocess.run([PACS_BIN, "ae", "add", SCP_AET, HOST, str(port), "--data-dir", str(self.data_dir)],
+                       check=True, capture_output=True, env=ENV)
+
+    def prefill(self, folder: Path) -> tuple[int, float]:
+        from pacs.services import build_services
+        from pacs.settings import Settings
+
+        services = build_services(Settings(data_dir=self.data_dir))
+        files = sorted(folder.rglob("*.dcm"))
+        started = time.perf_counter()
+        try:
+            for f in files:
+                services.ingest.store(f.read_bytes(), source_ae="BENCH")
+            services.compactor.wait()
+        finally:
+            services.close()
+        return len(files), time.perf_counter() - started
+
+    def start(self) -> None:
+        self.port = free_port()
+        args = [PACS_BIN, "serve", "--data-dir", str(self.data_dir), "--dicom-port", str(self.port),
+                "--aet", self.aet, "--host", HOST]
+        if self.has_workers_option:
+            args += ["--workers", str(self.workers)]
+        self.proc = self.procs.start(args, self.tmp / f"pacs-serve-{self.data_dir.name}.log")
+        wait_port(self.port, self.proc)
+        subprocess.run(["echoscu", "-aec", self.aet, HOST, str(self.port)], env=ENV, check=True, capture_output=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+class Orthanc:
+    name = "Orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        self.procs, self.tmp = procs, tmp
+        self.proc: subprocess.Popen | None = None
+        self.move_port: int | None = None
+        ensure_orthanc()
+        shipped = Path("/etc/orthanc/orthanc.json")
+        self.known_keys = shipped.read_text() if shipped.exists() else ""
+
+    @staticmethod
+    def version() -> str:
+        out = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True).stdout
+        return out.splitlines()[0].strip() if out else "Orthanc ?"
+
+    def new_data_dir(self, tag: str) -> Path:
+        d = self.tmp / f"orthanc-{tag}"
+        d.mkdir()
+        self.data_dir = d
+        return d
+
+    def add_move_destination(self, port: int) -> None:
+        self.move_port = port
+
+    def start(self) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "bench",
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,  # 1.10 has no listen-address option: loopback clients only
+            "AuthenticationEnabled": False,
+            "StorageDirectory": str(self.data_dir / "storage"),
+            "IndexDirectory": str(self.data_dir / "index"),
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomModalities": {SCP_AET: [SCP_AET, HOST, self.move_port]} if self.move_port else {},
+            "Plugins": [],
+        }
+        if '"TcpNoDelay"' in self.known_keys:  # HTTP side; the DICOM side gets TCP_NODELAY=1 in its env
+            config["TcpNoDelay"] = True
+        cfg = self.data_dir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        self.proc = self.procs.start(["Orthanc", str(cfg)], self.tmp / f"orthanc-{self.data_dir.name}.log")
+        wait_port(self.port, self.proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{HOST}:{self.http_port}/system", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        subprocess.run(["echoscu", "-aec", self.aet, HOST, str(self.port)], env=ENV, check=True, capture_output=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+def ensure_orthanc() -> None:
+    if shutil.which("Orthanc"):
+        return
+    print("Orthanc not on PATH: apt-get install orthanc ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "orthanc"], env=env).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=True)
+        subprocess.run(["apt-get", "install", "-y", "orthanc"], env=env, check=True)
+    # the package's init script may have started the system service: stop it, we run our own
+    subprocess.run(["service", "orthanc", "stop"], env=env, capture_output=True)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+@contextmanager
+def storescp(procs: Procs, out: Path):
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = procs.start(["storescp", "-aet", SCP_AET, "-od", str(out), str(port)], out.parent / f"{out.name}.log")
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        procs.stop(proc)
+
+
+def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> None:
+    r = results[server.name] = {}
+    ct = data["ct"]
+    # ---- phase 1: fresh data dir, store / move / get
+    server.new_data_dir("store")
+    with storescp(procs, tmp / f"{server.name}-moved") as scp_port:
+        server.add_move_destination(scp_port)
+        server.start()
+        try:
+            secs = run_clients([storescu(server.aet, server.port, ct["dir1"])], "store 1 assoc")
+            r["store1"] = secs
+            got = series_count(server.aet, server.port, ct["study"], ct["series1"], tmp)
+            if got != ct["n"]:
+                raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (1 assoc)")
+            secs = run_clients([storescu(server.aet, server.port, q) for q in ct["quarters"]], "store 4 assoc")
+            r["store4"] = secs
+            got = series_count(server.aet, server.port, ct["study"], ct["series4"], tmp)
+            if got != ct["n"]:
+                raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (4 assoc)")
+            small = data["small"]
+            r["small"] = run_clients([storescu(server.aet, server.port, small["dir"])], "store small")
+            got = series_count(server.aet, server.port, small["study"], small["series"], tmp)
+            if got != small["n"]:
+                raise RuntimeError(f"{server.name}: {got} of {small['n']} small instances stored")
+
+            keys = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct['study']}",
+                    "-k", f"SeriesInstanceUID={ct['series1']}"]
+            moved = tmp / f"{server.name}-moved"
+            r["move"] = run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet, "-aem", SCP_AET, "-S",
+                                      *keys, HOST, str(server.port)]], "C-MOVE")
+            n, size = dir_bytes(moved)
+            r["move_n"], r["move_bytes"] = n, size
+            got_dir = tmp / f"{server.name}-got"
+            got_dir.mkdir()
+            r["get"] = run_clients([["getscu", "-aet", "GETSCU", "-aec", server.aet, "-S", *keys,
+                                     "-od", str(got_dir), HOST, str(server.port)]], "C-GET")
+            n, size = dir_bytes(got_dir)
+            r["get_n"], r["get_bytes"] = n, size
+        finally:
+            server.stop()
+    shutil.rmtree(tmp / f"{server.name}-moved", ignore_errors=True)
+    shutil.rmtree(tmp / f"{server.name}-got", ignore_errors=True)
+
+    # ---- phase 2: fresh data dir with the study set, C-FIND
+    server.new_data_dir("find")
+    studies = data["studies"]
+    if isinstance(server, Pacs):
+        n, secs = server.prefill(studies["dir"])
+        r["fill"] = (n, secs, "ingest service, in-process, before serve")
+        server.start()
+    else:
+        server.start()
+        secs = run_clients([storescu(server.aet, server.port, q) for q in studies["quarters"]], "fill")
+        r["fill"] = (studies["n"], secs, "storescu, 4 associations")
+    try:
+        one = [f"PatientName={studies['one_name']}", f"AccessionNumber={studies['one_acc']}", "StudyInstanceUID"]
+        broad = ["PatientName=PAT*", "StudyInstanceUID"]
+        for label, keys in (("find1", one), ("findall", broad)):
+            out = tmp / f"{server.name}-{label}"
+            out.mkdir()
+            subprocess.run(find_cmd(server.aet, server.port, keys, out), env=ENV, check=True, capture_output=True)
+            r[f"{label}_matches"] = len(list(out.glob("*.dcm")))
+            r[label] = timed_runs(find_cmd(server.aet, server.port, keys), FIND_RUNS)
+        r["echo"] = timed_runs(["echoscu", "-aec", server.aet, HOST, str(server.port)], FIND_RUNS)
+    finally:
+        server.stop()
+
+
+def make_data(tmp: Path, quick: bool) -> dict:
+    started = time.perf_counter()
+    data: dict = {}
+    ct1 = SeriesSpec(patient_id="BENCHCT", patient_name="BENCH^CT", study_key="bench-ct",
+                     series_key="ct-1", count=500)
+    ct4 = SeriesSpec(patient_id="BENCHCT", patient_name="BENCH^CT", study_key="bench-ct",
+                     series_key="ct-4", series_number=2, count=500)
+    n, size = write_files(tmp / "ct1", make_series(ct1))
+    quarters = []
+    blobs = list(make_series(ct4))
+    for q in range(4):
+        write_files(tmp / f"ct4/q{q}", blobs[q::4])
+        quarters.append(tmp / f"ct4/q{q}")
+    data["ct"] = dict(dir1=tmp / "ct1", quarters=quarters, n=n, bytes=size, bytes4=sum(len(b) for b in blobs),
+                      study=uid("bench-ct"), series1=uid("bench-ct", "ct-1"), series4=uid("bench-ct", "ct-4"))
+    del blobs
+    n_small = 1000 if quick else 5000
+    sm = SeriesSpec(patient_id="BENCHSM", patient_name="BENCH^SMALL", study_key="bench-small",
+                    series_key="small-1", rows=64, columns=64, count=n_small)
+    n, size = write_files(tmp / "small", make_series(sm))
+    data["small"] = dict(dir=tmp / "small", n=n, bytes=size, study=uid("bench-small"),
+                         series=uid("bench-small", "small-1"))
+    n_studies = 200 if quick else 2000
+    blobs = make_study_set(n_studies, 1, 10)
+    quarters = [tmp / f"studies/q{q}" for q in range(4)]
+    for q in quarters:
+        q.mkdir(parents=True)
+    n = size = 0
+    for i, b in enumerate(blobs):  # a study's 10 instances go to one quarter
+        (quarters[(i // 10) % 4] / f"{i:06d}.dcm").write_bytes(b)
+        n += 1
+        size += len(b)
+    # one study: name PATIENT^{s%7:03d}, accession ACC{s:05d}
+    s = n_studies // 2
+    data["studies"] = dict(dir=tmp / "studies", quarters=quarters, n=n, bytes=size, count=n_studies,
+                           one_name=f"PATIENT^{s % 7:03d}", one_acc=f"ACC{s:05d}")
+    print(f"generated test data in {time.perf_counter() - started:.1f}s", flush=True)
+    return data
+
+
+def table(data: dict, results: dict, quick: bool) -> str:
+    ct, small, st = data["ct"], data["small"], data["studies"]
+    names = list(results)
+    rows: list[tuple[str, ...]] = []
+
+    def add(metric: str, fmt) -> None:
+        cells = []
+        for name in names:
+            try:
+                cells.append(fmt(results[name]))
+            except Exception:  # noqa: BLE001 — a missing result prints as n/a
+                cells.append("n/a")
+        rows.append((metric, *cells))
+
+    mb_ct = ct["bytes"] / 1e6
+    add(f"C-STORE {ct['n']} CT 512x512 ({mb_ct:.0f} MB), 1 assoc: inst/s | MB/s",
+        lambda r: f"{ct['n'] / r['store1']:.0f} | {mb_ct / r['store1']:.1f}")
+    add(f"C-STORE {ct['n']} CT 512x512, 4 parallel assoc: inst/s | MB/s",
+        lambda r: f"{ct['n'] / r['store4']:.0f} | {ct['bytes4'] / 1e6 / r['store4']:.1f}")
+    add(f"C-STORE {small['n']} x 64x64, 1 assoc: inst/s",
+        lambda r: f"{small['n'] / r['small']:.0f}")
+    add(f"C-FIND STUDY, 1 match, {st['count']} studies: median | p95 ms",
+        lambda r: f"{r['find1'][0]:.1f} | {r['find1'][1]:.1f}")
+    add(f"C-FIND STUDY PatientName=PAT* (all {st['count']} match): median | p95 ms",
+        lambda r: f"{r['findall'][0]:.1f} | {r['findall'][1]:.1f}")
+    add("  matches returned (1-match | PAT*)",
+        lambda r: f"{r['find1_matches']} | {r['findall_matches']}")
+    add("C-ECHO (echoscu process + association floor): median | p95 ms",
+        lambda r: f"{r['echo'][0]:.1f} | {r['echo'][1]:.1f}")
+    add(f"C-MOVE {ct['n']} CT to storescp: MB/s (instances received)",
+        lambda r: f"{r['move_bytes'] / 1e6 / r['move']:.1f} ({r['move_n']})")
+    add(f"C-GET {ct['n']} CT by getscu: MB/s (instances received)",
+        lambda r: f"{r['get_bytes'] / 1e6 / r['get']:.1f} ({r['get_n']})")
+    add(f"fill {st['n']} x 64x64 for C-FIND: inst/s",
+        lambda r: f"{r['fill'][0] / r['fill'][1]:.0f} ({r['fill'][2]})")
+    widths = [max(len(row[i]) for row in rows + [("metric", *names)]) for i in range(len(names) + 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(("metric", *names), widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1,000 small instances, 200 studies")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (data, logs)")
+    parser.add_argument("--only", choices=["pacs", "Orthanc"], help="run one server only")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="dicom-bench-"))
+    procs = Procs()
+    results: dict = {}
+    errors: list[str] = []
+    try:
+        data = make_data(tmp, args.quick)
+        servers = []
+        if args.only in (None, "pacs"):
+            servers.append(Pacs(procs, tmp))
+        if args.only in (None, "Orthanc"):
+            servers.append(Orthanc(procs, tmp))
+        versions = [s.version() for s in servers]
+        versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
+                        .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
+        for server in servers:
+            started = time.perf_counter()
+            try:
+                bench_server(server, data, results, procs, tmp)
+            except Exception as exc:  # noqa: BLE001 — report and go on with the other server
+                errors.append(f"{server.name}: {type(exc).__name__}: {exc}")
+            print(f"{server.name} done in {time.perf_counter() - started:.0f}s", flush=True)
+        print()
+        print(f"DICOM services benchmark{' (--quick)' if args.quick else ''}, "
+              f"{platform.node()}, {os.cpu_count()} cores, loopback, TCP_NODELAY=1 everywhere")
+        print("versions: " + "; ".join(versions))
+        pacs = next((s for s in servers if isinstance(s, Pacs)), None)
+        if pacs is not None:
+            print(f"pacs serve: embedded default (local files + SQLite), "
+                  f"workers={pacs.workers}{'' if pacs.has_workers_option else ' (no --workers option yet)'}")
+        print("Orthanc 1.10: default settings (SQLite index, StorageAccessOnFind=Always, "
+              "MaximumPduLength 16384, DicomThreadsCount 4)")
+        print("C-FIND / C-ECHO times are per findscu/echoscu process: process start + association "
+              f"setup + query + release, {FIND_RUNS} runs")
+        print()
+        print(table(data, results, args.quick))
+        for e in errors:
+            print("ERROR " + e)
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
