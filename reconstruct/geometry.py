@@ -80,15 +80,17 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _pair(name: str, value: Any, *, kind: type) -> tuple:
-    """Two finite numbers (u, v); a single number is used for both."""
+def _components(name: str, value: Any, *, kind: type, axes: str) -> tuple:
+    """``len(axes)`` finite numbers, one per axis; a single number is used for all of them."""
+    n = len(axes)
+    labels = ", ".join(axes)
     try:
         arr = np.atleast_1d(np.asarray(value, dtype=float))
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected 1 or 2 numbers (u, v), got {_describe(value)}") from None
-    if arr.ndim != 1 or arr.size not in (1, 2):
-        raise ValueError(f"{name}: expected 1 or 2 values (u, v), got {_describe(value)}")
-    values = [float(item) for item in arr] * (2 if arr.size == 1 else 1)
+        raise ValueError(f"{name}: expected 1 or {n} numbers ({labels}), got {_describe(value)}") from None
+    if arr.ndim != 1 or arr.size not in (1, n):
+        raise ValueError(f"{name}: expected 1 or {n} values ({labels}), got {_describe(value)}")
+    values = [float(item) for item in arr] * (n if arr.size == 1 else 1)
     if not all(math.isfinite(item) for item in values):
         raise ValueError(f"{name}: expected finite values, got {_describe(value)}")
     if kind is int:
@@ -96,24 +98,16 @@ def _pair(name: str, value: Any, *, kind: type) -> tuple:
             raise ValueError(f"{name}: expected integers, got {_describe(value)}")
         return tuple(int(item) for item in values)
     return tuple(values)
+
+
+def _pair(name: str, value: Any, *, kind: type) -> tuple:
+    """Two finite numbers (u, v); a single number is used for both."""
+    return _components(name, value, kind=kind, axes="uv")
 
 
 def _triple(name: str, value: Any, *, kind: type) -> tuple:
     """Three numbers (x, y, z); a single number is used for all three."""
-    try:
-        arr = np.atleast_1d(np.asarray(value, dtype=float))
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected 1 or 3 numbers (x, y, z), got {_describe(value)}") from None
-    if arr.ndim != 1 or arr.size not in (1, 3):
-        raise ValueError(f"{name}: expected 1 or 3 values (x, y, z), got {_describe(value)}")
-    values = [float(item) for item in arr] * (3 if arr.size == 1 else 1)
-    if not all(math.isfinite(item) for item in values):
-        raise ValueError(f"{name}: expected finite values, got {_describe(value)}")
-    if kind is int:
-        if not all(item.is_integer() for item in values):
-            raise ValueError(f"{name}: expected integers, got {_describe(value)}")
-        return tuple(int(item) for item in values)
-    return tuple(values)
+    return _components(name, value, kind=kind, axes="xyz")
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:

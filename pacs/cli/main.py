@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,6 +44,15 @@ DataDir = Annotated[
     Optional[Path],
     typer.Option("--data-dir", help="Folder for the embedded default's files (env PACS_DATA_DIR).", show_default=False),
 ]
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr; yields ``update(done, total)`` for library callbacks."""
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def _settings(data_dir: Path | None):
@@ -289,12 +300,9 @@ def fdk(
         detector_origin=_numbers(detector_origin, "--detector-origin", (2,)),
     )
     args["dimension"] = [int(v) for v in args["dimension"]]
-    with Progress(TextColumn("backprojecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as progress:
-        task = progress.add_task("fdk", total=None)
+    with _progress_bar("backprojecting") as update:
         try:
-            grid = run_fdk(projections, geometry, out, filter=filter_, device=device,
-                           progress=lambda done, total: progress.update(task, completed=done, total=total), **args)
+            grid = run_fdk(projections, geometry, out, filter=filter_, device=device, progress=update, **args)
         except (ValueError, FileNotFoundError, OSError) as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None
@@ -340,14 +348,12 @@ def reconstruct(
     sizes = [int(v) for v in _numbers(dimension, "--dimension", (1, 3))]
     voxel = _numbers(spacing, "--spacing", (1, 3))
     with _services(data_dir) as services:
-        with Progress(TextColumn("backprojecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as progress:
-            task = progress.add_task("fdk", total=None)
+        with _progress_bar("backprojecting") as update:
             try:
                 result = reconstruct_series(
                     services, series_uid, dimension=tuple(sizes) if len(sizes) == 3 else sizes[0],
                     spacing=tuple(voxel) if len(voxel) == 3 else voxel[0], filter=filter_, device=device,
-                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+                    progress=update)
             except (PacsError, ValueError) as exc:
                 console.print(f"[red]error:[/] {exc}")
                 raise typer.Exit(1) from None
@@ -426,13 +432,10 @@ def push(
 
     with _services(data_dir) as services:
         address = _peer(services, ae_title, host, port)
-        with Progress(TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as progress:
-            task = progress.add_task("push", total=None)
+        with _progress_bar("sending") as update:
             try:
                 report = c_push(services, *address, called_ae=ae_title, study_instance_uid=study,
-                                series_instance_uid=series,
-                                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                series_instance_uid=series, on_progress=update)
             except (ConnectionError, PacsError) as exc:
                 console.print(f"[red]{exc}[/]")
                 raise typer.Exit(1) from None
@@ -563,11 +566,8 @@ def storage_verify(data_dir: DataDir = None) -> None:
     from pacs.storage.scrub import scrub
 
     with _services(data_dir) as services:
-        with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as progress:
-            task = progress.add_task("verify", total=None)
-            report = scrub(services.db, services.objects,
-                           on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        with _progress_bar("verifying") as update:
+            report = scrub(services.db, services.objects, on_progress=update)
     for sop_uid, problem in report.problems:
         console.print(f"[red]{sop_uid}:[/] {problem}")
     print(f"{report.checked} objects checked, {len(report.problems)} problems")
