@@ -366,7 +366,7 @@ def info(data_dir: DataDir = None) -> None:
     from sqlalchemy import func, select
 
     from pacs.index.models import Container, Instance, Patient, Series, Study
-    from pacs.index.repository import count_landing
+    from pacs.index.repository import landing_totals
 
     with _services(data_dir) as services, services.db.session() as session:
         rows = {
@@ -377,7 +377,7 @@ def info(data_dir: DataDir = None) -> None:
             "series": session.scalar(select(func.count()).select_from(Series)),
             "instances": session.scalar(select(func.count()).select_from(Instance)),
             "bytes": session.scalar(select(func.coalesce(func.sum(Instance.length), 0))),
-            "landing (unpacked) instances": count_landing(session),
+            "landing (unpacked) instances": landing_totals(session)[0],
             "packs": session.scalar(select(func.count()).select_from(Container)),
         }
     for key, value in rows.items():
@@ -535,7 +535,7 @@ def db_current(data_dir: DataDir = None) -> None:
 
     db = Database.from_settings(_settings(data_dir))
     try:
-        current, head = migrate.current_revision(db), migrate.head_revision(db)
+        current, head = migrate.current_revision(db), migrate.head_revision()
         print(f"{current or '(empty)'} (newest: {head})")
         raise typer.Exit(0 if current == head else 1)
     finally:

@@ -254,10 +254,6 @@ def replace_location(
     return old
 
 
-def count_landing(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Instance).where(Instance.packed.is_(False))) or 0
-
-
 def landing_totals(session: Session) -> tuple[int, int]:
     """(object count, byte count) of the instances still in the landing area."""
     count, size = session.execute(

@@ -25,7 +25,6 @@ from typing import BinaryIO
 
 from pacs.errors import (
     DuplicateConflict,
-    IndexUnavailable,
     InvalidObject,
     ObjectTooLarge,
     StorageUnavailable,
@@ -102,13 +101,16 @@ class IngestService:
             except InvalidObject as exc:
                 raise InvalidObject(f"{name}: {exc}") from None
             sha256 = _digest(fp)
-            result = self._store_parsed(fp, attrs, sha256, source_ae)
+            # an in-memory source was copied into a private buffer: it cannot change
+            # before it is written, so it is hashed once; a file is hashed again as it streams
+            verify = not isinstance(source, (bytes, bytearray, memoryview))
+            result = self._store_parsed(fp, attrs, sha256, source_ae, verify)
         if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
             self.compactor.after_store()
         return result
 
     def _store_parsed(
-        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, source_ae: str
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, source_ae: str, verify: bool
     ) -> StoreResult:
         with self.db.session() as session:
             existing = find_instance(session, attrs.sop_instance_uid)
@@ -118,7 +120,7 @@ class IngestService:
             if early is not None:
                 return early
 
-        location = self._write(fp, sha256, attrs)
+        location = self._write(fp, sha256, attrs, verify)
         try:
             with self.db.session() as session:
                 instance_pk = add_instance(session, attrs, location, source_ae=source_ae)
@@ -172,11 +174,11 @@ class IngestService:
             )
         return None
 
-    def _write(self, fp: BinaryIO, sha256: str, attrs: InstanceAttributes) -> Location:
+    def _write(self, fp: BinaryIO, sha256: str, attrs: InstanceAttributes, verify: bool) -> Location:
         delay = 0.5
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
-                return self.objects.put(_chunks(fp), expected_sha256=sha256)
+                return self.objects.put(_chunks(fp), sha256=sha256, verify=verify)
             except StorageUnavailable as exc:
                 if attempt == STORE_ATTEMPTS:
                     raise
@@ -248,4 +250,4 @@ def _digest(fp: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["IndexUnavailable", "IngestService", "StoreOutcome", "StoreResult"]
+__all__ = ["IngestService", "StoreOutcome", "StoreResult"]

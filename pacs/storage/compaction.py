@@ -43,7 +43,7 @@ from pacs.index.database import Database
 from pacs.index.models import Container, ContainerState, Instance, Lease, SupersededObject, utcnow
 from pacs.index.repository import landing_totals, oldest_landing
 from pacs.settings import StorageSettings
-from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore
+from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore, landed_at
 
 log = logging.getLogger(__name__)
 
@@ -359,5 +359,5 @@ class Compactor:
 
 
 def _older_than(path: str, cutoff: float) -> bool:
-    landed = Location(path, 0, 0, "").landed_at()
+    landed = landed_at(path)
     return landed is not None and landed.timestamp() < cutoff

@@ -272,8 +272,6 @@ class WebHdfsBlobStore(BlobStore):
         # The DataNode closes whatever arrived when an HTTP upload breaks off, so
         # write under a temporary name and rename (atomic at the NameNode).
         full = _join(self.root, path)
-        if self.exists(path):
-            raise FileExistsError(full)
         folder, name = posixpath.split(full)
         tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         counted = _Counter(chunks)

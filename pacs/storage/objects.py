@@ -58,14 +58,19 @@ class Location:
 
     def landed_at(self) -> datetime | None:
         """When a landed object was written, from its path (None for packed objects)."""
-        parts = self.container.split("/")
-        if not self.is_landing or len(parts) != 3:
-            return None
-        try:
-            stamp = datetime.strptime(parts[1] + parts[2][:6], "%Y%m%d%H%M%S")
-        except ValueError:
-            return None
-        return stamp.replace(tzinfo=timezone.utc)
+        return landed_at(self.container)
+
+
+def landed_at(path: str) -> datetime | None:
+    """The time a landing path records (``landing/YYYYMMDD/HHMMSS-<uuid>.dcm``), or None."""
+    parts = path.split("/")
+    if not path.startswith(LANDING_PREFIX) or len(parts) != 3:
+        return None
+    try:
+        stamp = datetime.strptime(parts[1] + parts[2][:6], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=timezone.utc)
 
 
 class _Hashing:
@@ -93,19 +98,26 @@ class ObjectStore:
     def description(self) -> str:
         return self.blobs.description
 
-    def put(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> Location:
-        """Write one object to the landing area; return once it is durable."""
+    def put(self, chunks: Iterable[bytes], *, sha256: str | None = None, verify: bool = True) -> Location:
+        """Write one object to the landing area; return once it is durable.
+
+        ``sha256`` is the caller's digest of the bytes.  With ``verify`` (or
+        without a digest) the bytes are hashed again as they stream, which
+        catches a source file rewritten under us; a caller whose bytes cannot
+        change (a private in-memory copy) passes ``verify=False`` and the
+        object is hashed once only.
+        """
         now = datetime.now(timezone.utc)
         path = f"{LANDING_PREFIX}{now:%Y%m%d}/{now:%H%M%S}-{uuid.uuid4().hex}.dcm"
+        if sha256 is not None and not verify:
+            length = self.blobs.write(path, chunks)
+            return Location(path, 0, length, sha256)
         hashing = _Hashing(chunks)
         self.blobs.write(path, hashing)
         digest = hashing.digest.hexdigest()
-        if expected_sha256 is not None and digest != expected_sha256:
-            # The source changed while it was streamed (a file rewritten under us).
+        if sha256 is not None and digest != sha256:
             self.blobs.delete(path)
-            raise ChecksumMismatch(
-                f"object changed while stored: expected sha256 {expected_sha256}, got {digest}"
-            )
+            raise ChecksumMismatch(f"object changed while stored: expected sha256 {sha256}, got {digest}")
         return Location(path, 0, hashing.length, digest)
 
     def get(self, location: Location, *, verify: bool = True) -> bytes:

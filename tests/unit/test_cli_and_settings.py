@@ -68,10 +68,9 @@ def test_store_of_a_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_db_upgrade_and_current(tmp_path):
-    from pacs.index.migrate import alembic_config
-    from alembic.script import ScriptDirectory
+    from pacs.index.migrate import head_revision
 
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = head_revision()
     result = runner.invoke(app, ["db", "upgrade", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0 and f"revision {head}" in result.output
     result = runner.invoke(app, ["db", "current", "--data-dir", str(tmp_path)])
