@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -81,6 +81,21 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A Core connection in a transaction: commits on success, rolls back on error.
+
+        The lighter sibling of :meth:`session` for hot paths that run prebuilt
+        statements; failures are mapped the same way.
+        """
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
+            raise
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)

@@ -38,11 +38,13 @@ _SEQ_END = (0xFFFE, 0xE0DD)
 _MAX_DEPTH = 64
 
 
-def check_structure(fp: BinaryIO, size: int) -> str:
+def check_structure(fp: BinaryIO, size: int, found: dict[tuple[int, int], tuple[int, int, bytes | None]] | None = None) -> str:
     """Validate the element structure of a Part 10 file; return its transfer syntax UID.
 
     ``fp`` must be seekable; ``size`` is the total byte count.  Raises
-    :class:`InvalidObject` naming what is wrong and where.
+    :class:`InvalidObject` naming what is wrong and where.  When ``found`` is
+    given, it receives ``tag -> (value position, length, VR)`` of the indexed
+    top-level elements (not filled for deflated objects).
     """
     fp.seek(0)
     head = fp.read(PREAMBLE_LENGTH + 4)
@@ -51,7 +53,7 @@ def check_structure(fp: BinaryIO, size: int) -> str:
             "not a DICOM Part 10 file: expected 'DICM' at byte 128"
             + (f", got {head[PREAMBLE_LENGTH:]!r}" if len(head) >= PREAMBLE_LENGTH + 4 else f" (only {size} bytes)")
         )
-    walker = _Walker(fp, size, implicit=False, little=True)
+    walker = _Walker(fp, size, implicit=False, little=True, found=found)
     # The file meta group (0002,xxxx) is always explicit VR little endian.
     meta_end, transfer_syntax = walker.walk_meta(PREAMBLE_LENGTH + 4)
     if not transfer_syntax:
@@ -67,6 +69,8 @@ def check_structure(fp: BinaryIO, size: int) -> str:
             raise InvalidObject("deflated dataset is truncated: the deflate stream does not end")
         inner = _Walker(io.BytesIO(body), len(body), implicit=False, little=True)
         inner.walk_dataset(0, len(body), depth=0)
+        if found is not None:
+            found.clear()
     else:
         walker.implicit = transfer_syntax == ImplicitVRLittleEndian
         walker.little = transfer_syntax != ExplicitVRBigEndian
@@ -79,6 +83,9 @@ def check_structure(fp: BinaryIO, size: int) -> str:
             if walker.implicit:
                 raise
             walker.implicit = True
+            if found is not None:
+                for tag in [t for t in found if t[0] != 0x0002]:
+                    del found[tag]
             walker.walk_dataset(meta_end, size, depth=0)
     return transfer_syntax
 
@@ -88,11 +95,12 @@ class _BadVR(InvalidObject):
 
 
 class _Walker:
-    def __init__(self, fp: BinaryIO, size: int, *, implicit: bool, little: bool) -> None:
+    def __init__(self, fp: BinaryIO, size: int, *, implicit: bool, little: bool, found: dict | None = None) -> None:
         self.fp = fp
         self.size = size
         self.implicit = implicit
         self.little = little
+        self.found = found
 
     def _read(self, pos: int, n: int) -> bytes:
         if pos + n > self.size:
@@ -131,6 +139,8 @@ class _Walker:
                 raise InvalidObject(f"file meta element {tag[0]:04X},{tag[1]:04X} has undefined length")
             value_at = pos + hlen
             self._skip_to(value_at, length, tag)
+            if self.found is not None and tag == _MEDIA_SOP_INSTANCE:
+                self.found[tag] = (value_at, length, _vr)
             if tag == (0x0002, 0x0010):
                 transfer_syntax = self._read(value_at, length).rstrip(b"\x00 ").decode("ascii", "replace")
             pos = value_at + length
@@ -168,6 +178,8 @@ class _Walker:
                     pos = self._walk_items(pos, depth + 1)
                 continue
             self._skip_to(pos, length, tag)
+            if depth == 0 and self.found is not None and tag in _FIELDS:
+                self.found[tag] = (pos, length, vr)
             pos += length
         if in_item:
             raise InvalidObject("truncated: an item of undefined length has no item delimiter")
@@ -227,6 +239,99 @@ def normalize_time(value: str) -> str:
     return f"{whole}.{fraction.ljust(6, '0')[:6]}"
 
 
+def read_attributes(fp: BinaryIO, size: int) -> InstanceAttributes:
+    """Check the structure of a Part 10 object and return its indexed attributes.
+
+    One walk over the element headers both validates the object and finds the
+    indexed top-level elements, which are then decoded directly.  Objects
+    whose text needs more than a single-byte or UTF-8 character set (ISO 2022
+    code extensions), deflated ones and unusual encodings of the integer
+    attributes go through pydicom instead (:func:`parse_attributes`).
+    """
+    found: dict[tuple[int, int], tuple[int, int, bytes | None]] = {}
+    transfer_syntax = check_structure(fp, size, found)
+    values = _decode_found(fp, found, little=transfer_syntax != ExplicitVRBigEndian) if found else None
+    if values is None:
+        return parse_attributes(fp, transfer_syntax)
+    return _attributes(values.get, transfer_syntax)
+
+
+# (tag) -> (keyword, longest kept, kind): the top-level elements the index keeps.
+_FIELDS: dict[tuple[int, int], tuple[str, int, str]] = {
+    (0x0008, 0x0005): ("SpecificCharacterSet", 64, "text"),
+    (0x0008, 0x0016): ("SOPClassUID", 64, "text"),
+    (0x0008, 0x0018): ("SOPInstanceUID", 64, "text"),
+    (0x0008, 0x0020): ("StudyDate", 8, "text"),
+    (0x0008, 0x0021): ("SeriesDate", 8, "text"),
+    (0x0008, 0x0030): ("StudyTime", 16, "text"),
+    (0x0008, 0x0031): ("SeriesTime", 16, "text"),
+    (0x0008, 0x0050): ("AccessionNumber", 16, "text"),
+    (0x0008, 0x0060): ("Modality", 16, "text"),
+    (0x0008, 0x0090): ("ReferringPhysicianName", 324, "text"),
+    (0x0008, 0x1030): ("StudyDescription", 64, "text"),
+    (0x0008, 0x103E): ("SeriesDescription", 64, "text"),
+    (0x0010, 0x0010): ("PatientName", 324, "text"),
+    (0x0010, 0x0020): ("PatientID", 64, "text"),
+    (0x0010, 0x0021): ("IssuerOfPatientID", 64, "text"),
+    (0x0010, 0x0030): ("PatientBirthDate", 8, "text"),
+    (0x0010, 0x0040): ("PatientSex", 16, "text"),
+    (0x0018, 0x0015): ("BodyPartExamined", 16, "text"),
+    (0x0020, 0x000D): ("StudyInstanceUID", 64, "text"),
+    (0x0020, 0x000E): ("SeriesInstanceUID", 64, "text"),
+    (0x0020, 0x0010): ("StudyID", 16, "text"),
+    (0x0020, 0x0011): ("SeriesNumber", 0, "int"),
+    (0x0020, 0x0013): ("InstanceNumber", 0, "int"),
+    (0x0020, 0x0052): ("FrameOfReferenceUID", 64, "text"),
+    (0x0028, 0x0008): ("NumberOfFrames", 0, "int"),
+    (0x0028, 0x0010): ("Rows", 0, "us"),
+    (0x0028, 0x0011): ("Columns", 0, "us"),
+}
+_MEDIA_SOP_INSTANCE = (0x0002, 0x0003)
+_TEXT_VRS = {None, b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM", b"UC", b"UI", b"UT"}
+# Character sets whose bytes decode without code extensions (PS3.5 6.1.2.5).
+_SIMPLE_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
+
+
+def _decode_found(
+    fp: BinaryIO, found: dict[tuple[int, int], tuple[int, int, bytes | None]], *, little: bool
+) -> dict[str, str | int | None] | None:
+    """Keyword -> value of the found elements, or None when pydicom must decode them."""
+    raw: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
+    for tag, (pos, length, vr) in found.items():
+        fp.seek(pos)
+        raw[tag] = (fp.read(length), vr)
+    charset = raw.get((0x0008, 0x0005), (b"", None))[0].decode("latin_1").strip(" \x00")
+    encoding = _SIMPLE_CHARSETS.get(charset)
+    if encoding is None:
+        return None
+    values: dict[str, str | int | None] = {}
+    for tag, (value, vr) in raw.items():
+        if tag == _MEDIA_SOP_INSTANCE:
+            values["MediaStorageSOPInstanceUID"] = value.decode("latin_1").strip(" \x00")
+            continue
+        keyword, limit, kind = _FIELDS[tag]
+        if kind == "us":
+            if len(value) != 2 or vr not in (None, b"US"):
+                return None
+            values[keyword] = int.from_bytes(value, "little" if little else "big")
+            continue
+        if vr not in _TEXT_VRS:
+            return None
+        try:
+            text = value.decode(encoding)
+        except UnicodeDecodeError:
+            return None
+        text = "\\".join(part.strip(" \x00") for part in text.split("\\")).strip()
+        if kind == "int":
+            try:
+                values[keyword] = int(text) if text and "\\" not in text else None
+            except ValueError:
+                values[keyword] = None
+        else:
+            values[keyword] = text[:limit]
+    return values
+
+
 def parse_attributes(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceAttributes:
     """The indexed attributes of a Part 10 object (pixel data is not read)."""
     fp.seek(0)
@@ -234,49 +339,68 @@ def parse_attributes(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceAttribut
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error) as exc:
         raise InvalidObject(f"cannot parse the DICOM header: {exc}") from exc
+    meta = getattr(ds, "file_meta", None)
+    media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip() if meta else ""
+
+    def get(keyword: str) -> str | int | None:
+        if keyword == "MediaStorageSOPInstanceUID":
+            return media_sop
+        if _KINDS[keyword] == "text":
+            return _text(ds, keyword, _LIMITS[keyword])
+        return _int(ds, keyword)
+
+    return _attributes(get, transfer_syntax_uid)
+
+
+_KINDS = {keyword: kind for keyword, _limit, kind in _FIELDS.values()}
+_LIMITS = {keyword: limit for keyword, limit, _kind in _FIELDS.values()}
+
+
+def _attributes(get, transfer_syntax_uid: str) -> InstanceAttributes:  # noqa: ANN001 - keyword -> value
+    """Check the required UIDs and build the index record from ``get(keyword)``."""
+
+    def text(keyword: str) -> str:
+        return str(get(keyword) or "")
+
     missing = [
         keyword
         for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-        if not _text(ds, keyword, 64)
+        if not text(keyword)
     ]
+    sop_uid = text("SOPInstanceUID")
     if missing:
-        sop = _text(ds, "SOPInstanceUID", 64)
         raise InvalidObject(
-            f"missing required {', '.join(missing)}" + (f" in SOP instance {sop}" if sop else "")
+            f"missing required {', '.join(missing)}" + (f" in SOP instance {sop_uid}" if sop_uid else "")
         )
-    meta = getattr(ds, "file_meta", None)
-    meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "")) if meta else ""
-    sop_uid = _text(ds, "SOPInstanceUID", 64)
-    if meta_sop and meta_sop != sop_uid:
-        raise InvalidObject(
-            f"MediaStorageSOPInstanceUID {meta_sop} differs from SOPInstanceUID {sop_uid}"
-        )
+    media_sop = text("MediaStorageSOPInstanceUID")
+    if media_sop and media_sop != sop_uid:
+        raise InvalidObject(f"MediaStorageSOPInstanceUID {media_sop} differs from SOPInstanceUID {sop_uid}")
     return InstanceAttributes(
-        patient_id=_text(ds, "PatientID", 64),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        patient_birth_date=_text(ds, "PatientBirthDate", 8),
-        patient_sex=_text(ds, "PatientSex", 16),
-        study_instance_uid=_text(ds, "StudyInstanceUID", 64),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=normalize_time(_text(ds, "StudyTime", 16)),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_id=_text(ds, "StudyID", 16),
-        study_description=_text(ds, "StudyDescription", 64),
-        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
-        series_instance_uid=_text(ds, "SeriesInstanceUID", 64),
-        modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        body_part_examined=_text(ds, "BodyPartExamined", 16),
-        series_date=_text(ds, "SeriesDate", 8),
-        series_time=normalize_time(_text(ds, "SeriesTime", 16)),
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID", 64),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        patient_sex=text("PatientSex"),
+        study_instance_uid=text("StudyInstanceUID"),
+        study_date=text("StudyDate"),
+        study_time=normalize_time(text("StudyTime")),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"),
+        series_instance_uid=text("SeriesInstanceUID"),
+        modality=text("Modality"),
+        series_number=get("SeriesNumber"),
+        series_description=text("SeriesDescription"),
+        body_part_examined=text("BodyPartExamined"),
+        series_date=text("SeriesDate"),
+        series_time=normalize_time(text("SeriesTime")),
+        frame_of_reference_uid=text("FrameOfReferenceUID"),
         sop_instance_uid=sop_uid,
-        sop_class_uid=_text(ds, "SOPClassUID", 64),
-        instance_number=_int(ds, "InstanceNumber"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        number_of_frames=_int(ds, "NumberOfFrames"),
+        sop_class_uid=text("SOPClassUID"),
+        instance_number=get("InstanceNumber"),
+        rows=get("Rows"),
+        columns=get("Columns"),
+        number_of_frames=get("NumberOfFrames"),
         transfer_syntax_uid=transfer_syntax_uid,
     )

@@ -34,10 +34,11 @@ from pacs.index.repository import (
     InstanceAttributes,
     add_instance,
     find_instance,
+    find_location,
     location_of,
     replace_location,
 )
-from pacs.ingest.parse import check_structure, parse_attributes
+from pacs.ingest.parse import read_attributes
 from pacs.settings import DuplicatePolicy, StorageSettings
 from pacs.storage.compaction import Compactor
 from pacs.storage.objects import Location, ObjectStore
@@ -96,8 +97,7 @@ class IngestService:
                     f"(storage.max_object_mb={self.settings.max_object_mb})"
                 )
             try:
-                transfer_syntax = check_structure(fp, size)
-                attrs = parse_attributes(fp, transfer_syntax)
+                attrs = read_attributes(fp, size)
             except InvalidObject as exc:
                 raise InvalidObject(f"{name}: {exc}") from None
             sha256 = _digest(fp)
@@ -112,9 +112,9 @@ class IngestService:
     def _store_parsed(
         self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, source_ae: str, verify: bool
     ) -> StoreResult:
-        with self.db.session() as session:
-            existing = find_instance(session, attrs.sop_instance_uid)
-            existing_location = location_of(existing) if existing else None
+        uid = attrs.sop_instance_uid
+        with self.db.transaction() as conn:
+            existing_location = find_location(conn, uid)
         if existing_location is not None:
             early = self._resolve_duplicate(attrs, existing_location, sha256, source_ae)
             if early is not None:
@@ -122,31 +122,32 @@ class IngestService:
 
         location = self._write(fp, sha256, attrs, verify)
         try:
-            with self.db.session() as session:
-                instance_pk = add_instance(session, attrs, location, source_ae=source_ae)
-                if instance_pk is None:
-                    # The UID is indexed already: stored by another process since
-                    # the look-up above, or the overwrite policy applies.
-                    current = find_instance(session, attrs.sop_instance_uid)
-                    current_location = location_of(current)
-                    early = self._resolve_duplicate(attrs, current_location, sha256, source_ae)
-                    if early is not None:
-                        session.rollback()
-                        self._discard(location)
-                        return early
-                    replace_location(session, current, location, attrs)
-                    outcome = StoreOutcome.OVERWRITTEN
-                elif existing_location is not None:
-                    outcome = StoreOutcome.OVERWRITTEN  # the old row vanished meanwhile
-                else:
-                    outcome = StoreOutcome.STORED
+            with self.db.transaction() as conn:
+                instance_pk = add_instance(conn, attrs, location, source_ae=source_ae)
+            if instance_pk is not None:
+                outcome = StoreOutcome.OVERWRITTEN if existing_location is not None else StoreOutcome.STORED
+            else:
+                # The UID is indexed already: stored by another process since
+                # the look-up above, or the overwrite policy applies.
+                with self.db.session() as session:
+                    current = find_instance(session, uid)
+                    if current is None:  # removed meanwhile: index the new bytes after all
+                        add_instance(session, attrs, location, source_ae=source_ae)
+                    else:
+                        early = self._resolve_duplicate(attrs, location_of(current), sha256, source_ae)
+                        if early is not None:
+                            session.rollback()
+                            self._discard(location)
+                            return early
+                        replace_location(session, current, location, attrs)
+                outcome = StoreOutcome.OVERWRITTEN
         except BaseException:
             self._discard(location)
             raise
         if outcome is StoreOutcome.OVERWRITTEN:
             log.warning(
                 "overwrote SOP instance %s from %r: sha256 %s replaces %s (old bytes kept, see superseded_objects)",
-                attrs.sop_instance_uid, source_ae, sha256, existing_location.sha256 if existing_location else "?",
+                uid, source_ae, sha256, existing_location.sha256 if existing_location else "?",
             )
         return self._result(outcome, attrs, location)
 
