@@ -44,3 +44,11 @@ class NotFound(PacsError):
 
 class InvalidQuery(PacsError):
     """A matching key or value is not allowed (maps to 0xA900 / 400)."""
+
+
+class SparkUnavailable(PacsError):
+    """No Spark master answers at the configured URL, or Spark cannot start."""
+
+
+class JobFailed(PacsError):
+    """A processing job (reconstruction, denoising) failed while it ran."""

@@ -102,6 +102,26 @@ class DicomSettings(BaseModel):
     tls_ca_file: Path | None = None
 
 
+class SparkSettings(BaseModel):
+    """Where processing jobs (reconstruction, denoising) run; see pacs.spark."""
+
+    # local[*] (every core of this machine), local[N], or a standalone master
+    # spark://HOST:PORT such as the one `deploy/spark.sh up` starts.
+    master: str = "local[*]"
+    # JVM heap of the driver: it holds the tasks' inputs until they are sent
+    # and the results it collects (a 512^3 float32 volume is 512 MiB).
+    driver_memory: str = "4g"
+    # Largest total of results collected by one action (spark.driver.maxResultSize).
+    max_result_size: str = "4g"
+    # JVM heap of each executor on a cluster (the Python workers are outside it).
+    executor_memory: str = "1g"
+    # Largest task message (spark.rpc.message.maxSize, MiB, at most 2047): a
+    # reconstruction task carries its band of projection rows.
+    max_task_mb: int = Field(default=256, ge=1, le=2047)
+    # Rows per Arrow batch of mapInPandas-style jobs (each row may hold an image).
+    arrow_batch_rows: int = Field(default=64, ge=1)
+
+
 class Settings(BaseSettings):
     """Everything the archive's processes need to know to wire themselves."""
 
@@ -117,6 +137,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
 
     @field_validator("data_dir")
     @classmethod
@@ -166,6 +187,7 @@ _SHORT_ALIASES: dict[str, tuple[str, ...]] = {
     "PACS_INDEX_URL": ("index", "url"),
     "PACS_AET": ("dicom", "ae_title"),
     "PACS_DICOM_PORT": ("dicom", "port"),
+    "PACS_SPARK_MASTER": ("spark", "master"),
 }
 
 
@@ -209,6 +231,7 @@ __all__ = [
     "HdfsClient",
     "IndexSettings",
     "Settings",
+    "SparkSettings",
     "StorageBackend",
     "StorageSettings",
     "load_settings",
