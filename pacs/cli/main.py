@@ -336,28 +336,50 @@ def reconstruct(
     dimension: Annotated[str, typer.Option(help="Volume size in voxels: one value or x,y,z.")] = "256",
     spacing: Annotated[str, typer.Option(help="Voxel size in mm: one value or x,y,z.")] = "1",
     filter_: Annotated[str, typer.Option("--filter", help="Ramp window: ram-lak, shepp-logan, cosine, hamming, hann.")] = "hann",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (on the Spark executors, or in this process).")] = "auto",
+    master: Annotated[Optional[str], typer.Option(
+        help="Spark master: local[*], local[N] or spark://HOST:PORT (default: setting spark.master, env "
+             "PACS_SPARK_MASTER, else local[*]); 'none' runs in this process.", show_default=False)] = None,
+    slabs: Annotated[Optional[int], typer.Option(
+        help="Slabs along the rotation axis, one Spark task each (default: max(2, the master's parallelism)).",
+        min=1, show_default=False)] = None,
+    in_process: Annotated[bool, typer.Option("--in-process", help="Reconstruct in this process, without Spark.")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Reconstruct a stored cone-beam projection series (FDK) into a new CT series in the archive.
 
-    Runs in this process; the projection tags read are listed in docs/conformance.md.
+    By default a Spark job (local mode unless --master or the settings name a
+    cluster) cuts the volume into slabs along the rotation axis and gives each
+    task only the detector rows its slab projects onto; see
+    docs/reconstruction.md.  The projection tags read are listed in
+    docs/conformance.md.
     """
     from reconstruct.jobs.archive import reconstruct_series
 
     sizes = [int(v) for v in _numbers(dimension, "--dimension", (1, 3))]
     voxel = _numbers(spacing, "--spacing", (1, 3))
+    in_process = in_process or (master is not None and master.strip().lower() == "none")
+    if in_process and slabs is not None:
+        raise typer.BadParameter("--slabs: expected only with Spark, got --in-process / --master none")
+    shape = dict(dimension=tuple(sizes) if len(sizes) == 3 else sizes[0],
+                 spacing=tuple(voxel) if len(voxel) == 3 else voxel[0], filter=filter_, device=device)
     with _services(data_dir) as services:
-        with _progress_bar("backprojecting") as update:
-            try:
-                result = reconstruct_series(
-                    services, series_uid, dimension=tuple(sizes) if len(sizes) == 3 else sizes[0],
-                    spacing=tuple(voxel) if len(voxel) == 3 else voxel[0], filter=filter_, device=device,
-                    progress=update)
-            except (PacsError, ValueError) as exc:
-                console.print(f"[red]error:[/] {exc}")
-                raise typer.Exit(1) from None
-    console.print(f"stored CT series {result.series_instance_uid}: {result.slices} slices")
+        try:
+            if in_process:
+                with _progress_bar("backprojecting") as update:
+                    result = reconstruct_series(services, series_uid, progress=update, **shape)
+            else:
+                from reconstruct.jobs.spark import reconstruct_series_spark
+
+                logging.getLogger("py4j").setLevel(logging.WARNING)
+                with _progress_bar(f"slabs on {master or services.settings.spark.master}") as update:
+                    result = reconstruct_series_spark(services, series_uid, master=master, slabs=slabs,
+                                                      progress=update, **shape)
+        except (PacsError, ValueError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    where = "" if result.spark_master is None else f" ({result.slabs} slabs on {result.spark_master})"
+    console.print(f"stored CT series {result.series_instance_uid}: {result.slices} slices{where}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ Stages, each usable alone (arrays and conventions: ``reconstruct.geometry``):
 """
 
 from .backproject import backproject, slab_rows
-from .core import fdk, filter_projections, peak_memory_estimate_bytes, resolve_device
+from .core import check_fdk_inputs, fdk, filter_projections, peak_memory_estimate_bytes, resolve_device
 from .ramp import WINDOWS, padded_length, ramp_filter, ramp_kernel, ramp_transfer_function
 from .weighting import (
     ShortScan,
@@ -26,6 +26,7 @@ from .weighting import (
 
 __all__ = [
     "fdk",
+    "check_fdk_inputs",
     "slab_rows",
     "backproject",
     "filter_projections",

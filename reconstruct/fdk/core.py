@@ -20,7 +20,7 @@ from .weighting import (
     projection_weights,
 )
 
-__all__ = ["fdk", "resolve_device", "filter_projections"]
+__all__ = ["fdk", "check_fdk_inputs", "resolve_device", "filter_projections"]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -51,6 +51,40 @@ def filter_projections(
     weights = projection_weights(geometry, indices, gaps=gaps, short_scan=short_scan)
     weighted = projections * torch.as_tensor(weights, dtype=torch.float32, device=projections.device)
     return ramp_filter(weighted, geometry.detector_spacing_uv_mm[0], window=filter, cutoff=cutoff)
+
+
+def check_fdk_inputs(
+    geometry: ConeBeamGeometry,
+    grid: VolumeGrid,
+    *,
+    filter: str = "ram-lak",
+    short_scan: bool | None = None,
+    short_scan_gap_deg: float = DEFAULT_SHORT_SCAN_GAP_DEG,
+) -> ShortScan | None:
+    """Check what :func:`fdk` needs of the acquisition, the grid and the window.
+
+    Lets a caller that splits the work (the Spark job) refuse a bad request
+    before sending it anywhere.  Returns the short scan :func:`fdk` will weight
+    for (Parker), or ``None`` for a full scan; raises ``ValueError``.
+    """
+    if filter not in WINDOWS:
+        raise ValueError(f"filter: expected one of {', '.join(WINDOWS)}, got {filter!r}")
+    if np.any(geometry.source_offset_x_mm != 0):
+        raise ValueError(
+            "geometry: expected SourceOffsetX 0 for FDK (offset-source orbits are not supported), "
+            f"got {geometry.source_offset_x_mm[geometry.source_offset_x_mm != 0][0]:g} mm"
+        )
+    check_volume_in_orbit(geometry, grid)
+    scan = detect_short_scan(geometry.angles_rad, short_scan_gap_deg)
+    if short_scan is False:
+        scan = None
+    elif short_scan is True and scan is None:
+        raise ValueError(
+            f"short_scan: expected a gap larger than {short_scan_gap_deg:g} degrees in the angles, got a full scan"
+        )
+    if scan is not None:
+        check_short_scan(geometry, scan)
+    return scan
 
 
 def fdk(
@@ -98,8 +132,6 @@ def fdk(
     of Python + torch (allocator slack and memory-mapped projection pages
     included).  Input projections passed as a memmap are read chunk by chunk.
     """
-    if filter not in WINDOWS:
-        raise ValueError(f"filter: expected one of {', '.join(WINDOWS)}, got {filter!r}")
     shape = tuple(projections.shape)
     if shape != geometry.projection_shape:
         raise ValueError(
@@ -109,25 +141,11 @@ def fdk(
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
     if memory_budget_mb is not None and not memory_budget_mb > 0:
         raise ValueError(f"memory_budget_mb: expected a positive number, got {memory_budget_mb!r}")
-    if np.any(geometry.source_offset_x_mm != 0):
-        raise ValueError(
-            "geometry: expected SourceOffsetX 0 for FDK (offset-source orbits are not supported), "
-            f"got {geometry.source_offset_x_mm[geometry.source_offset_x_mm != 0][0]:g} mm"
-        )
-    check_volume_in_orbit(geometry, grid)
+    scan = check_fdk_inputs(geometry, grid, filter=filter, short_scan=short_scan,
+                            short_scan_gap_deg=short_scan_gap_deg)
     dev = resolve_device(device)
     budget = memory_budget_mb if memory_budget_mb is not None else (16.0 if dev.type == "cpu" else 1024.0)
-
     gaps = angular_gaps(geometry.angles_rad)
-    scan = detect_short_scan(geometry.angles_rad, short_scan_gap_deg)
-    if short_scan is False:
-        scan = None
-    elif short_scan is True and scan is None:
-        raise ValueError(
-            f"short_scan: expected a gap larger than {short_scan_gap_deg:g} degrees in the angles, got a full scan"
-        )
-    if scan is not None:
-        check_short_scan(geometry, scan)
 
     n = geometry.n_projections
     volume = torch.zeros(grid.shape, dtype=torch.float32, device=dev)

@@ -68,10 +68,10 @@ def test_pacs_reconstruct_command(tmp_path):
     assert runner.invoke(app, ["store", "--data-dir", str(data), str(scan)]).exit_code == 0
     series_uid = str(pydicom.dcmread(scan, stop_before_pixels=True).SeriesInstanceUID)
     result = runner.invoke(app, ["reconstruct", series_uid, "--dimension", "16", "--spacing", "6",
-                                 "--data-dir", str(data)])
+                                 "--in-process", "--data-dir", str(data)])
     assert result.exit_code == 0, result.output
     assert "16 slices" in result.output
     listing = runner.invoke(app, ["ls", "--data-dir", str(data)])
     assert "CT" in listing.output and "XA" in listing.output
-    missing = runner.invoke(app, ["reconstruct", "1.2.3", "--data-dir", str(data)])
+    missing = runner.invoke(app, ["reconstruct", "1.2.3", "--master", "none", "--data-dir", str(data)])
     assert missing.exit_code == 1 and "no stored series 1.2.3" in missing.output
