@@ -32,6 +32,7 @@ from pacs.index.models import Instance
 from pacs.index.repository import find_remote_ae, location_of
 from pacs.net.access import QUERY, RETRIEVE, may
 from pacs.net.status import status_dataset
+from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.query.identifiers import InformationModel, parse_identifier, response_identifier
 from pacs.query.matching import Level, build_query
 from pacs.storage.objects import Location, ObjectStore
@@ -175,7 +176,7 @@ def handle_move(event: evt.Event, db: Database, objects: ObjectStore) -> Iterato
     # object goes out as it was received.
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})[:128]
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
-    yield *address, {"contexts": contexts or [build_context(Verification)]}
+    yield *address, {"contexts": contexts or [build_context(Verification)], "evt_handlers": REQUESTOR_HANDLERS}
     yield len(matches)
     log.info("C-MOVE from %s to %s: %d instances", calling, destination, len(matches))
     yield from _send_stored(objects, matches, event)

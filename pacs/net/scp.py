@@ -23,17 +23,11 @@ from pacs.ingest.service import IngestService
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.status import status_dataset, store_failure
+from pacs.net.transport import handle_connection_open
 from pacs.services import Services
 from pacs.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def handle_connection_open(event: evt.Event) -> None:
-    # Without TCP_NODELAY every response waits for the peer's delayed ACK (~40 ms).
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def handle_echo(event: evt.Event) -> int:

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from pacs.errors import NotFound, PacsError
 from pacs.index.models import Instance, Series, Study
 from pacs.index.repository import location_of
-from pacs.net.scp import handle_connection_open
+from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.services import Services
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str, timeout_s: fl
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, handle_connection_open)])
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=REQUESTOR_HANDLERS)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
     try:
@@ -78,7 +78,7 @@ def push(
     pairs = sorted({(r.sop_class_uid, r.transfer_syntax_uid) for r in rows})[:128]
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
     assoc = ae.associate(host, port, contexts=contexts, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, handle_connection_open)])
+                         evt_handlers=REQUESTOR_HANDLERS)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
     report = PushReport()

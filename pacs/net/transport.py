@@ -1,0 +1,61 @@
+"""What every association the archive takes part in gets when its connection opens.
+
+* TCP_NODELAY: without it every response waits for the peer's delayed ACK
+  (~40 ms per message).
+* On associations the archive requests (C-MOVE sub-associations, ``pacs
+  push``/``echo``), a guard against a race in pynetdicom's request methods:
+  ``send_c_store`` pauses the association's reactor thread by clearing a
+  checkpoint and then waits for the reactor's ``_is_paused`` flag, but that
+  flag can still be ``True`` from the reactor's previous pause while the
+  reactor is already running again.  The reactor then takes the peer's
+  response off the queue itself, and the sender waits out the whole DIMSE
+  timeout — seen as C-MOVEs that stall for a minute once TCP_NODELAY makes
+  responses arrive within the window.  The guard clears the flag first and
+  waits until the reactor sets it anew, which it does only right before
+  blocking on the (cleared) checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+_HOLD_TIMEOUT_S = 5.0
+
+
+def handle_connection_open(event: evt.Event) -> None:
+    assoc = event.assoc
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if assoc.is_requestor:
+        for name in ("send_c_store", "send_c_echo"):
+            setattr(assoc, name, _holding_reactor(assoc, getattr(assoc, name)))
+
+
+def _holding_reactor(assoc: Association, send: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(send)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        hold_reactor(assoc)
+        return send(*args, **kwargs)
+
+    return guarded
+
+
+def hold_reactor(assoc: Association) -> None:
+    """Return once the association's reactor is blocked at its checkpoint (or has stopped)."""
+    assoc._reactor_checkpoint.clear()
+    assoc._is_paused = False
+    deadline = time.monotonic() + _HOLD_TIMEOUT_S
+    while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
+# For associations the archive requests.
+REQUESTOR_HANDLERS = [(evt.EVT_CONN_OPEN, handle_connection_open)]
