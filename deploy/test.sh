@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the tests need, start the real stack (HDFS with three
 # DataNodes, Postgres), run the whole test suite, and stop the stack again —
-# also when the tests fail.  This is the README's test command; CI runs it.
+# also when the tests fail.  The Spark standalone cluster (deploy/spark.sh)
+# is started and stopped by its own integration test.  This is the README's
+# test command; CI runs it.
 #
 #   bash deploy/test.sh [pytest args...]
 set -euo pipefail
@@ -31,6 +33,7 @@ cleanup() {
   log "stopping the stack"
   bash deploy/hdfs.sh down || true
   bash deploy/postgres.sh down || true
+  bash deploy/spark.sh down || true # started by tests/integration/test_spark_cluster.py; stopped there too
 }
 trap cleanup EXIT
 bash deploy/hdfs.sh up
