@@ -258,3 +258,25 @@ def test_pacs_echo_and_push_to_storescp(archive, tmp_path):
         check_received(out, sent, study_uids(sent, uid("qr-study")))
     with pytest.raises(ConnectionError):
         echo("127.0.0.1", port, called_ae="PUSHDEST", calling_ae="PACS", timeout_s=3)
+
+
+def test_repeated_moves_of_a_larger_series_never_stall(archive, tmp_path):
+    """Fast storescp responses used to hit a pynetdicom race that stalled a sub-operation for the DIMSE timeout."""
+    services, _ = archive
+    spec = SeriesSpec(patient_id="QR03", study_key="qr-many", series_key="qr-many-1", rows=256, columns=256, count=150)
+    for data in make_series(spec):
+        services.ingest.store(data)
+    for attempt in range(3):
+        out = tmp_path / f"moved-{attempt}"
+        out.mkdir()
+        destination = f"MANYDEST{attempt}"
+        with storescp(destination, out) as port:
+            with services.db.session() as session:
+                session.add(RemoteAE(ae_title=destination, host="127.0.0.1", port=port))
+            # the stall lasted the 60 s DIMSE timeout; a healthy move of 150 small objects takes about a second
+            done = run("movescu", "-S", "-aec", "PACS", "-aem", destination, "-k", "QueryRetrieveLevel=SERIES",
+                       "-k", f"StudyInstanceUID={uid('qr-many')}", "-k", f"SeriesInstanceUID={uid('qr-many', 'qr-many-1')}",
+                       "127.0.0.1", str(services.settings.dicom.port), timeout=45)
+            assert done.returncode == 0, done.stderr
+            assert "Warning" not in done.stdout + done.stderr
+        assert len(list(out.iterdir())) == 150
