@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (
     Verification,
@@ -33,7 +34,7 @@ from pacs.index.repository import find_remote_ae, location_of
 from pacs.net.access import QUERY, RETRIEVE, may
 from pacs.net.status import status_dataset
 from pacs.net.transport import REQUESTOR_HANDLERS
-from pacs.query.identifiers import InformationModel, parse_identifier, response_identifier
+from pacs.query.identifiers import InformationModel, parse_identifier, response_plan
 from pacs.query.matching import Level, build_query
 from pacs.storage.objects import Location, ObjectStore
 
@@ -70,20 +71,24 @@ def handle_find(event: evt.Event, db: Database, max_results: int) -> Iterator:
         return
     try:
         query = parse_identifier(event.identifier, _model(event))
-        statement = query.statement().limit(max_results)
+        plan = response_plan(query)
+        statement = plan.statement().limit(max_results)
     except InvalidQuery as exc:
         log.info("C-FIND from %s refused: %s", calling, exc)
         yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc)), None
         return
     try:
-        with db.session() as session:
-            count = 0
-            for row in session.execute(statement):
-                if event.is_cancelled:
-                    yield int(Status.CANCEL), None
-                    return
-                yield int(Status.PENDING), response_identifier(query, tuple(row))
-                count += 1
+        with db.transaction() as conn:
+            rows = conn.execute(statement).all()
+        syntax = event.context.transfer_syntax
+        implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+        count = 0
+        for row in rows:
+            if event.is_cancelled:
+                yield int(Status.CANCEL), None
+                return
+            yield int(Status.PENDING), plan.identifier(row, implicit_vr=implicit, little_endian=little)
+            count += 1
     except PacsError as exc:
         log.warning("C-FIND from %s failed: %s", calling, exc)
         yield status_dataset(int(Status.UNABLE_TO_PROCESS), str(exc)), None

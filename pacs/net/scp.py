@@ -8,6 +8,7 @@ the ingest service and answers only after the instance is durable and indexed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import ssl
@@ -15,6 +16,7 @@ import threading
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,7 +25,7 @@ from pacs.ingest.service import IngestService
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.status import status_dataset, store_failure
-from pacs.net.transport import handle_connection_open
+from pacs.net.transport import configure_pynetdicom_logging, handle_connection_open
 from pacs.services import Services
 from pacs.settings import Settings
 
@@ -58,6 +60,7 @@ TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in UNCOMPRESSE
 
 
 def build_ae(settings: Settings) -> AE:
+    configure_pynetdicom_logging(settings.log_level)
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
     ae.maximum_associations = 32
@@ -69,6 +72,24 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
     add_qr_contexts(ae)
     return ae
+
+
+class _SupportedContexts(list):
+    """The server's supported contexts, copied cheaply for each new association.
+
+    pynetdicom deep-copies the acceptor's contexts for every association; for
+    ~180 storage contexts x ~40 transfer syntaxes that took ~60 ms of each
+    association's set-up.  UIDs are immutable strings, so a copy needs only
+    new context objects and new transfer syntax lists.
+    """
+
+    def __deepcopy__(self, memo: dict) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate._transfer_syntax = list(context._transfer_syntax)
+            copies.append(duplicate)
+        return copies
 
 
 class SharedPortServer(ThreadedAssociationServer):
@@ -108,6 +129,7 @@ def start_scp(services: Services, *, block: bool = False, share_port: bool = Fal
         ssl_context=context,
         server_class=SharedPortServer if share_port else ThreadedAssociationServer,
     )
+    server.contexts = _SupportedContexts(server.contexts)
     log.info(
         "DICOM SCP %s listening on %s:%d%s%s", settings.dicom.ae_title, *address,
         " (TLS)" if context else "", " (known AEs only)" if settings.require_known_ae else "",

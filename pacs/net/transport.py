@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 
 _HOLD_TIMEOUT_S = 5.0
@@ -55,6 +55,19 @@ def hold_reactor(assoc: Association) -> None:
     deadline = time.monotonic() + _HOLD_TIMEOUT_S
     while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.0001)
+
+
+def configure_pynetdicom_logging(log_level: str) -> None:
+    """pynetdicom's per-message logging only when the archive logs at DEBUG.
+
+    Its standard handlers format every DIMSE message and, separately, every
+    C-FIND response identifier even when nothing is logged — about a tenth of
+    the time of a large C-FIND.  The archive logs one line per operation.
+    """
+    verbose = log_level.upper() == "DEBUG"
+    _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+    _config.LOG_REQUEST_IDENTIFIERS = verbose
+    _config.LOG_RESPONSE_IDENTIFIERS = verbose
 
 
 # For associations the archive requests.

@@ -12,12 +12,15 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import config
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.tag import Tag
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 
 from pacs.errors import InvalidQuery
-from pacs.query.matching import ATTRIBUTES, UNIQUE_KEYS, Level, build_query
+from pacs.query.matching import ATTRIBUTES, UNIQUE_KEYS, Attribute, Level, build_query
 
 #: Elements of an identifier that are not keys.
 NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveView"}
@@ -89,33 +92,67 @@ def parse_identifier(identifier: Dataset, model: InformationModel) -> Query:
     return query
 
 
-def response_identifier(query: Query, row: tuple, *, retrieve_ae: str = "") -> Dataset:
-    """The C-FIND response identifier for one matched row (entity, then its parents)."""
-    by_level = {type(entity).__name__: entity for entity in row}
-    out = Dataset()
-    out.QueryRetrieveLevel = query.level.value
-    keywords = list(query.requested)
+@dataclass(frozen=True)
+class ResponsePlan:
+    """What each C-FIND response of a query holds: the columns to select and how to encode them.
+
+    Computed once per query; the statement selects exactly these columns, so
+    rows are plain tuples and no ORM objects are built for thousands of matches.
+    """
+
+    query: Query
+    attributes: tuple[Attribute, ...]
+
+    def statement(self):  # noqa: ANN201
+        return self.query.statement().with_only_columns(*(a.column for a in self.attributes))
+
+    def identifier(self, row: tuple, *, implicit_vr: bool = True, little_endian: bool = True) -> Dataset:
+        """The response identifier of one selected row, for a context of the given encoding.
+
+        Values come from the index, checked when they were stored.  ASCII text
+        and integers are put in already encoded (pydicom then writes them
+        without converting or validating each value again: most of the cost
+        of a large C-FIND); anything else goes through pydicom's encoder.
+        """
+        out = Dataset()
+        out.set_original_encoding(implicit_vr, little_endian, "iso8859")
+        order = "little" if little_endian else "big"
+        _put(out, 0x00080052, "CS", self.query.level.value, order)
+        for attribute, value in zip(self.attributes, row):
+            _put(out, attribute.tag, attribute.vr, value, order)
+        for tag in self.query.unsupported:
+            out.add_new(tag, dictionary_VR(tag) if _known(tag) else "UN", None)
+        return out
+
+
+_BINARY = {"US": 2, "UL": 4}
+
+
+def _put(out: Dataset, tag: int, vr: str, value: object, byteorder: str) -> None:
+    """Add one element, pre-encoded where that is exact (see ResponsePlan.identifier)."""
+    if value is None:
+        raw = b""
+    elif vr in _BINARY:
+        raw = int(value).to_bytes(_BINARY[vr], byteorder)
+    else:
+        text = str(value)
+        if not text.isascii():
+            out.add(DataElement(tag, vr, text.split("\\") if "\\" in text else text, validation_mode=config.IGNORE))
+            return
+        raw = text.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0" if vr == "UI" else b" "
+    out[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, out.original_encoding[0], out.original_encoding[1], True)
+
+
+def response_plan(query: Query) -> ResponsePlan:
+    """The return keys of ``query``: what was asked, plus the unique keys at and above its level."""
+    keywords = list(dict.fromkeys(query.requested))
     for level in (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)[: query.level.depth + 1]:
         unique = UNIQUE_KEYS[level]
         if unique not in keywords and (level is query.level or level is not Level.PATIENT):
-            keywords.append(unique)  # unique keys at and above the level are always returned
-    for keyword in keywords:
-        attribute = ATTRIBUTES[keyword]
-        entity = by_level.get(attribute.column.class_.__name__)
-        value = getattr(entity, attribute.column.key) if entity is not None else None
-        vr = dictionary_VR(attribute.tag)
-        if value is None:
-            value = None if vr in ("US", "UL", "SS", "SL") else ""
-        elif isinstance(value, int) and vr == "IS":
-            value = str(value)
-        if vr in ("CS", "UI") and isinstance(value, str) and "\\" in value:
-            value = value.split("\\")
-        setattr(out, keyword, value)
-    for tag in query.unsupported:
-        out.add_new(tag, dictionary_VR(tag) if _known(tag) else "UN", None)
-    if retrieve_ae:
-        out.RetrieveAETitle = retrieve_ae
-    return out
+            keywords.append(unique)
+    return ResponsePlan(query, tuple(ATTRIBUTES[keyword] for keyword in keywords))
 
 
 def _known(tag: int) -> bool:
