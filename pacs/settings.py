@@ -95,6 +95,9 @@ class DicomSettings(BaseModel):
     # Accept associations only from AEs in the remote AE table (title and host).
     # None: on in cluster mode (HDFS storage), off in the embedded default.
     require_known_ae: bool | None = None
+    # Accept C-STORE of SOP classes pynetdicom does not know (private or newer
+    # than it), stored as received like any other; off: such contexts are rejected.
+    accept_unknown_sop_classes: bool = False
     # TLS: with a certificate and key the port speaks DICOM over TLS only;
     # with a CA file too, peers must present a certificate signed by it.
     tls_cert_file: Path | None = None

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import socket
 
-from pynetdicom import evt
+from pynetdicom import build_context, evt, register_uid, sop_class
+from pynetdicom.association import Association
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from pacs.index.database import Database
 from pacs.index.repository import find_remote_ae
@@ -15,13 +18,41 @@ log = logging.getLogger(__name__)
 STORE, QUERY, RETRIEVE = 0, 1, 2
 
 
-def handle_requested(event: evt.Event, db: Database) -> None:
-    """Reject an association whose calling AE is not in the remote AE table (PS3.8 7.1.1.9).
+def handle_requested(event: evt.Event, db: Database | None, storage_syntaxes: list[str] | None) -> None:
+    """Decide on an association request before pynetdicom negotiates it.
 
-    Bound only when the allow-list is on.  The peer must use a known AE title
-    from the host recorded for it (``*`` allows any host).
+    With ``db`` (the allow-list is on), reject a calling AE that is not in the
+    remote AE table (PS3.8 7.1.1.9): the peer must use a known AE title from
+    the host recorded for it (``*`` allows any host).  With
+    ``storage_syntaxes`` (unknown SOP classes are accepted), every proposed
+    abstract syntax pynetdicom does not know becomes a storage context.
     """
-    assoc = event.assoc
+    if db is not None and not _known_peer(event.assoc, db):
+        return
+    if storage_syntaxes is not None:
+        _support_unknown_sop_classes(event.assoc, storage_syntaxes)
+
+
+def _support_unknown_sop_classes(assoc: Association, syntaxes: list[str]) -> None:
+    supported = {str(c.abstract_syntax) for c in assoc.acceptor.supported_contexts}
+    added = []
+    for proposed in assoc.requestor.primitive.presentation_context_definition_list:
+        uid = str(proposed.abstract_syntax)
+        if uid in supported or uid_to_service_class(uid) is not ServiceClass:
+            continue  # ours already, or a known non-storage service
+        keyword = "UnknownStorage_" + uid.replace(".", "_")
+        if not hasattr(sop_class, keyword):
+            register_uid(uid, keyword, StorageServiceClass)
+        context = build_context(uid, syntaxes)
+        context.scp_role, context.scu_role = True, False  # as for the known storage classes: C-GET peers store
+        assoc.acceptor.supported_contexts.append(context)
+        supported.add(uid)
+        added.append(uid)
+    if added:
+        log.info("accepting unknown SOP classes as storage: %s", ", ".join(added))
+
+
+def _known_peer(assoc: Association, db: Database) -> bool:
     # The requestor's AE title is filled in by negotiation, which comes after this event.
     calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
     address = assoc.requestor.address
@@ -37,6 +68,7 @@ def handle_requested(event: evt.Event, db: Database) -> None:
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+    return allowed
 
 
 def _host_matches(host: str, address: str) -> bool:

@@ -112,9 +112,12 @@ def start_scp(services: Services, *, block: bool = False, share_port: bool = Fal
     """
     settings = services.settings
     ae = build_ae(settings)
+    allow_list = services.db if settings.require_known_ae else None
+    unknown = TRANSFER_SYNTAXES if settings.dicom.accept_unknown_sop_classes else None
+    requested = [(evt.EVT_REQUESTED, handle_requested, [allow_list, unknown])] if allow_list or unknown else []
     handlers = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
-        *([(evt.EVT_REQUESTED, handle_requested, [services.db])] if settings.require_known_ae else []),
+        *requested,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingest]),
         (evt.EVT_C_FIND, handle_find, [services.db, settings.dicom.max_find_results]),

@@ -45,10 +45,10 @@ def wait_for_port(port: int, timeout_s: float = 20) -> None:
 
 
 @contextmanager
-def storescp(ae_title: str, out_dir: Path) -> Iterator[int]:
+def storescp(ae_title: str, out_dir: Path, *options: str) -> Iterator[int]:
     """dcmtk's storescp accepting every transfer syntax into ``out_dir``; yields its port."""
     port = free_port()
-    process = subprocess.Popen(["storescp", "-aet", ae_title, "+xa", "-od", str(out_dir), str(port)],
+    process = subprocess.Popen(["storescp", "-aet", ae_title, "+xa", *options, "-od", str(out_dir), str(port)],
                                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

@@ -123,3 +123,62 @@ def test_association_dropped_mid_store_leaves_nothing(scp):
     done = subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(scp.settings.dicom.port)],
                           env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+UNKNOWN_SOP_CLASS = "1.2.826.0.1.3680043.10.1484.77.1"
+# storescu proposes SOP classes it does not know only from a configuration profile
+UNKNOWN_PROFILE = f"""[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[UnknownContexts]
+PresentationContext1 = {UNKNOWN_SOP_CLASS}\\Uncompressed
+
+[[Profiles]]
+[Unknown]
+PresentationContexts = UnknownContexts
+"""
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_unknown_sop_class_is_stored_only_when_the_setting_allows(embedded, tmp_path, accept):
+    from pacs.index.models import RemoteAE
+    from tests.integration.dicom_tools import storescp
+
+    embedded.settings.dicom.port = free_port()
+    embedded.settings.dicom.accept_unknown_sop_classes = accept
+    server = start_scp(embedded)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(make_instance(SeriesSpec(study_key="unknown-sop", rows=16, columns=16), 0)))
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UNKNOWN_SOP_CLASS
+        path = tmp_path / "unknown.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        (tmp_path / "unknown.cfg").write_text(UNKNOWN_PROFILE)
+        done = subprocess.run(["storescu", "-xf", str(tmp_path / "unknown.cfg"), "Unknown", "-aec", "PACS",
+                               "127.0.0.1", str(embedded.settings.dicom.port), str(path)],
+                              env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+        with embedded.db.session() as session:
+            row = find_instance(session, ds.SOPInstanceUID)
+        if not accept:
+            assert done.returncode != 0 and "No Acceptable Presentation Contexts" in done.stderr
+            assert row is None
+            return
+        assert done.returncode == 0, done.stderr
+        assert row is not None and row.sop_class_uid == UNKNOWN_SOP_CLASS
+        # and it goes out again: C-MOVE to a storescp that accepts any SOP class
+        out = tmp_path / "moved"
+        out.mkdir()
+        with storescp("UNKDEST", out, "--promiscuous") as port:
+            with embedded.db.session() as session:
+                session.add(RemoteAE(ae_title="UNKDEST", host="127.0.0.1", port=port))
+            moved = subprocess.run(["movescu", "-S", "-aec", "PACS", "-aem", "UNKDEST", "-k", "QueryRetrieveLevel=STUDY",
+                                    "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "127.0.0.1",
+                                    str(embedded.settings.dicom.port)], env=DCMTK_ENV, capture_output=True, text=True,
+                                   timeout=60)
+            assert moved.returncode == 0, moved.stderr
+        (received,) = list(out.iterdir())
+        assert dataset_bytes(received.read_bytes()) == dataset_bytes(path.read_bytes())
+    finally:
+        server.shutdown()
