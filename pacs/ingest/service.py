@@ -71,7 +71,62 @@ class StoreResult:
         return self.location.length
 
 
-Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
+class BufferChain(io.RawIOBase):
+    """An object held in memory as consecutive buffers, read as one seekable stream.
+
+    Lets a receiver hand over "file meta + the dataset buffer it already
+    holds" without joining them into a new copy.  The buffers must not
+    change while the object is stored, so it is hashed only once, like bytes.
+    """
+
+    def __init__(self, *parts: bytes | memoryview) -> None:
+        super().__init__()
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._starts = []
+        total = 0
+        for part in self._parts:
+            self._starts.append(total)
+            total += len(part)
+        self._size = total
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.release()  # the owners of the buffers may resize them again
+        self._parts = []
+        super().close()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - any writable buffer
+        target = memoryview(buffer).cast("B")
+        done = 0
+        for start, part in zip(self._starts, self._parts):
+            if done == len(target) or self._pos >= self._size:
+                break
+            end = start + len(part)
+            if self._pos >= end:
+                continue
+            take = min(end - self._pos, len(target) - done)
+            target[done:done + take] = part[self._pos - start:self._pos - start + take]
+            done += take
+            self._pos += take
+        return done
+
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | BufferChain
 
 
 class IngestService:
@@ -103,7 +158,7 @@ class IngestService:
             sha256 = _digest(fp)
             # an in-memory source was copied into a private buffer: it cannot change
             # before it is written, so it is hashed once; a file is hashed again as it streams
-            verify = not isinstance(source, (bytes, bytearray, memoryview))
+            verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))
             result = self._store_parsed(fp, attrs, sha256, source_ae, verify)
         if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
             self.compactor.after_store()
@@ -251,4 +306,4 @@ def _digest(fp: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["IngestService", "StoreOutcome", "StoreResult"]
+__all__ = ["BufferChain", "IngestService", "StoreOutcome", "StoreResult"]

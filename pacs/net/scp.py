@@ -16,12 +16,13 @@ import threading
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs.ingest.service import IngestService
+from pacs.ingest.service import BufferChain, IngestService
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.status import status_dataset, store_failure
@@ -41,8 +42,11 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     if not may(event, STORE):
         return status_dataset(int(Status.NOT_AUTHORIZED), f"{calling_ae} may not store")
     try:
-        data = event.encoded_dataset(include_meta=True)
-        result = ingest.store(data, source_ae=calling_ae)
+        # The object as received, without copying pynetdicom's dataset buffer:
+        # a large object is held in memory once (see docs/conformance.md).
+        head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset) as received:
+            result = ingest.store(received, source_ae=calling_ae)
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
