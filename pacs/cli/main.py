@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from denoise.cli import denoise_app, denoise_file
 from pacs.errors import PacsError
 
 app = typer.Typer(
@@ -38,6 +39,8 @@ ae_app = typer.Typer(help="Manage the remote AEs the archive knows (C-MOVE desti
 app.add_typer(ae_app, name="ae")
 app.add_typer(db_app, name="db")
 app.add_typer(storage_app, name="storage")
+app.add_typer(denoise_app, name="denoise")
+app.command("denoise-file")(denoise_file)
 
 console = Console(stderr=True)
 DataDir = Annotated[

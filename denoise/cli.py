@@ -1,0 +1,198 @@
+"""``pacs denoise ...`` and ``pacs denoise-file``: the denoiser's command-line entry points.
+
+Registered by ``pacs.cli.main``.  Nothing here imports torch at import time
+(the ``pacs`` command must start fast): each command imports what it needs.
+Jobs that denoise a stored series belong in this group too (``pacs denoise
+run SERIES_UID`` with the archive's services).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+__all__ = ["denoise_app", "denoise_file"]
+
+console = Console(stderr=True)
+
+denoise_app = typer.Typer(
+    help="Low-dose and sparse-view CT denoising with a U-Net: training, and denoising of files "
+    "(`pacs denoise-file`). See docs/denoising.md.",
+    no_args_is_help=True,
+)
+
+
+def _task_weights(text: str) -> dict[str, float]:
+    from denoise.dataset import TASKS
+
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected task=weight pairs like quarter=0.65,sparse=0.35, got {text!r}") from None
+        if name.strip() not in TASKS:
+            raise typer.BadParameter(f"expected tasks among {', '.join(TASKS)}, got {name.strip()!r}")
+    if not weights:
+        raise typer.BadParameter(f"expected at least one task=weight, got {text!r}")
+    return weights
+
+
+@denoise_app.command("train")
+def train_command(
+    out_dir: Annotated[Path, typer.Option(help="Folder for checkpoints, history.json, curves.png and state.pt.")] = Path(".stack/denoise-train/run"),
+    cache_dir: Annotated[Path, typer.Option(help="Folder for the simulated slice pairs (re-used across runs).")] = Path(".stack/denoise-train/cache"),
+    version: Annotated[str, typer.Option(help="Checkpoint version: files are named unet-<version>[-eNNN].pt.")] = "1.0",
+    width: Annotated[int, typer.Option(help="Channels at the first level (doubling per level).")] = 32,
+    depth: Annotated[int, typer.Option(help="Down-samplings in the U-Net.")] = 3,
+    space_to_depth: Annotated[int, typer.Option(help="1, or 2 to run the network at half resolution on 4 channels.")] = 2,
+    norm: Annotated[str, typer.Option(help="none or batch.")] = "none",
+    residual: Annotated[bool, typer.Option("--residual/--no-residual", help="Predict the noise (output = input - net).")] = True,
+    epochs: Annotated[int, typer.Option(help="Epochs (validation and a checkpoint after each).")] = 20,
+    steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Patches per step.")] = 8,
+    patch_px: Annotated[int, typer.Option(help="Square training patch size, a multiple of 2**depth.")] = 96,
+    lr: Annotated[float, typer.Option(help="Initial Adam learning rate (cosine decay to lr-min).")] = 1e-3,
+    lr_min: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-5,
+    train_slices: Annotated[int, typer.Option(help="Simulated 512x512 training slices.")] = 64,
+    val_slices: Annotated[int, typer.Option(help="Held-out validation slices (another seed).")] = 3,
+    tasks: Annotated[str, typer.Option(help="Task mix: quarter (quarter dose), sparse (50-150 views), gaussian (image noise).")] = "quarter=0.65,sparse=0.35",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
+) -> None:
+    """Train the U-Net on simulated low-dose/reference pairs (simulated once, then cached)."""
+    from denoise.model import UNetConfig
+    from denoise.train import TrainConfig, train
+
+    try:
+        config = TrainConfig(
+            out_dir=out_dir, cache_dir=cache_dir, version=version,
+            model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth),
+            epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
+            lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
+            threads=threads, device=device)
+        config.check()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        data_task = progress.add_task("simulating pairs", total=None, note="")
+        step_task = progress.add_task("training", total=None, note="")
+
+        def on_data(name: str, done: int, total: int) -> None:
+            progress.update(data_task, description=f"simulating {name}", completed=done, total=total)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(step_task, completed=step, total=total, note=f"loss {loss:.4f}")
+
+        def on_epoch(record) -> None:
+            scores = "  ".join(f"{task} {v['psnr_db']:.2f} dB / SSIM {v['ssim']:.4f} (FBP {v['input_psnr_db']:.2f} dB)"
+                               for task, v in record.val.items())
+            progress.console.print(f"epoch {record.epoch}: loss {record.train_loss:.4f}, validation {scores}, "
+                                   f"{record.seconds:.0f} s")
+
+        try:
+            history = train(config, resume=resume, on_step=on_step, on_epoch=on_epoch, on_data=on_data)
+        except (ValueError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    best = max(history, key=lambda r: r.val_psnr_db)
+    console.print(f"done in {time.perf_counter() - started:.0f} s; best epoch {best.epoch} "
+                  f"({best.val_psnr_db:.2f} dB mean validation PSNR): {out_dir / f'unet-{version}.pt'}; "
+                  f"curves in {out_dir / 'curves.png'}")
+
+
+def _is_npy(path: Path) -> bool:
+    return path.suffix.lower() == ".npy"
+
+
+def denoise_file(
+    in_path: Annotated[Path, typer.Argument(metavar="IN", help="A .npy of float32 HU slices [N, H, W] or [H, W], or a CT DICOM file or folder (one series).")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="A .npy (same shape, HU) for .npy input; a new folder of derived DICOM for DICOM input.")],
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint .pt (default: the one shipped in denoise/checkpoints).")] = None,
+    tile_px: Annotated[int, typer.Option(help="Tile size for inference.")] = 256,
+    overlap_px: Annotated[int, typer.Option(help="Overlap between tiles, blended smoothly.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(help="float32, or float16/bfloat16 (mixed precision, float16 on CUDA only).")] = "float32",
+) -> None:
+    """Denoise CT slices from a file: a .npy of HU slices, or a CT series as DICOM (written as a new derived series).
+
+    Nothing is written unless the whole input was read, the model loaded and
+    every slice denoised.
+    """
+    import numpy as np
+
+    from denoise.checkpoints import CheckpointError, load_checkpoint
+    from denoise.dicom_io import DicomInputError, derived_ct_datasets, read_ct_series
+    from denoise.infer import denoise_slices
+    from reconstruct.fdk.core import resolve_device
+
+    def fail(message: str, code: int = 1) -> None:
+        console.print(f"[red]error:[/] {message}")
+        raise typer.Exit(code)
+
+    if out_path.exists() and not (out_path.is_dir() and not any(out_path.iterdir())):
+        fail(f"OUT: expected a path that does not exist yet (or an empty folder), got {str(out_path)!r}, which exists", 2)
+    series = None
+    try:
+        if _is_npy(in_path):
+            if not _is_npy(out_path):
+                fail(f"OUT: expected a .npy path for .npy input, got {str(out_path)!r}", 2)
+            if not in_path.is_file():
+                fail(f"IN: expected a .npy file, got {str(in_path)!r} (no such file)", 2)
+            try:
+                slices = np.load(in_path, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                fail(f"IN {in_path.name}: expected a .npy array, got unreadable data ({exc})")
+            if slices.ndim not in (2, 3) or not np.issubdtype(slices.dtype, np.number) or 0 in slices.shape:
+                fail(f"IN {in_path.name}: expected numeric HU slices [N, H, W] or [H, W], got dtype {slices.dtype} "
+                     f"shape {slices.shape}")
+        else:
+            if _is_npy(out_path):
+                fail(f"OUT: expected a folder for DICOM input, got the .npy path {str(out_path)!r}", 2)
+            series = read_ct_series(in_path)
+            slices = series.hu
+        net, meta = load_checkpoint(model, device=resolve_device(device))
+        with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task("tiles", total=None)
+            result = denoise_slices(net, slices, tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size,
+                                    precision=precision,
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except (DicomInputError, CheckpointError, ValueError) as exc:
+        fail(str(exc))
+    version = meta.get("version", "?")
+    if series is None:
+        partial = out_path.with_name(out_path.name + ".partial.npy")
+        np.save(partial, result.astype(np.float32))
+        partial.replace(out_path)
+        console.print(f"wrote {out_path}: {result.shape} float32 HU (model unet-{version})")
+        return
+    derivation = (f"Denoised with U-Net unet-{version} ({Path(meta['path']).name}; tiles {tile_px} px, "
+                  f"overlap {overlap_px} px, {precision})")
+    datasets = derived_ct_datasets(series, result, model_version=version, derivation=derivation)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        for i, ds in enumerate(datasets, 1):
+            ds.save_as(staging / f"{i:05d}.dcm", enforce_file_format=True)
+        if out_path.exists():
+            out_path.rmdir()  # the empty folder checked above
+        staging.replace(out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    console.print(f"wrote {len(datasets)} instances of series {datasets[0].SeriesInstanceUID} to {out_path} "
+                  f"(model unet-{version})")

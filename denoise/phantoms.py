@@ -1,0 +1,227 @@
+"""CT-like slices in Hounsfield units: random anatomy-like ellipse phantoms and Shepp-Logan.
+
+The generator follows the phantoms of the learned-reconstruction literature
+(random ellipses on a body outline, as in Adler & Öktem's learned primal-dual
+or Jin et al.'s FBPConvNet), with values placed where real tissues sit on the
+HU scale so that the W400/L40 soft-tissue window the metrics use sees
+realistic contrast:
+
+=========================  ==========================
+air outside the body       -1000
+lung parenchyma            -900 ... -750
+fat                        -120 ... -80
+soft tissue / organs       -10 ... 80 (low-contrast lesions ±5 ... 40)
+trabecular bone            150 ... 400
+cortical bone              600 ... 1500
+=========================  ==========================
+
+Three body types are drawn (head, thorax, abdomen/pelvis), with a smooth
+random texture (Gaussian-filtered white noise, 3 to 15 HU) inside tissue and a
+slight blur (partial volume) on every edge.  Arrays are ``[H, W]`` float32,
+row 0 at the top (anterior), column 0 on the patient's right as displayed.
+
+``shepp_logan_hu`` is Kak & Slaney's 2D Shepp-Logan head with densities
+mapped to HU by ``HU = 1000 (rho - 1)``: air -1000, skull +1000, brain +20,
+ventricles 0, the small features +30 — contrasts of 10 to 30 HU, a hard test
+for a denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["random_slice", "random_slices", "shepp_logan_hu", "BODY_TYPES"]
+
+BODY_TYPES = ("head", "thorax", "abdomen")
+
+# Kak & Slaney, Principles of Computerized Tomographic Imaging, table 3.1:
+# (x0, y0, semi-axis a, semi-axis b, rotation in degrees, density added)
+_SHEPP_LOGAN_2D = (
+    (0.0, 0.0, 0.69, 0.92, 0.0, 2.0),
+    (0.0, -0.0184, 0.6624, 0.874, 0.0, -0.98),
+    (0.22, 0.0, 0.11, 0.31, -18.0, -0.02),
+    (-0.22, 0.0, 0.16, 0.41, 18.0, -0.02),
+    (0.0, 0.35, 0.21, 0.25, 0.0, 0.01),
+    (0.0, 0.1, 0.046, 0.046, 0.0, 0.01),
+    (0.0, -0.1, 0.046, 0.046, 0.0, 0.01),
+    (-0.08, -0.605, 0.046, 0.023, 0.0, 0.01),
+    (0.0, -0.605, 0.023, 0.023, 0.0, 0.01),
+    (0.06, -0.605, 0.023, 0.046, 0.0, 0.01),
+)
+
+
+def _grid(size: int, supersampling: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell-centred coordinates in [-1, 1] (y up), shape ``(size*s, size*s)``."""
+    n = size * supersampling
+    axis = (np.arange(n) + 0.5) / n * 2.0 - 1.0
+    x = axis[None, :]
+    y = -axis[:, None]
+    return np.broadcast_to(x, (n, n)), np.broadcast_to(y, (n, n))
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, angle_deg: float) -> np.ndarray:
+    t = math.radians(angle_deg)
+    c, s = math.cos(t), math.sin(t)
+    dx, dy = x - cx, y - cy
+    u = (c * dx + s * dy) / a
+    v = (-s * dx + c * dy) / b
+    return u * u + v * v <= 1.0
+
+
+def _downsample(image: np.ndarray, s: int) -> np.ndarray:
+    if s == 1:
+        return image
+    n = image.shape[0] // s
+    return image.reshape(n, s, n, s).mean(axis=(1, 3))
+
+
+def shepp_logan_hu(size: int = 512, *, scale: float = 0.9, supersampling: int = 2) -> np.ndarray:
+    """The 2D Shepp-Logan head in HU, ``[size, size]`` float32.
+
+    ``scale`` shrinks the unit phantom inside the field of view (1.0: the
+    skull's long axis spans 92 % of the image height).  Each pixel averages
+    ``supersampling**2`` points (partial-volume edges).
+    """
+    if size < 8:
+        raise ValueError(f"size: expected at least 8 pixels, got {size}")
+    x, y = _grid(size, supersampling)
+    rho = np.zeros(x.shape)
+    for cx, cy, a, b, angle, density in _SHEPP_LOGAN_2D:
+        rho += density * _ellipse(x, y, cx * scale, cy * scale, a * scale, b * scale, angle)
+    return (1000.0 * (_downsample(rho, supersampling) - 1.0)).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, sigma_px: float) -> np.ndarray:
+    """White noise low-passed with a Gaussian (by FFT), scaled to unit standard deviation."""
+    white = rng.standard_normal((n, n))
+    f = np.fft.fftfreq(n)
+    transfer = np.exp(-2.0 * (math.pi * sigma_px) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    field = np.fft.ifft2(np.fft.fft2(white) * transfer).real
+    return field / max(field.std(), 1e-12)
+
+
+def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    n = image.shape[0]
+    # Pad by reflection so the circular FFT does not wrap edges into each other.
+    padded = np.pad(image, n // 8, mode="reflect")
+    m = padded.shape[0]
+    g = np.fft.fftfreq(m)
+    transfer = np.exp(-2.0 * (math.pi * sigma_px) ** 2 * (g[:, None] ** 2 + g[None, :] ** 2))
+    out = np.fft.ifft2(np.fft.fft2(padded) * transfer).real
+    return out[n // 8 : n // 8 + n, n // 8 : n // 8 + n]
+
+
+def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None) -> np.ndarray:
+    """One random CT-like slice in HU, ``[size, size]`` float32.
+
+    ``body_type`` is one of ``BODY_TYPES`` or None (drawn at random).
+    Coordinates are fractions of the half field of view, so the anatomy
+    scales with ``size``.
+    """
+    if size < 16:
+        raise ValueError(f"size: expected at least 16 pixels, got {size}")
+    kind = body_type if body_type is not None else BODY_TYPES[int(rng.integers(len(BODY_TYPES)))]
+    if kind not in BODY_TYPES:
+        raise ValueError(f"body_type: expected one of {', '.join(BODY_TYPES)} or None, got {kind!r}")
+    s = 2
+    x, y = _grid(size, s)
+    n = size * s
+    hu = np.full((n, n), -1000.0)
+    u = rng.uniform
+
+    def ellipse(cx, cy, a, b, angle=0.0):
+        return _ellipse(x, y, cx, cy, a, b, angle)
+
+    tissue = lambda: u(-10.0, 80.0)  # noqa: E731
+    if kind == "head":
+        a, b = u(0.55, 0.8), u(0.7, 0.92)
+        tilt = u(-10, 10)
+        hu[ellipse(0, 0, a, b, tilt)] = u(-60, 40)  # scalp
+        skull = ellipse(0, 0, a * 0.96, b * 0.96, tilt)
+        hu[skull] = u(700, 1500)
+        thickness = u(0.03, 0.07)
+        brain = ellipse(0, 0, a * 0.96 - thickness, b * 0.96 - thickness, tilt)
+        hu[brain] = u(20, 45)
+        interior = (a * 0.96 - thickness, b * 0.96 - thickness)
+        body = brain
+    else:
+        a, b = u(0.7, 0.95), u(0.45, 0.75)
+        tilt = u(-6, 6)
+        cy0 = u(-0.08, 0.08)
+        body_mask = ellipse(0, cy0, a, b, tilt)
+        hu[body_mask] = u(-120, -80)  # subcutaneous fat
+        fat_layer = u(0.03, 0.12)
+        inner = ellipse(0, cy0, a - fat_layer, b - fat_layer, tilt)
+        hu[inner] = u(20, 60) if kind == "abdomen" else u(-100, -60)
+        interior = (a - fat_layer, b - fat_layer)
+        body = inner
+        # spine: vertebral body (trabecular) with a cortical rim, posterior
+        sy = cy0 - (b - fat_layer) * u(0.55, 0.75)
+        r = u(0.07, 0.12)
+        hu[ellipse(0, sy, r * 1.1, r)] = u(600, 1200)
+        hu[ellipse(0, sy, r * 0.85, r * 0.8)] = u(150, 400)
+        hu[ellipse(0, sy - r * 1.4, r * 0.45, r * 0.35)] = u(500, 1000)  # spinous process
+        if kind == "thorax":
+            for side in (-1, 1):  # lungs
+                la, lb = (a - fat_layer) * u(0.35, 0.45), (b - fat_layer) * u(0.6, 0.8)
+                lx = side * (a - fat_layer) * u(0.42, 0.55)
+                lung = ellipse(lx, cy0 + u(-0.05, 0.1), la, lb, side * u(0, 15)) & inner
+                hu[lung] = u(-900, -750)
+                for _ in range(int(rng.integers(5, 25))):  # vessels and nodules
+                    vx, vy = lx + u(-0.8, 0.8) * la, cy0 + u(-0.8, 0.8) * lb
+                    vr = u(0.004, 0.02)
+                    hu[ellipse(vx, vy, vr, vr * u(0.6, 1.6), u(0, 180)) & lung] = u(-100, 60)
+            hu[ellipse(u(-0.1, 0.1), cy0 + u(0.0, 0.15), u(0.15, 0.25), u(0.15, 0.22), u(0, 180)) & inner] = u(30, 60)  # heart
+            for _ in range(int(rng.integers(6, 14))):  # ribs
+                t = u(0, 2 * math.pi)
+                rx, ry = (a - fat_layer * 1.6) * math.cos(t), cy0 + (b - fat_layer * 1.6) * math.sin(t)
+                rr = u(0.015, 0.03)
+                hu[ellipse(rx, ry, rr * u(1, 2), rr, math.degrees(t))] = u(400, 1100)
+        else:  # abdomen / pelvis: organs, kidneys, bowel gas, pelvic bones
+            for _ in range(int(rng.integers(3, 8))):
+                ox, oy = u(-0.6, 0.6) * interior[0], cy0 + u(-0.5, 0.6) * interior[1]
+                organ = ellipse(ox, oy, u(0.08, 0.3), u(0.06, 0.25), u(0, 180)) & inner
+                hu[organ] = tissue()
+            for _ in range(int(rng.integers(0, 5))):  # bowel gas
+                gx, gy = u(-0.5, 0.5) * interior[0], cy0 + u(-0.3, 0.6) * interior[1]
+                gr = u(0.015, 0.06)
+                hu[ellipse(gx, gy, gr, gr * u(0.6, 1.5), u(0, 180)) & inner] = u(-1000, -850)
+            if rng.random() < 0.5:
+                for side in (-1, 1):  # iliac wings
+                    bx = side * interior[0] * u(0.5, 0.7)
+                    hu[ellipse(bx, sy + u(0.05, 0.2), u(0.05, 0.1), u(0.15, 0.25), side * u(10, 40)) & inner] = u(300, 1000)
+    # organs and lesions inside the interior (all body types)
+    for _ in range(int(rng.integers(2, 7))):
+        ox, oy = u(-0.6, 0.6) * interior[0], u(-0.6, 0.6) * interior[1]
+        blob = ellipse(ox, oy, u(0.04, 0.2), u(0.04, 0.2), u(0, 180)) & body & (hu > -200) & (hu < 200)
+        hu[blob] = tissue()
+    for _ in range(int(rng.integers(3, 12))):  # low-contrast lesions
+        lx, ly = u(-0.7, 0.7) * interior[0], u(-0.7, 0.7) * interior[1]
+        lr = u(0.01, 0.05)
+        lesion = ellipse(lx, ly, lr, lr * u(0.7, 1.4), u(0, 180)) & body & (hu > -200) & (hu < 200)
+        hu[lesion] += rng.choice([-1.0, 1.0]) * u(5, 40)
+    for _ in range(int(rng.integers(0, 4))):  # calcifications
+        cx, cy = u(-0.7, 0.7) * interior[0], u(-0.7, 0.7) * interior[1]
+        cr = u(0.004, 0.012)
+        hu[ellipse(cx, cy, cr, cr) & body] = u(200, 1000)
+    # smooth tissue texture, only where there is tissue (not air, not lung)
+    texture = _smooth_noise(rng, n, u(1.5, 8.0) * s) * u(3, 15)
+    soft = (hu > -200) & (hu < 300)
+    hu = np.where(soft, hu + texture, hu)
+    lungs = (hu > -950) & (hu <= -600)
+    hu = np.where(lungs, hu + _smooth_noise(rng, n, 3.0 * s) * u(10, 30), hu)
+    hu = _downsample(hu, s)
+    hu = _blur(hu, u(0.3, 0.7))
+    return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
+
+
+def random_slices(count: int, seed: int, size: int = 512) -> np.ndarray:
+    """``count`` random slices ``[count, size, size]`` float32 HU from one seed.
+
+    The same seed gives the same slices; training, validation and test sets
+    use different seeds.
+    """
+    rng = np.random.default_rng(seed)
+    return np.stack([random_slice(rng, size) for _ in range(count)])

@@ -1,0 +1,254 @@
+"""Training the U-Net on simulated low-dose/reference pairs, with checkpoints, resume and curves.
+
+One epoch is ``steps_per_epoch`` Adam steps on random patches
+(``denoise.dataset.PatchSampler``); the learning rate follows a cosine from
+``lr`` to ``lr_min`` over all steps.  The loss is the L1 distance in scaled
+HU (``HU / 1000``) plus ``window_loss_weight`` times the L1 distance on the
+W400/L40 window mapped to [0, 1], which weights soft-tissue errors as the
+metric does without letting the network ignore air and bone.
+
+After each epoch the model is validated on whole held-out slices (PSNR and
+SSIM per task, on the soft-tissue window) and the output folder gets:
+
+* ``unet-<version>-eNNN.pt`` + ``.json``: that epoch's weights and metrics;
+* ``unet-<version>.pt`` + ``.json``: the best epoch so far (mean validation PSNR);
+* ``state.pt``: model, optimiser, history and configuration, for ``resume``;
+* ``history.json`` and ``curves.png`` (loss and validation PSNR per epoch).
+
+Patch draws come from a generator seeded by ``(seed, epoch)``, so a run that
+is resumed after an interruption sees the same data as one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import save_checkpoint
+from .dataset import PairSet, PatchSampler, SimulationConfig, build_pair_set
+from .metrics import SOFT_TISSUE, apply_window, psnr, ssim
+from .model import UNet, UNetConfig
+
+__all__ = ["TrainConfig", "EpochRecord", "train", "plot_history"]
+
+
+@dataclass
+class TrainConfig:
+    out_dir: Path
+    cache_dir: Path
+    version: str = "1.0"
+    model: UNetConfig = field(default_factory=UNetConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    epochs: int = 20
+    steps_per_epoch: int = 200
+    batch_size: int = 8
+    patch_px: int = 96
+    lr: float = 1e-3
+    lr_min: float = 1e-5
+    window_loss_weight: float = 1.0
+    train_slices: int = 64
+    val_slices: int = 3
+    train_seed: int = 1000
+    val_seed: int = 2000
+    task_weights: dict[str, float] = field(default_factory=lambda: {"quarter": 0.65, "sparse": 0.35})
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"], d["cache_dir"] = str(self.out_dir), str(self.cache_dir)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["out_dir"], d["cache_dir"] = Path(d["out_dir"]), Path(d["cache_dir"])
+        d["model"] = UNetConfig.from_dict(d["model"])
+        d["simulation"] = SimulationConfig(**d["simulation"])
+        return cls(**d)
+
+    def check(self) -> None:
+        m = self.model.multiple_px
+        if self.patch_px % m:
+            raise ValueError(f"patch_px: expected a multiple of {m} (2**depth), got {self.patch_px}")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "train_slices", "val_slices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if not 0 < self.lr_min <= self.lr:
+            raise ValueError(f"lr_min: expected 0 < lr_min <= lr ({self.lr}), got {self.lr_min}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val: dict[str, dict[str, float]]  # task -> {"psnr_db", "ssim", "input_psnr_db"}
+    lr: float
+    seconds: float
+
+    @property
+    def val_psnr_db(self) -> float:
+        return float(np.mean([v["psnr_db"] for v in self.val.values()]))
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    loss = F.l1_loss(output, target)
+    if config.window_loss_weight:
+        s = config.model.hu_scale
+        loss = loss + config.window_loss_weight * F.l1_loss(apply_window(output * s, SOFT_TISSUE),
+                                                            apply_window(target * s, SOFT_TISSUE))
+    return loss
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    total = config.epochs * config.steps_per_epoch
+    return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+@torch.no_grad()
+def validate(model: UNet, pairs: PairSet, device: torch.device, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """PSNR/SSIM (W400/L40) of the model's output and of its input, per task, over whole slices."""
+    model.eval()
+    out: dict[str, dict[str, float]] = {}
+    s = model.config.hu_scale
+    for task in tasks:
+        noisy = pairs.inputs(task)
+        denoised = np.stack([
+            (model(torch.from_numpy(image[None, None] / s).to(device)) * s).cpu().numpy()[0, 0] for image in noisy])
+        out[task] = {"psnr_db": psnr(denoised, pairs.reference), "ssim": ssim(denoised, pairs.reference),
+                     "input_psnr_db": psnr(noisy, pairs.reference), "input_ssim": ssim(noisy, pairs.reference)}
+    model.train()
+    return out
+
+
+def plot_history(history: list[EpochRecord], path: Path) -> None:
+    """``curves.png``: training loss (log scale) and validation PSNR per task, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in history]
+    fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r.train_loss for r in history], marker="o")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (L1)")
+    for task in history[0].val:
+        line = ax_psnr.plot(epochs, [r.val[task]["psnr_db"] for r in history], marker="o", label=f"U-Net, {task}")
+        ax_psnr.axhline(history[0].val[task]["input_psnr_db"], linestyle="--", color=line[0].get_color(),
+                        label=f"FBP, {task}")
+    ax_psnr.set_xlabel("epoch")
+    ax_psnr.set_ylabel("validation PSNR (dB, W400/L40)")
+    ax_psnr.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_data: Callable[[str, int, int], None] | None = None,
+) -> list[EpochRecord]:
+    """Train (or, with ``resume``, continue from ``out_dir/state.pt``); returns the history.
+
+    Callbacks: ``on_step(step, total_steps, loss)``, ``on_epoch(record)``,
+    ``on_data(set_name, done, total)`` while simulating the pairs.
+    """
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.pt"
+    history: list[EpochRecord] = []
+    model = UNet(config.model).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch = 1
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"resume: expected {state_path} from an earlier run, got no such file")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        if saved.model != config.model:
+            raise ValueError(f"resume: expected the model of the saved run {saved.model}, got {config.model}")
+        config = saved if not config.epochs > saved.epochs else _with_epochs(saved, config.epochs)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        history = [EpochRecord(**r) for r in state["history"]]
+        start_epoch = state["epoch"] + 1
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def progress_of(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: on_data(name, done, total)) if on_data else None
+
+    train_pairs = build_pair_set(config.cache_dir, config.train_seed, config.train_slices, config.simulation,
+                                 progress=progress_of("training slices"))
+    val_pairs = build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
+                               progress=progress_of("validation slices"))
+    sampler = PatchSampler(train_pairs, config.patch_px, config.task_weights,
+                           gaussian_sigma_hu=config.simulation.gaussian_sigma_8bit / 255.0 * 400.0)
+    val_tasks = [t for t in ("quarter", "sparse") if config.task_weights.get(t, 0) > 0] or ["quarter"]
+    scale = config.model.hu_scale
+    total_steps = config.epochs * config.steps_per_epoch
+    best = max((r.val_psnr_db for r in history), default=-math.inf)
+    model.train()
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        losses = []
+        for i in range(config.steps_per_epoch):
+            step = (epoch - 1) * config.steps_per_epoch + i
+            lr = _learning_rate(config, step)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            inputs, targets = sampler.batch(config.batch_size, rng)
+            x = torch.from_numpy(inputs / scale).to(device)
+            y = torch.from_numpy(targets / scale).to(device)
+            loss = _loss(model(x), y, config)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+            if on_step:
+                on_step(step + 1, total_steps, losses[-1])
+        record = EpochRecord(epoch, float(np.mean(losses)), validate(model, val_pairs, device, val_tasks), lr,
+                             time.perf_counter() - started)
+        history.append(record)
+        metrics = {"epoch": epoch, "val": record.val, "val_psnr_db": record.val_psnr_db, "train_loss": record.train_loss}
+        training = {"config": config.to_dict(), "epoch": epoch, "steps": epoch * config.steps_per_epoch}
+        save_checkpoint(out / f"unet-{config.version}-e{epoch:03d}.pt", model, version=config.version,
+                        metrics=metrics, training=training)
+        if record.val_psnr_db > best:
+            best = record.val_psnr_db
+            save_checkpoint(out / f"unet-{config.version}.pt", model, version=config.version, metrics=metrics,
+                            training=training)
+        torch.save({"config": config.to_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "history": [asdict(r) for r in history], "epoch": epoch}, state_path.with_suffix(".partial"))
+        state_path.with_suffix(".partial").replace(state_path)
+        (out / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=2) + "\n", encoding="utf-8")
+        plot_history(history, out / "curves.png")
+        if on_epoch:
+            on_epoch(record)
+    return history
+
+
+def _with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
+    d = config.to_dict()
+    d["epochs"] = epochs
+    return TrainConfig.from_dict(d)
