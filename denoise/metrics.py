@@ -54,7 +54,7 @@ _K1, _K2 = 0.01, 0.03
 
 
 def _tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image))
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
     if t.ndim not in (2, 3):
         raise ValueError(f"image: expected [H, W] or [N, H, W], got shape {tuple(t.shape)}")
     t = t.to(torch.float64)

@@ -1,0 +1,133 @@
+"""``pacs denoise-file``: .npy and DICOM in, same shape / a derived series out; bad input writes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from denoise.checkpoints import CheckpointError, default_checkpoint, load_checkpoint, save_checkpoint
+from denoise.model import UNet, UNetConfig
+from pacs.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(width=4, depth=2))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "unet-test.pt", net, version="test", half=True)
+
+
+@pytest.fixture
+def ct_folder(tmp_path):
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    for k in range(2):  # two slices of one series
+        ds = source.copy()
+        ds.SOPInstanceUID = f"{source.SOPInstanceUID}.{k + 1}"
+        ds.ImagePositionPatient = [source.ImagePositionPatient[0], source.ImagePositionPatient[1],
+                                   float(source.ImagePositionPatient[2]) + 5.0 * k]
+        ds.InstanceNumber = k + 1
+        ds.save_as(folder / f"slice{k}.dcm")
+    return folder
+
+
+def _run(*args):
+    return runner.invoke(app, ["denoise-file", *map(str, args)])
+
+
+def test_npy_in_npy_out_same_shape(tmp_path, checkpoint):
+    for shape in [(2, 40, 37), (33, 20)]:
+        source = tmp_path / f"in{len(shape)}.npy"
+        np.save(source, np.random.default_rng(0).normal(0, 100, shape).astype(np.float32))
+        out = tmp_path / f"out{len(shape)}.npy"
+        result = _run(source, out, "--model", checkpoint, "--tile-px", 16, "--overlap-px", 4)
+        assert result.exit_code == 0, result.output
+        assert np.load(out).shape == shape and np.load(out).dtype == np.float32
+
+
+def test_dicom_in_derived_series_out(tmp_path, ct_folder, checkpoint):
+    out = tmp_path / "denoised"
+    result = _run(ct_folder, out, "--model", checkpoint)
+    assert result.exit_code == 0, result.output
+    files = sorted(out.iterdir())
+    assert len(files) == 2
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p) for p in ct_folder.iterdir())}
+    written = [pydicom.dcmread(p) for p in files]
+    first_source = next(iter(sources.values()))
+    assert len({ds.SeriesInstanceUID for ds in written}) == 1
+    for ds in written:
+        assert ds.SeriesInstanceUID != first_source.SeriesInstanceUID
+        assert ds.SOPInstanceUID not in sources
+        assert ds.FrameOfReferenceUID == first_source.FrameOfReferenceUID
+        assert ds.StudyInstanceUID == first_source.StudyInstanceUID
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert "unet-test" in ds.SeriesDescription and "unet-test" in ds.DerivationDescription
+        src = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert ds.ImagePositionPatient == src.ImagePositionPatient and ds.PixelSpacing == src.PixelSpacing
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == first_source.SeriesInstanceUID
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert hu.shape == src.pixel_array.shape
+        assert np.abs(hu - (src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept))).mean() < 200
+
+
+def _assert_failed_and_wrote_nothing(result, out, *fragments):
+    assert result.exit_code != 0
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+
+
+def test_non_ct_modality_fails_clearly(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    result = _run(get_testdata_file("MR_small.dcm"), out, "--model", checkpoint)
+    _assert_failed_and_wrote_nothing(result, out, "expected Modality CT", "'MR'")
+
+
+def test_missing_pixel_data_fails_clearly(tmp_path, checkpoint):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    source = tmp_path / "nopixels.dcm"
+    ds.save_as(source)
+    out = tmp_path / "out"
+    _assert_failed_and_wrote_nothing(_run(source, out, "--model", checkpoint), out, "Pixel Data")
+
+
+def test_wrong_checkpoint_shape_fails_clearly(tmp_path, checkpoint, ct_folder):
+    data = torch.load(checkpoint, weights_only=True)
+    data["model"]["width"] = 8  # the weights are for width 4
+    broken = tmp_path / "broken.pt"
+    torch.save(data, broken)
+    with pytest.raises(CheckpointError, match="width 8"):
+        load_checkpoint(broken)
+    out = tmp_path / "out"
+    _assert_failed_and_wrote_nothing(_run(ct_folder, out, "--model", broken), out, "width 8", "broken.pt")
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((16, 16), np.float32))
+    out_npy = tmp_path / "y.npy"
+    _assert_failed_and_wrote_nothing(_run(npy, out_npy, "--model", tmp_path / "missing.pt"), out_npy, "missing.pt")
+
+
+def test_bad_npy_and_existing_output_fail(tmp_path, checkpoint):
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((2, 3, 4, 5), np.float32))
+    out = tmp_path / "y.npy"
+    _assert_failed_and_wrote_nothing(_run(npy, out, "--model", checkpoint), out, "(2, 3, 4, 5)")
+    out.write_bytes(b"keep")
+    result = _run(npy, out, "--model", checkpoint)
+    assert result.exit_code != 0 and "exists" in result.output and out.read_bytes() == b"keep"
+
+
+@pytest.mark.skipif(not default_checkpoint().exists(), reason="the default checkpoint is not in this checkout")
+def test_default_checkpoint_loads():
+    net, meta = load_checkpoint()
+    assert meta["version"] and net.parameter_count() < 5_000_000

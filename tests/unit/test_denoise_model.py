@@ -1,0 +1,107 @@
+"""The U-Net: shapes, residual start, a tiny overfit, and tiled inference equal to whole-image inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from denoise.infer import denoise_slices, tile_starts
+from denoise.model import UNet, UNetConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_residual_network_starts_as_identity_and_checks_its_input():
+    net = UNet(UNetConfig(width=4, depth=2))
+    x = torch.randn(2, 1, 16, 24)
+    assert torch.equal(net(x), x)
+    with pytest.raises(ValueError, match=r"multiples of 4"):
+        net(torch.randn(1, 1, 18, 16))
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        net(torch.randn(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="norm"):
+        UNetConfig(norm="group")
+
+
+def test_overfits_a_tiny_batch():
+    rng = np.random.default_rng(0)
+    clean = np.zeros((4, 1, 16, 16), np.float32)
+    for k in range(4):
+        r, c = rng.integers(2, 8, size=2)
+        clean[k, 0, r : r + 6, c : c + 5] = 1.0
+    noisy = clean + rng.normal(0, 0.2, clean.shape).astype(np.float32)
+    x, y = torch.from_numpy(noisy), torch.from_numpy(clean)
+    net = UNet(UNetConfig(width=8, depth=2, residual=False))
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        losses.append(loss.item())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert min(losses[-5:]) < losses[0] / 10
+
+
+def _random_net(**config) -> UNet:
+    net = UNet(UNetConfig(**config))
+    for p in net.parameters():  # a non-trivial function everywhere (the residual head starts at zero)
+        torch.nn.init.normal_(p, std=0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("config", [dict(width=6, depth=2), dict(width=6, depth=2, space_to_depth=2),
+                                    dict(width=4, depth=3, norm="batch")], ids=["plain", "space-to-depth", "batchnorm"])
+def test_tiled_equals_whole_image(config):
+    net = _random_net(**config)
+    hu = np.random.default_rng(1).normal(0, 200, (2, 150, 133)).astype(np.float32)
+    whole = denoise_slices(net, hu, tile_px=256)
+    tiled = denoise_slices(net, hu, tile_px=64, overlap_px=24, batch_size=3)
+    scale = np.abs(whole).mean()
+    assert np.abs(tiled - whole).max() < 0.01 * scale
+    assert np.abs(tiled - whole).mean() < 0.001 * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (33, 17), (3, 40, 9)])
+def test_odd_shapes_come_back_with_the_same_shape(shape):
+    net = _random_net(width=4, depth=3)
+    hu = np.random.default_rng(2).normal(0, 100, shape).astype(np.float32)
+    out = denoise_slices(net, hu, tile_px=16, overlap_px=4)
+    assert out.shape == hu.shape and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_tile_starts_cover_and_align():
+    starts = tile_starts(304, 96, 16, 8)
+    assert starts[0] == 0 and starts[-1] == 304 - 96
+    assert all(s % 8 == 0 for s in starts) and all(b - a <= 80 for a, b in zip(starts, starts[1:]))
+
+
+def test_options_are_checked():
+    net = _random_net(width=4, depth=2)
+    hu = np.zeros((8, 8), np.float32)
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        denoise_slices(net, hu, precision="float16", device="cpu")
+    with pytest.raises(ValueError, match="tile_px"):
+        denoise_slices(net, hu, tile_px=30)
+    with pytest.raises(ValueError, match=r"expected slices \[N, H, W\]"):
+        denoise_slices(net, np.zeros((1, 1, 4, 4)))
+    assert denoise_slices(net, hu, precision="bfloat16").shape == (8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
+def test_cuda_matches_cpu(precision):
+    net = _random_net(width=6, depth=2)
+    hu = np.random.default_rng(3).normal(0, 200, (2, 70, 90)).astype(np.float32)
+    cpu = denoise_slices(net, hu, tile_px=64, overlap_px=16, device="cpu")
+    gpu = denoise_slices(net, hu, tile_px=64, overlap_px=16, device="cuda", precision=precision)
+    tolerance = 1e-3 if precision == "float32" else 2e-2
+    assert np.abs(gpu - cpu).max() < tolerance * np.abs(cpu).max()

@@ -1,0 +1,86 @@
+"""Phantoms, the 2D projector/FBP, simulated low dose, and a tiny training run with resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from denoise import phantoms, simulate
+from denoise.dataset import PatchSampler, SimulationConfig, build_pair_set
+from denoise.metrics import noise_std_hu, psnr
+from denoise.model import UNetConfig
+from denoise.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_phantoms_are_in_hu_and_reproducible():
+    sl = phantoms.shepp_logan_hu(64)
+    assert sl.shape == (64, 64) and sl.min() == pytest.approx(-1000) and sl.max() == pytest.approx(1000, abs=1)
+    a, b = phantoms.random_slices(2, seed=5, size=64), phantoms.random_slices(2, seed=5, size=64)
+    assert np.array_equal(a, b) and not np.array_equal(a, phantoms.random_slices(2, seed=6, size=64))
+    assert a.min() >= -1024 and a.max() <= 3071 and (a > -200).mean() > 0.1
+    with pytest.raises(ValueError, match="body_type"):
+        phantoms.random_slice(np.random.default_rng(0), 64, body_type="knee")
+
+
+def test_noiseless_fbp_reproduces_the_phantom():
+    hu = phantoms.shepp_logan_hu(128)
+    scan = simulate.ParallelBeam(128, pixel_mm=2.8, n_views=192)
+    rec = simulate.mu_to_hu(simulate.fbp(simulate.forward_project(simulate.hu_to_mu(hu), scan), scan, filter="ram-lak"))
+    brain = (slice(54, 62), slice(60, 68))  # uniform brain (20 HU) between the small features
+    assert rec[brain].mean() == pytest.approx(hu[brain].mean(), abs=5)
+    assert psnr(rec, hu) > 25
+
+
+def test_quarter_dose_has_twice_the_noise_of_full_dose_and_sparse_view_streaks():
+    hu = phantoms.shepp_logan_hu(96)
+    pair = simulate.low_dose_pair(hu, pixel_mm=3.0, n_views=128, rng=np.random.default_rng(0))
+    full, quarter = noise_std_hu(pair["dose-1"], pair["clean"]), noise_std_hu(pair["dose-0.25"], pair["clean"])
+    assert quarter / full == pytest.approx(2.0, rel=0.15)  # variance scales as 1 / dose
+    sparse = simulate.sparse_view(hu, 24, pixel_mm=3.0, i0=None)
+    assert psnr(sparse, pair["clean"]) < psnr(pair["dose-1"], pair["clean"])
+    noisy = simulate.gaussian_noise(hu, np.random.default_rng(0))
+    assert (noisy - hu).std() == pytest.approx(30 / 255 * 400, rel=0.05)
+    with pytest.raises(ValueError, match="dose_fraction"):
+        simulate.thin_counts(np.array([3]), 1.5, np.random.default_rng(0))
+
+
+def test_pairs_are_cached_and_patches_drawn(tmp_path):
+    config = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64)
+    first = build_pair_set(tmp_path, seed=3, count=2, config=config)
+    again = build_pair_set(tmp_path, seed=3, count=2, config=config)
+    assert np.array_equal(first.quarter, again.quarter) and first.reference.shape == (2, 64, 64)
+    sampler = PatchSampler(first, 32, {"quarter": 1, "sparse": 1, "gaussian": 1})
+    x, y = sampler.batch(5, np.random.default_rng(0))
+    assert x.shape == y.shape == (5, 1, 32, 32)
+    with pytest.raises(ValueError, match="task_weights"):
+        PatchSampler(first, 32, {"denoise": 1})
+
+
+def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
+    config = TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", version="t1",
+                         model=UNetConfig(width=4, depth=2), simulation=SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64),
+                         epochs=1, steps_per_epoch=3, batch_size=2, patch_px=32, train_slices=2, val_slices=1)
+    history = train(config)
+    assert [r.epoch for r in history] == [1]
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"unet-t1.pt", "unet-t1.json", "unet-t1-e001.pt", "unet-t1-e001.json", "state.pt", "curves.png",
+            "history.json"} <= names
+    meta = json.loads((tmp_path / "run" / "unet-t1.json").read_text())
+    assert meta["model"]["width"] == 4 and "quarter" in meta["metrics"]["val"]
+    config.epochs = 2
+    history = train(config, resume=True)
+    assert [r.epoch for r in history] == [1, 2] and (tmp_path / "run" / "unet-t1-e002.pt").exists()
+    with pytest.raises(ValueError, match="resume"):
+        train(TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", model=UNetConfig(width=8, depth=2),
+                          patch_px=32), resume=True)
