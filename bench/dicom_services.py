@@ -88,8 +88,8 @@ class Procs:
 
     def start(self, args: list[str], log: Path, **kw) -> subprocess.Popen:
         out = open(log, "wb")
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV,
-                                start_new_session=True, **kw)
+        kw.setdefault("env", ENV)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         out.close()
         self.procs.append(proc)
         return proc
@@ -211,20 +211,28 @@ class Pacs:
                f"Python {platform.python_version()})"
 
     def new_data_dir(self, tag: str) -> Path:
-        d = self.tmp / f"pacs-{tag}"
+        d = self.tmp / f"{self.name.replace(' ', '-').replace('+', '-')}-{tag}"
         d.mkdir()
         self.data_dir = d
         return d
 
+    @property
+    def env(self) -> dict[str, str]:
+        return ENV
+
+    def settings(self):  # noqa: ANN201
+        from pacs.settings import Settings
+
+        return Settings(data_dir=self.data_dir)
+
     def add_move_destination(self, port: int) -> None:
         subprocess.run([PACS_BIN, "ae", "add", SCP_AET, HOST, str(port), "--data-dir", str(self.data_dir)],
-                       check=True, capture_output=True, env=ENV)
+                       check=True, capture_output=True, env=self.env)
 
     def prefill(self, folder: Path) -> tuple[int, float]:
         from pacs.services import build_services
-        from pacs.settings import Settings
 
-        services = build_services(Settings(data_dir=self.data_dir))
+        services = build_services(self.settings())
         files = sorted(folder.rglob("*.dcm"))
         started = time.perf_counter()
         try:
@@ -241,7 +249,7 @@ class Pacs:
                 "--aet", self.aet, "--host", HOST]
         if self.has_workers_option:
             args += ["--workers", str(self.workers)]
-        self.proc = self.procs.start(args, self.tmp / f"pacs-serve-{self.data_dir.name}.log")
+        self.proc = self.procs.start(args, self.tmp / f"pacs-serve-{self.data_dir.name}.log", env=self.env)
         wait_port(self.port, self.proc)
         subprocess.run(["echoscu", "-aec", self.aet, HOST, str(self.port)], env=ENV, check=True, capture_output=True)
 
@@ -249,6 +257,47 @@ class Pacs:
         if self.proc is not None:
             self.procs.stop(self.proc)
             self.proc = None
+
+
+class PacsCluster(Pacs):
+    """``pacs serve`` on HDFS (3 DataNodes, replication 3) + Postgres from ``deploy/``.
+
+    Needs the dev stack up: ``bash deploy/hdfs.sh up && bash deploy/postgres.sh up``
+    (the URLs come from their ``env`` commands).  Each data dir gets a fresh
+    HDFS root and an emptied database; the allow-list is off, as for Orthanc.
+    """
+
+    name = "pacs HDFS+PG"
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        super().__init__(procs, tmp)
+        from pacs.devstack import HDFS_URL, PG_URL, reachable
+
+        for url, what in ((HDFS_URL, "HDFS"), (PG_URL, "Postgres")):
+            if not reachable(url):
+                raise RuntimeError(f"{what} is not reachable at {url}: start it with deploy/ (see --cluster help)")
+        self.hdfs_url, self.pg_url = HDFS_URL, PG_URL
+
+    def new_data_dir(self, tag: str) -> Path:
+        from pacs.devstack import empty_database
+
+        d = super().new_data_dir(tag)
+        empty_database(self.pg_url)
+        self.hdfs_root = f"/bench/{d.name}-{os.getpid()}"
+        return d
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**ENV, "PACS_STORAGE__BACKEND": "hdfs", "PACS_HDFS_URL": self.hdfs_url,
+                "PACS_STORAGE__HDFS_ROOT": self.hdfs_root, "PACS_INDEX_URL": self.pg_url,
+                "PACS_DICOM__REQUIRE_KNOWN_AE": "false"}
+
+    def settings(self):  # noqa: ANN201
+        from pacs.settings import Settings
+
+        return Settings(data_dir=self.data_dir, storage={"backend": "hdfs", "hdfs_url": self.hdfs_url,
+                                                         "hdfs_root": self.hdfs_root},
+                        index={"url": self.pg_url}, dicom={"require_known_ae": False})
 
 
 class Orthanc:
@@ -501,6 +550,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 small instances, 200 studies")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (data, logs)")
     parser.add_argument("--only", choices=["pacs", "Orthanc"], help="run one server only")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also pacs on HDFS + Postgres (start them first: bash deploy/hdfs.sh up; "
+                             "bash deploy/postgres.sh up)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dicom-bench-"))
@@ -512,6 +564,8 @@ def main() -> int:
         servers = []
         if args.only in (None, "pacs"):
             servers.append(Pacs(procs, tmp))
+            if args.cluster:
+                servers.append(PacsCluster(procs, tmp))
         if args.only in (None, "Orthanc"):
             servers.append(Orthanc(procs, tmp))
         versions = [s.version() for s in servers]
@@ -529,6 +583,9 @@ def main() -> int:
               f"{platform.node()}, {os.cpu_count()} cores, loopback, TCP_NODELAY=1 everywhere")
         print("versions: " + "; ".join(versions))
         pacs = next((s for s in servers if isinstance(s, Pacs)), None)
+        if any(isinstance(s, PacsCluster) for s in servers):
+            print("pacs HDFS+PG: HDFS 3.5 (NameNode + 3 DataNodes, replication 3) and Postgres 15 from deploy/, "
+                  "same pacs serve options")
         if pacs is not None:
             print(f"pacs serve: embedded default (local files + SQLite), "
                   f"workers={pacs.workers}{'' if pacs.has_workers_option else ' (no --workers option yet)'}")
