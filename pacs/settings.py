@@ -90,6 +90,9 @@ class DicomSettings(BaseModel):
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
+    # Seconds an association may stay silent before it is aborted (ACSE and
+    # DIMSE replies are waited for as long).
+    network_timeout_s: float = Field(default=60, gt=0)
     # C-FIND answers at most this many matches (a Success follows them).
     max_find_results: int = Field(default=10_000, ge=1)
     # Accept associations only from AEs in the remote AE table (title and host).

@@ -131,6 +131,10 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
         if event.is_cancelled:
             yield int(Status.CANCEL), None
             return
+        # A C-MOVE requester sends nothing while the objects travel over the
+        # sub-association: without this the network timeout of the request's
+        # association expires during a long move and pynetdicom aborts it.
+        event.assoc.dul._idle_timer.restart()
         try:
             dataset = dcmread(io.BytesIO(objects.get(item.location)))
         except PacsError as exc:

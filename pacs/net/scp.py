@@ -68,8 +68,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
     ae.maximum_associations = 32
-    ae.network_timeout = 60
-    ae.dimse_timeout = 60
+    ae.network_timeout = settings.dicom.network_timeout_s
+    ae.dimse_timeout = settings.dicom.network_timeout_s
     ae.add_supported_context(Verification, UNCOMPRESSED)
     for context in AllStoragePresentationContexts:
         # scp_role: a C-GET requestor may act as Storage SCP on these contexts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -180,5 +181,36 @@ def test_unknown_sop_class_is_stored_only_when_the_setting_allows(embedded, tmp_
             assert moved.returncode == 0, moved.stderr
         (received,) = list(out.iterdir())
         assert dataset_bytes(received.read_bytes()) == dataset_bytes(path.read_bytes())
+    finally:
+        server.shutdown()
+
+
+def test_a_move_longer_than_the_network_timeout_ends_cleanly(embedded, tmp_path):
+    """The requester is silent while a C-MOVE sends; that must not count as an idle association."""
+    from pacs.index.models import RemoteAE
+    from tests.integration.dicom_tools import storescp
+
+    embedded.settings.dicom.port = free_port()
+    embedded.settings.dicom.network_timeout_s = 1
+    spec = SeriesSpec(study_key="long-move", series_key="long-move-1", rows=128, columns=128, count=600)
+    for data in make_series(spec):
+        embedded.ingest.store(data)
+    server = start_scp(embedded)
+    out = tmp_path / "moved"
+    out.mkdir()
+    try:
+        with storescp("LONGMOVE", out) as port:
+            with embedded.db.session() as session:
+                session.add(RemoteAE(ae_title="LONGMOVE", host="127.0.0.1", port=port))
+            started = time.monotonic()
+            done = subprocess.run(["movescu", "-S", "-aec", "PACS", "-aem", "LONGMOVE", "-k", "QueryRetrieveLevel=STUDY",
+                                   "-k", f"StudyInstanceUID={pydicom.dcmread(io.BytesIO(make_instance(spec, 0))).StudyInstanceUID}",
+                                   "127.0.0.1", str(embedded.settings.dicom.port)],
+                                  env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+            took = time.monotonic() - started
+        assert took > 1.5, "the move must outlast the network timeout for this test to mean anything"
+        assert done.returncode == 0, done.stderr
+        assert "Peer aborted" not in done.stderr
+        assert len(list(out.iterdir())) == 600
     finally:
         server.shutdown()
