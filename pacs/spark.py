@@ -272,12 +272,15 @@ def job_progress(
             last = (done, total)
             progress(done, total)  # type: ignore[misc]
 
+    def poll_once() -> None:
+        try:
+            report()
+        except Exception:  # progress is advisory: never let it break the job
+            log.debug("Spark progress poll failed", exc_info=True)
+
     def poll() -> None:
         while not stop.wait(interval_s):
-            try:
-                report()
-            except Exception:  # progress is advisory: never let it break the job
-                log.debug("Spark progress poll failed", exc_info=True)
+            poll_once()
 
     thread = None
     if progress is not None:
@@ -291,7 +294,7 @@ def job_progress(
         if thread is not None:
             stop.set()
             thread.join()
-            report()
+            poll_once()
     finally:
         stop.set()
         if thread is not None:

@@ -274,25 +274,26 @@ def reconstruct_series_spark(
     check_fdk_inputs(series.geometry, grid, filter=filter)
     if slabs is not None:
         plan_slabs(series.geometry, grid, slabs)  # validates the count before Spark starts
-    read_s = time.perf_counter() - started
+
+    phases = {"read": time.perf_counter() - started}
 
     def run(session: SparkSession) -> tuple[np.ndarray, list[Slab], str]:
+        begun = time.perf_counter()
         volume, plan = reconstruct_volume_spark(
             session, series.projections, series.geometry, grid, filter=filter, device=device, slabs=slabs,
             max_task_mb=spark_settings.max_task_mb, progress=progress, description=f"FDK {series_instance_uid}")
+        phases["reconstruct"] = time.perf_counter() - begun
         return volume, plan, session.sparkContext.master
 
     if spark is not None:
         volume, plan, where = run(spark)
-        spark_s = 0.0
     else:
+        begun = time.perf_counter()
         with spark_session(master, f"pacs FDK {series_instance_uid}", settings=spark_settings) as session:
-            spark_s = time.perf_counter() - started - read_s
+            phases["spark start"] = time.perf_counter() - begun
             volume, plan, where = run(session)
-    reconstruct_s = time.perf_counter() - started - read_s - spark_s
     log.info("series %s reconstructed in %d slabs on %s in %.1f s", series_instance_uid, len(plan), where,
-             reconstruct_s)
-    phases = {"read": read_s, "spark start": spark_s, "reconstruct": reconstruct_s}
+             phases["reconstruct"])
     result = store_volume(services, volume, grid, series, filter=filter, phases_s=phases)
     return dataclasses.replace(result, spark_master=where, slabs=len(plan))
 
