@@ -23,7 +23,7 @@ import torch
 from .model import UNet, UNetConfig
 
 __all__ = ["CheckpointError", "CHECKPOINT_DIR", "DEFAULT_VERSION", "default_checkpoint", "save_checkpoint",
-           "load_checkpoint"]
+           "load_checkpoint", "export_checkpoint"]
 
 FORMAT = "pacs-denoise-unet"
 FORMAT_VERSION = 1
@@ -94,3 +94,14 @@ def load_checkpoint(path: Path | None = None, *, device: str | torch.device = "c
     meta = {k: v for k, v in data.items() if k != "state_dict"}
     meta["path"] = str(path)
     return model, meta
+
+
+def export_checkpoint(source: Path, destination: Path, *, half: bool = True, note: str | None = None) -> Path:
+    """Copy a training checkpoint for shipping: float16 weights by default, metadata kept (plus ``note``)."""
+    model, meta = load_checkpoint(source)
+    training = dict(meta.get("training") or {})
+    if note:
+        training["note"] = note
+    training["exported_from"] = Path(source).name
+    return save_checkpoint(destination, model, version=meta["version"], metrics=meta.get("metrics"),
+                           training=training, half=half)
