@@ -1,9 +1,10 @@
 """CT slices in and denoised derived series out, as DICOM files (pydicom; no networking).
 
-Reading (``read_ct_series``): every file must be a CT Image (Modality ``CT``)
-with Pixel Data, from one series; slices are ordered by Image Position
-(Patient) along the slice normal (else by Instance Number) and converted to
-HU with Rescale Slope/Intercept (0028,1053/1052).
+Reading (``read_ct_series`` for files, ``ct_series_from_datasets`` for
+datasets already parsed, e.g. from the archive): every slice must be a CT
+Image (Modality ``CT``) with Pixel Data, from one series; slices are ordered
+by Image Position (Patient) along the slice normal (else by Instance Number)
+and converted to HU with Rescale Slope/Intercept (0028,1053/1052).
 
 Writing (``derived_ct_datasets``): one new instance per source slice, a copy
 of the source's patient, study, frame-of-reference and geometry attributes
@@ -33,7 +34,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["DicomInputError", "CtSeries", "read_ct_series", "derived_ct_datasets"]
+__all__ = ["DicomInputError", "CtSeries", "read_ct_series", "ct_series_from_datasets", "derived_ct_datasets"]
 
 #: Attributes copied from each source slice to its derived slice.
 COPIED = (
@@ -57,7 +58,10 @@ class DicomInputError(ValueError):
 
 @dataclass
 class CtSeries:
-    """Slices of one CT series: HU ``[N, H, W]`` float32 and their datasets (same order)."""
+    """Slices of one CT series: HU ``[N, H, W]`` float32 and their datasets (same order).
+
+    ``paths`` are the files they were read from (empty for datasets read elsewhere).
+    """
 
     hu: np.ndarray
     datasets: list[Dataset]
@@ -98,33 +102,60 @@ def read_ct_series(path: Path | str) -> CtSeries:
             ds = pydicom.dcmread(file)
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DicomInputError(f"{file.name}: expected a DICOM file, got unreadable data ({exc})") from None
-        modality = getattr(ds, "Modality", None)
-        if modality != "CT":
-            raise DicomInputError(f"{file.name}: expected Modality CT, got {modality!r}")
-        if "PixelData" not in ds:
-            raise DicomInputError(f"{file.name}: expected Pixel Data (7FE0,0010), got none")
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-            raise DicomInputError(f"{file.name}: expected single-frame CT slices, got {ds.NumberOfFrames} frames")
+        _check_slice(ds, file.name)
         datasets.append(ds)
         paths.append(file)
+    return ct_series_from_datasets(datasets, paths=paths)
+
+
+def ct_series_from_datasets(datasets: Sequence[Dataset], *, paths: Sequence[Path] | None = None) -> CtSeries:
+    """CT slices already parsed (e.g. read from the archive) as a ``CtSeries``, checked and ordered.
+
+    The same checks and order as ``read_ct_series``; errors name the file of
+    ``paths`` (same order as ``datasets``), else the slice's SOP Instance UID.
+    ``paths`` of the result is empty without ``paths``.
+    """
+    datasets = list(datasets)
+    if paths is not None and len(paths) != len(datasets):
+        raise ValueError(f"paths: expected one per dataset ({len(datasets)}), got {len(paths)}")
+    names = [p.name for p in paths] if paths is not None else [_instance_name(ds, i) for i, ds in enumerate(datasets)]
+    if not datasets:
+        raise DicomInputError("input: expected CT slices, got none")
+    for ds, name in zip(datasets, names):
+        _check_slice(ds, name)
     series = {ds.get("SeriesInstanceUID") for ds in datasets}
     if len(series) != 1:
         raise DicomInputError(f"input: expected slices of one series, got {len(series)} Series Instance UIDs")
     order = _order(datasets)
-    datasets, paths = [datasets[i] for i in order], [paths[i] for i in order]
+    datasets, names = [datasets[i] for i in order], [names[i] for i in order]
+    ordered_paths = [paths[i] for i in order] if paths is not None else []
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) != 1:
         raise DicomInputError(f"input: expected slices of one size, got {sorted(shapes)}")
     slices = []
-    for ds, file in zip(datasets, paths):
+    for ds, name in zip(datasets, names):
         try:
             pixels = ds.pixel_array.astype(np.float64)
         except Exception as exc:  # pydicom raises several types for undecodable pixel data
-            raise DicomInputError(f"{file.name}: expected decodable pixel data, got {exc}") from None
+            raise DicomInputError(f"{name}: expected decodable pixel data, got {exc}") from None
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         slices.append((pixels * slope + intercept).astype(np.float32))
-    return CtSeries(np.stack(slices), datasets, paths)
+    return CtSeries(np.stack(slices), datasets, ordered_paths)
+
+
+def _instance_name(ds: Dataset, index: int) -> str:
+    return f"instance {ds.get('SOPInstanceUID', index + 1)}"
+
+
+def _check_slice(ds: Dataset, name: str) -> None:
+    modality = getattr(ds, "Modality", None)
+    if modality != "CT":
+        raise DicomInputError(f"{name}: expected Modality CT, got {modality!r}")
+    if "PixelData" not in ds:
+        raise DicomInputError(f"{name}: expected Pixel Data (7FE0,0010), got none")
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise DicomInputError(f"{name}: expected single-frame CT slices, got {ds.NumberOfFrames} frames")
 
 
 def derived_ct_datasets(source: CtSeries, hu: np.ndarray, *, model_version: str, derivation: str) -> list[Dataset]:

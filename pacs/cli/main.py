@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from denoise.cli import denoise_app, denoise_file
+from denoise.run_cli import denoise_run  # noqa: F401  (registers `pacs denoise run`)
 from pacs.errors import PacsError
 
 app = typer.Typer(
