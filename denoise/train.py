@@ -186,7 +186,10 @@ def train(
         saved = TrainConfig.from_dict(state["config"])
         if saved.model != config.model:
             raise ValueError(f"resume: expected the model of the saved run {saved.model}, got {config.model}")
-        config = saved if not config.epochs > saved.epochs else _with_epochs(saved, config.epochs)
+        if config.epochs != saved.epochs and config.epochs <= state["epoch"]:
+            raise ValueError(f"resume: expected --epochs above the {state['epoch']} epochs already done, "
+                             f"got {config.epochs}")
+        config = _with_epochs(saved, config.epochs)  # another total re-times the cosine from here on
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         history = [EpochRecord(**r) for r in state["history"]]
