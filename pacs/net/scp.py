@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import PresentationContext
@@ -25,6 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs.ingest.service import BufferChain, IngestService
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
+from pacs.net.reactor import EventDrivenAE, EventDrivenRequestHandler
 from pacs.net.status import status_dataset, store_failure
 from pacs.net.transport import configure_pynetdicom_logging, handle_connection_open
 from pacs.services import Services
@@ -63,9 +64,9 @@ UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEnd
 TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in UNCOMPRESSED] + UNCOMPRESSED
 
 
-def build_ae(settings: Settings) -> AE:
+def build_ae(settings: Settings) -> EventDrivenAE:
     configure_pynetdicom_logging(settings.log_level)
-    ae = AE(ae_title=settings.dicom.ae_title)
+    ae = EventDrivenAE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
     ae.maximum_associations = 32
     ae.network_timeout = settings.dicom.network_timeout_s
@@ -135,6 +136,7 @@ def start_scp(services: Services, *, block: bool = False, share_port: bool = Fal
         evt_handlers=handlers,
         ssl_context=context,
         server_class=SharedPortServer if share_port else ThreadedAssociationServer,
+        request_handler=EventDrivenRequestHandler,
     )
     server.contexts = _SupportedContexts(server.contexts)
     log.info(

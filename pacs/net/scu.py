@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from pacs.errors import NotFound, PacsError
 from pacs.index.models import Instance, Series, Study
 from pacs.index.repository import location_of
+from pacs.net.reactor import EventDrivenAE
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.services import Services
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def echo(host: str, port: int, *, called_ae: str, calling_ae: str, timeout_s: float = 10) -> int:
     """C-ECHO a peer; return the status (0 = success), or raise ConnectionError."""
-    ae = AE(ae_title=calling_ae)
+    ae = EventDrivenAE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=REQUESTOR_HANDLERS)
@@ -73,7 +74,7 @@ def push(
     if not rows:
         raise NotFound(f"no stored instances for study {study_instance_uid}"
                        + (f", series {series_instance_uid}" if series_instance_uid else ""))
-    ae = AE(ae_title=services.settings.dicom.ae_title)
+    ae = EventDrivenAE(ae_title=services.settings.dicom.ae_title)
     ae.maximum_pdu_size = 0
     pairs = sorted({(r.sop_class_uid, r.transfer_syntax_uid) for r in rows})[:128]
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]

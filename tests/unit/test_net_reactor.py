@@ -1,0 +1,116 @@
+"""The event-driven association threads (pacs.net.reactor) against pynetdicom peers, in process."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import pydicom
+import pytest
+from pynetdicom import evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from pacs.index.repository import find_instance
+from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, make_event_driven
+from pacs.net.scp import start_scp
+from pacs.net.transport import REQUESTOR_HANDLERS
+from pacs.synthetic import SeriesSpec, make_series
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def scp(embedded):
+    """The archive's SCP on a free port; records the associations it accepts."""
+    embedded.settings.dicom.port = _free_port()
+    embedded.settings.dicom.network_timeout_s = 1.0
+    server = start_scp(embedded)
+    accepted = []
+    server.bind(evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
+    yield embedded, accepted
+    server.shutdown()
+
+
+def _associate(services, *contexts, ae_cls=EventDrivenAE):
+    ae = ae_cls(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for context in contexts:
+        ae.add_requested_context(context)
+    assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS", evt_handlers=REQUESTOR_HANDLERS)
+    assert assoc.is_established
+    return assoc
+
+
+def test_both_sides_run_the_event_driven_threads(scp):
+    services, accepted = scp
+    assoc = _associate(services, Verification)
+    try:
+        assert isinstance(assoc.dul, EventDrivenDUL)
+        assert assoc.send_c_echo().Status == 0
+        assert len(accepted) == 1 and isinstance(accepted[0].dul, EventDrivenDUL)
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    deadline = time.monotonic() + 5
+    while accepted[0].is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accepted[0].is_released and not accepted[0].is_alive()
+
+
+def test_many_stores_back_to_back_get_every_response(scp):
+    """The requestor's reactor must never take a C-STORE response meant for the sender."""
+    services, _ = scp
+    blobs = list(make_series(SeriesSpec(study_key="reactor", series_key="r1", rows=16, columns=16, count=150)))
+    assoc = _associate(services, CTImageStorage)
+    statuses = []
+    try:
+        for data in blobs:
+            statuses.append(assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).get("Status"))
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(blobs)
+    with services.db.session() as session:
+        for data in blobs:
+            uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+            assert find_instance(session, uid) is not None
+
+
+def test_a_silent_peer_is_aborted_after_the_network_timeout(scp):
+    services, accepted = scp
+    aborted = threading.Event()
+    assoc = _associate(services, Verification)
+    assoc.bind(evt.EVT_ABORTED, lambda event: aborted.set())
+    started = time.monotonic()
+    assert aborted.wait(10), "the archive did not abort an association silent past its network timeout"
+    waited = time.monotonic() - started
+    assert 0.8 < waited < 5, f"expected an abort after about 1 s (the network timeout), got {waited:.1f} s"
+    assert accepted[0].is_aborted
+
+
+def test_an_abort_from_the_peer_ends_the_association(scp):
+    services, accepted = scp
+    ended = threading.Event()
+    assoc = _associate(services, Verification)
+    deadline = time.monotonic() + 5
+    while not accepted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    accepted[0].bind(evt.EVT_ABORTED, lambda event: ended.set())
+    assoc.abort()
+    assert ended.wait(5)
+    assert accepted[0].is_aborted and not accepted[0].is_established
+
+
+def test_only_an_association_that_has_not_started_can_be_made_event_driven(scp):
+    services, _ = scp
+    assoc = _associate(services, Verification)
+    try:
+        with pytest.raises(RuntimeError, match="has not started"):
+            make_event_driven(assoc)
+    finally:
+        assoc.release()
