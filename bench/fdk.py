@@ -1,24 +1,44 @@
 """Benchmark our FDK (``reconstruct.fdk.fdk``) against RTK's FDK on Shepp-Logan.
 
+    .venv/bin/python bench/fdk.py --case 128|256|512 [--threads 2] [--rtk-512]
     .venv/bin/python bench/fdk.py [--size 128] [--projections 360] [--detector 256] [--threads 2]
+
+``--case N`` is an N^3 volume from 180 / 360 / 720 projections (N = 128 /
+256 / 512) of an N x N detector; the explicit options override it.  At 512
+RTK runs only with ``--rtk-512`` (about 13 minutes on a 2-core machine).
 
 1. Exact cone-beam line integrals of the 3D Shepp-Logan phantom
    (``reconstruct.phantom``) for a circular orbit (SID 1000 mm, SDD 1500 mm,
    a 400 mm detector, i.e. a 250 mm field of view at the isocentre) are
    saved to a temporary ``.npy`` together with the RTK geometry XML that
    ``reconstruct.geometry.write_rtk_geometry_xml`` writes.
-2. Every method runs in its own fresh process (so its peak RSS is its own):
-   ours on CPU (and on CUDA when torch sees a GPU) with this interpreter,
-   RTK's ``FDKConeBeamReconstructionFilter`` with an interpreter that has
-   ``itk-rtk``: this one if ``import itk`` works, else the venv
+2. Every measurement runs in its own fresh process (so its peak RSS is its
+   own): ours on CPU (and on CUDA when torch sees a GPU) with this
+   interpreter, RTK's ``FDKConeBeamReconstructionFilter`` with an interpreter
+   that has ``itk-rtk``: this one if ``import itk`` works, else the venv
    ``.stack/bench-rtk`` (created and ``pip install itk-rtk``'d when missing).
    Both use ``--threads`` threads (``torch.set_num_threads`` / ITK's global
-   default number of threads).  Volumes come back as ``.npy`` files.
-3. One table: wall seconds (median of ``--runs`` timed runs after one
-   warm-up; by default 3, or a single run without warm-up from 256^3 up),
-   peak RSS of the worker process, RMSE and PSNR against the voxelised
-   phantom on the central axial slice (perpendicular to the rotation axis y:
+   default number of threads, and OMP/MKL/ITK environment variables) and
+   ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see ``_spawn``).
+3. Reconstruction: ``--runs`` processes per method (default 3, 1 at 512^3),
+   each importing its library, reading the projections, reconstructing once
+   (no warm-up) and writing the volume as ``.npy``.  The parent times each
+   process from spawn to exit (**whole process**); the process times its
+   reconstruction call (**recon**).  Both are medians over the processes.
+4. Filter alone, in one more process per method: ours is
+   ``reconstruct.fdk.filter_projections`` (cosine/angular/Parker weights +
+   ramp filter) over all projections in the chunks ``fdk`` uses (8), each
+   chunk copied from the array as ``fdk`` does, no backprojection; RTK's is
+   ``FDKWeightProjectionFilter`` (the cosine/angular weighting its FDK
+   applies) followed by ``FFTRampImageFilter`` (plain Ram-Lak, as in its
+   FDK) on the whole projection stack in one pipeline update.  Median of
+   ``--filter-runs`` after one warm-up (default 3; 1 without warm-up at 512).
+5. One table: recon s, whole-process s, filter s, GUPS
+   (nx * ny * nz * projections / recon s / 1e9), peak RSS (largest over the
+   reconstruction processes), RMSE and PSNR against the voxelised phantom on
+   the central axial slice (perpendicular to the rotation axis y:
    ``volume[:, ny // 2, :]``), and the max abs difference to RTK's volume.
+   Rows are also printed as each method finishes.
 
 PSNR is ``20 log10(peak-to-peak of the reference slice / RMSE)``.
 """
@@ -44,6 +64,9 @@ RTK_VENV = ROOT / ".stack" / "bench-rtk"
 # Acquisition and phantom (same as reconstruct.benchmark).
 SID_MM, SDD_MM, DETECTOR_MM, FOV_MM = 1000.0, 1500.0, 400.0, 250.0
 PHANTOM_RADIUS_MM, DENSITY_SCALE = 110.0, 0.02
+CHUNK = 8  # projections per chunk: fdk's default, used by the filter-alone timing too
+# --case N: N^3 voxels from PROJECTIONS projections of N x N pixels.
+CASES = {128: 180, 256: 360, 512: 720}
 
 
 def _peak_rss_mib() -> float:
@@ -63,11 +86,13 @@ def _timed(run, runs: int, warmup: bool):
 
 # ---------------------------------------------------------------- workers
 def _worker_ours(args: argparse.Namespace) -> dict:
-    """Run ``reconstruct.fdk.fdk``; only this interpreter's torch is needed."""
+    """Run ``reconstruct.fdk.fdk`` (or, with ``--filter-only``, its weighting + ramp filter alone)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from reconstruct.fdk import fdk
+    from reconstruct.fdk.core import check_fdk_inputs, filter_projections
+    from reconstruct.fdk.weighting import angular_gaps
     from reconstruct.geometry import VolumeGrid, read_rtk_geometry_xml
 
     torch.set_num_threads(args.threads)
@@ -76,20 +101,36 @@ def _worker_ours(args: argparse.Namespace) -> dict:
     geometry = read_rtk_geometry_xml(work / "geometry.xml", detector_size_uv=(args.detector, args.detector),
                                      detector_spacing_uv_mm=(DETECTOR_MM / args.detector,) * 2)
     grid = VolumeGrid(args.size, FOV_MM / args.size)
+    cuda = args.device.startswith("cuda")
 
-    def run():
-        volume = fdk(projections, geometry, grid, device=args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return volume
+    if args.filter_only:
+        scan = check_fdk_inputs(geometry, grid)
+        gaps = angular_gaps(geometry.angles_rad)
+        n = geometry.n_projections
 
-    seconds, volume = _timed(run, args.runs, args.warmup)
+        def run_filter():  # fdk's loop (chunk 8) without the backprojection
+            with torch.no_grad():
+                for start in range(0, n, CHUNK):
+                    idx = slice(start, min(n, start + CHUNK))
+                    block = torch.from_numpy(np.array(projections[idx], dtype=np.float32)).to(args.device)
+                    filter_projections(block, geometry, idx, gaps=gaps, short_scan=scan)
+            if cuda:
+                torch.cuda.synchronize()
+
+        seconds, _ = _timed(run_filter, args.runs, args.warmup)
+        return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+
+    start = time.perf_counter()
+    volume = fdk(projections, geometry, grid, device=args.device, chunk=CHUNK)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     np.save(work / f"ours-{args.device}.npy", volume)
     return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
 def _worker_rtk(args: argparse.Namespace) -> dict:
-    """Run RTK's FDK; needs only numpy and itk-rtk (no torch, no ``reconstruct``)."""
+    """Run RTK's FDK (or, with ``--filter-only``, its weighting + ramp filter alone); numpy and itk-rtk only."""
     import itk
     from itk import RTK as rtk
 
@@ -112,21 +153,36 @@ def _worker_rtk(args: argparse.Namespace) -> dict:
     source.SetSpacing([spacing] * 3)
     source.SetOrigin([-0.5 * (args.size - 1) * spacing] * 3)  # rtkfdk's default: centred
     source.SetConstant(0.0)
+    threads = int(itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())
 
-    def run():
-        fdk = rtk.FDKConeBeamReconstructionFilter[image_type].New()
-        fdk.SetInput(0, source.GetOutput())
-        fdk.SetInput(1, projections)
-        fdk.SetGeometry(geometry)
-        fdk.GetRampFilter().SetTruncationCorrection(0.0)  # plain Ram-Lak, as ours
-        fdk.GetRampFilter().SetHannCutFrequency(0.0)
-        fdk.Update()
-        return itk.array_from_image(fdk.GetOutput())
+    if args.filter_only:
+        def run_filter():  # what FDKConeBeamReconstructionFilter does before backprojecting
+            weight = rtk.FDKWeightProjectionFilter[image_type].New()
+            weight.SetInput(projections)
+            weight.InPlaceOff()  # in place it would take over the stack's buffer (the FDK's own runs on a copy)
+            weight.SetGeometry(geometry)
+            ramp = rtk.FFTRampImageFilter[image_type, image_type, itk.D].New()
+            ramp.SetInput(weight.GetOutput())
+            ramp.SetTruncationCorrection(0.0)  # plain Ram-Lak, as in the reconstruction
+            ramp.SetHannCutFrequency(0.0)
+            ramp.Update()
+            return ramp.GetOutput()
 
-    seconds, volume = _timed(run, args.runs, args.warmup)
+        seconds, _ = _timed(run_filter, args.runs, args.warmup)
+        return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "threads": threads}
+
+    start = time.perf_counter()
+    fdk = rtk.FDKConeBeamReconstructionFilter[image_type].New()
+    fdk.SetInput(0, source.GetOutput())
+    fdk.SetInput(1, projections)
+    fdk.SetGeometry(geometry)
+    fdk.GetRampFilter().SetTruncationCorrection(0.0)  # plain Ram-Lak, as ours
+    fdk.GetRampFilter().SetHannCutFrequency(0.0)
+    fdk.Update()
+    volume = itk.array_from_image(fdk.GetOutput())
+    seconds = time.perf_counter() - start
     np.save(work / "rtk.npy", volume.astype(np.float32))
-    return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(),
-            "threads": int(itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())}
+    return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "threads": threads}
 
 
 # ---------------------------------------------------------------- driver
@@ -152,15 +208,41 @@ def _rtk_python() -> str:
     return str(python)
 
 
-def _spawn(python: str, method: str, args: argparse.Namespace, work: Path, device: str = "cpu") -> dict:
+def _spawn(python: str, method: str, args: argparse.Namespace, work: Path, device: str = "cpu",
+           filter_only: bool = False) -> dict:
+    """Run one worker process; adds ``process_seconds``: spawn to exit, timed here."""
+    runs = args.filter_runs if filter_only else 1
+    warmup = filter_only and args.filter_warmup
     cmd = [python, str(Path(__file__).resolve()), "--worker", method, "--work", str(work), "--device", device,
            "--size", str(args.size), "--projections", str(args.projections), "--detector", str(args.detector),
-           "--threads", str(args.threads), "--runs", str(args.runs)] + (["--warmup"] if args.warmup else [])
-    # Same thread count for every library underneath (OpenMP, MKL, ITK).
+           "--threads", str(args.threads), "--runs", str(runs)] + (["--warmup"] if warmup else []) \
+        + (["--filter-only"] if filter_only else [])
+    # Same thread count for every library underneath (OpenMP, MKL, ITK).  OpenMP threads wait passively
+    # (unless OMP_WAIT_POLICY is set): spin-waiting at every parallel region made torch's 2 threads about
+    # 10x slower on a 2-core machine that other processes also load (fdk at 128^3: 24-40 s against 2.3-3.4 s).
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"{method} worker failed with exit status {out.returncode}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), process_seconds=seconds)
+
+
+def _measure(python: str, method: str, args: argparse.Namespace, work: Path, device: str) -> dict:
+    """``args.runs`` one-shot reconstruction processes, then one filter-alone process."""
+    recon = [_spawn(python, method, args, work, device) for _ in range(args.runs)]
+    filt = _spawn(python, method, args, work, device, filter_only=True)
+    return {
+        "recon_s": statistics.median(r["seconds"] for r in recon),
+        "process_s": statistics.median(r["process_seconds"] for r in recon),
+        "filter_s": filt["seconds"],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in recon),
+        "threads": recon[0]["threads"],
+    }
 
 
 def _slice_metrics(volume: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -173,42 +255,64 @@ def _slice_metrics(volume: np.ndarray, reference: np.ndarray) -> tuple[float, fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=128, help="volume voxels per side (default 128)")
-    parser.add_argument("--projections", type=int, default=360)
-    parser.add_argument("--detector", type=int, default=256, help="detector pixels per side")
+    parser.add_argument("--case", type=int, choices=sorted(CASES),
+                        help="N^3 from 180/360/720 projections of N^2 for N = 128/256/512")
+    parser.add_argument("--size", type=int, default=None, help="volume voxels per side (default 128)")
+    parser.add_argument("--projections", type=int, default=None, help="default 360")
+    parser.add_argument("--detector", type=int, default=None, help="detector pixels per side (default 256)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=None, help="timed runs (default 3, 1 from 256^3 up)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="reconstruction processes per method (default 3, 1 from 512^3 up)")
+    parser.add_argument("--filter-runs", type=int, default=None,
+                        help="timed filter-alone runs after one warm-up (default 3; 1 without warm-up from 512^3 up)")
     parser.add_argument("--no-rtk", action="store_true", help="skip RTK")
+    parser.add_argument("--rtk-512", action="store_true", help="run RTK from 512^3 up too (about 13 min)")
     parser.add_argument("--worker", choices=("ours", "rtk"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--filter-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        args.runs = args.runs or 1
         result = (_worker_ours if args.worker == "ours" else _worker_rtk)(args)
         print(json.dumps(result))
         return
 
-    big = args.size >= 256
+    preset = (args.case, CASES[args.case], args.case) if args.case else (128, 360, 256)
+    args.size = args.size or preset[0]
+    args.projections = args.projections or preset[1]
+    args.detector = args.detector or preset[2]
+    big = args.size >= 512
     if args.runs is None:
         args.runs = 1 if big else 3
-    args.warmup = not big or args.runs > 1
+    if args.filter_runs is None:
+        args.filter_runs = 1 if big else 3
+    args.filter_warmup = args.filter_runs > 1
+    skip_rtk = None
+    if args.no_rtk:
+        skip_rtk = "RTK not run (--no-rtk)"
+    elif big and not args.rtk_512:
+        skip_rtk = "RTK not run at 512 (≈13 min per the calibration); --rtk-512 runs it"
     sys.path.insert(0, str(ROOT))
     import torch
 
     from reconstruct.geometry import ConeBeamGeometry, VolumeGrid, write_rtk_geometry_xml
     from reconstruct.phantom import project_ellipsoids, shepp_logan_3d, voxelize_ellipsoids
 
-    rtk_python = None if args.no_rtk else _rtk_python()
+    rtk_python = None if skip_rtk else _rtk_python()
     geometry = ConeBeamGeometry.circular(
         args.projections, source_to_isocenter_mm=SID_MM, source_to_detector_mm=SDD_MM,
         detector_size_uv=args.detector, detector_spacing_uv_mm=DETECTOR_MM / args.detector,
     )
     grid = VolumeGrid(args.size, FOV_MM / args.size)
     phantom = shepp_logan_3d(PHANTOM_RADIUS_MM, density_scale=DENSITY_SCALE)
-    timing = f"median of {args.runs} after 1 warm-up" if args.warmup else f"{args.runs} run(s), no warm-up"
+    filter_timing = f"median of {args.filter_runs} after 1 warm-up" if args.filter_warmup \
+        else f"{args.filter_runs} run(s), no warm-up"
     print(f"# {args.size}^3 voxels of {FOV_MM / args.size:.4g} mm, {args.projections} projections of "
-          f"{args.detector}x{args.detector}, {args.threads} threads, wall s = {timing}", flush=True)
+          f"{args.detector}x{args.detector}, {args.threads} threads; recon s and whole-process s: median of "
+          f"{args.runs} fresh process(es), one reconstruction each, no warm-up; filter s: {filter_timing}; "
+          f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-fdk-") as tmp:
         work = Path(tmp)
@@ -223,24 +327,35 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("ours", "cuda", sys.executable))
         if rtk_python is not None:
             runs.append(("rtk", "cpu", rtk_python))
-        rows = []
-        for method, device, python in runs:
-            stats = _spawn(python, method, args, work, device)
-            volume = np.load(work / (f"ours-{device}.npy" if method == "ours" else "rtk.npy"))
-            rows.append((method, device, stats, volume))
-        rtk_volume = next((v for m, _, _, v in rows if m == "rtk"), None)
+        header = f"{'method':<6} {'device':<6} {'thr':>3} {'recon s':>8} {'process s':>9} {'filter s':>8} " \
+                 f"{'GUPS':>7} {'peak RSS MiB':>12} {'RMSE 1/mm':>10} {'PSNR dB':>8} {'max|ours-RTK|':>14}"
+        updates = args.size ** 3 * args.projections / 1e9
 
-        header = f"{'method':<8} {'device':<6} {'threads':>7} {'wall s':>8} {'peak RSS MiB':>12} " \
-                 f"{'RMSE 1/mm':>10} {'PSNR dB':>8} {'max|ours-RTK|':>14}"
-        print(header)
-        print("-" * len(header))
-        for method, device, stats, volume in rows:
+        def line(method, device, stats, volume, rtk_volume):
             rmse, psnr = _slice_metrics(volume, reference)
             diff = "-" if rtk_volume is None or method == "rtk" else \
                 f"{float(np.abs(volume.astype(np.float64) - rtk_volume).max()):.3e}"
             name = "RTK" if method == "rtk" else "ours"
-            print(f"{name:<8} {device:<6} {stats['threads']:>7} {stats['seconds']:>8.2f} {stats['peak_rss_mib']:>12.0f} "
-                  f"{rmse:>10.3e} {psnr:>8.2f} {diff:>14}")
+            return (f"{name:<6} {device:<6} {stats['threads']:>3} {stats['recon_s']:>8.2f} {stats['process_s']:>9.2f} "
+                    f"{stats['filter_s']:>8.2f} {updates / stats['recon_s']:>7.3f} {stats['peak_rss_mib']:>12.0f} "
+                    f"{rmse:>10.3e} {psnr:>8.2f} {diff:>14}")
+
+        rows = []
+        for method, device, python in runs:
+            stats = _measure(python, method, args, work, device)
+            volume = np.load(work / (f"ours-{device}.npy" if method == "ours" else "rtk.npy"))
+            rows.append((method, device, stats, volume))
+            print(f"# done {time.strftime('%H:%M:%S')}, load average "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}: {line(method, device, stats, volume, None)}",
+                  flush=True)
+        rtk_volume = next((v for m, _, _, v in rows if m == "rtk"), None)
+
+        print(header)
+        print("-" * len(header))
+        for method, device, stats, volume in rows:
+            print(line(method, device, stats, volume, rtk_volume))
+        if skip_rtk:
+            print(skip_rtk)
 
 
 if __name__ == "__main__":
