@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from pacs.errors import IndexUnavailable
 from pacs.index.database import Database
+from pacs.index.repository import record_open_pack, record_sealed_pack
 from pacs.ingest.service import IngestService
 from pacs.settings import Settings
 from pacs.storage import ObjectStore, open_blob_store
+from pacs.storage.packs import PackPool
 from pacs.storage.compaction import Compactor
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ class Services:
 
     def close(self) -> None:
         self.compactor.wait()
+        if self.objects.packs is not None:
+            self.objects.packs.close()
         self.objects.blobs.close()
         self.db.dispose()
 
@@ -62,6 +66,23 @@ def build_services(settings: Settings, *, migrate: bool = True) -> Services:
         db.dispose()
         raise IndexUnavailable(f"cannot open the index at {db.describe()}: {exc}") from exc
     objects = ObjectStore(open_blob_store(settings))
+    objects.packs = _pack_pool(settings, objects, db)
     compactor = Compactor(objects, db, settings.storage)
     ingest = IngestService(objects, db, settings.storage, compactor)
     return Services(settings=settings, db=db, objects=objects, compactor=compactor, ingest=ingest)
+
+
+def _pack_pool(settings: Settings, objects: ObjectStore, db: Database) -> PackPool | None:
+    """Append-only packs for ingest, where the settings and the backend allow them."""
+    if not settings.storage.uses_append_packs:
+        return None
+
+    def opened(path: str) -> None:
+        with db.session() as session:
+            record_open_pack(session, path)
+
+    def sealed(path: str, size_bytes: int, object_count: int) -> None:
+        with db.session() as session:
+            record_sealed_pack(session, path, size_bytes, object_count)
+
+    return PackPool(objects.blobs, target_bytes=settings.storage.pack_target_mb << 20, on_open=opened, on_seal=sealed)

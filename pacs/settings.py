@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,7 +65,11 @@ class StorageSettings(BaseModel):
     # may turn this off (one round trip less per object).
     hdfs_hsync: bool = True
     block_size_mb: int = Field(default=256, ge=1)
-    # Packing: instances land one file each, then are compacted into containers.
+    # Packing.  Where the backend can append (local), objects go straight into
+    # append-only packs: one write and one fdatasync each, written once.  Else
+    # (HDFS, or append_packs=false) they land one file each and are compacted
+    # into packs.  None: on wherever the backend can append.
+    append_packs: bool | None = None
     pack_target_mb: int = Field(default=256, ge=1)
     # Compaction starts once a pack's worth of bytes, or this many instances,
     # wait in the landing area ...
@@ -77,6 +81,20 @@ class StorageSettings(BaseModel):
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     # Largest object accepted by ingest (bytes); larger ones are refused.
     max_object_mb: int = Field(default=4096, ge=1)
+
+    @model_validator(mode="after")
+    def _append_needs_a_backend_that_appends(self) -> StorageSettings:
+        if self.append_packs and self.backend is not StorageBackend.LOCAL:
+            raise ValueError(
+                f"storage.append_packs=true needs a backend that can append to files (local), "
+                f"got {self.backend.value!r}; on HDFS objects land and are compacted"
+            )
+        return self
+
+    @property
+    def uses_append_packs(self) -> bool:
+        """Whether ingest appends to packs (else objects land and are compacted)."""
+        return self.append_packs is not False and self.backend is StorageBackend.LOCAL
 
 
 class IndexSettings(BaseModel):

@@ -141,11 +141,16 @@ class Instance(Base):
 
 class ContainerState(str, enum.Enum):
     WRITING = "writing"  # the compactor is writing it; not referenced yet
+    OPEN = "open"  # ingest appends to it; every record referenced is durable
     SEALED = "sealed"  # durable and referenced by instance rows
 
 
 class Container(Base):
-    """A pack file; rows in state WRITING left by a crash are swept by the compactor."""
+    """A pack file; rows in state WRITING left by a crash are swept by the compactor.
+
+    Packs that ingest appends to are OPEN until the process seals them (full,
+    or at shutdown); one whose process died stays OPEN and readable.
+    """
 
     __tablename__ = "containers"
 

@@ -15,7 +15,17 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from pacs.index.models import Instance, Patient, RemoteAE, Series, Study, SupersededObject, utcnow
+from pacs.index.models import (
+    Container,
+    ContainerState,
+    Instance,
+    Patient,
+    RemoteAE,
+    Series,
+    Study,
+    SupersededObject,
+    utcnow,
+)
 from pacs.storage.objects import Location
 
 
@@ -313,3 +323,17 @@ def find_remote_ae(session: Session, ae_title: str) -> RemoteAE | None:
 
 def list_remote_aes(session: Session) -> list[RemoteAE]:
     return list(session.scalars(select(RemoteAE).order_by(RemoteAE.ae_title)))
+
+
+def record_open_pack(session: Session, path: str) -> None:
+    """A pack that ingest is about to append to."""
+    session.add(Container(path=path, state=ContainerState.OPEN, created_at=utcnow()))
+
+
+def record_sealed_pack(session: Session, path: str, size_bytes: int, object_count: int) -> None:
+    """An appended pack that is closed for good."""
+    session.execute(
+        update(Container)
+        .where(Container.path == path)
+        .values(state=ContainerState.SEALED, size_bytes=size_bytes, object_count=object_count, sealed_at=utcnow())
+    )

@@ -159,13 +159,13 @@ class IngestService:
             # an in-memory source was copied into a private buffer: it cannot change
             # before it is written, so it is hashed once; a file is hashed again as it streams
             verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))
-            result = self._store_parsed(fp, attrs, sha256, source_ae, verify)
+            result = self._store_parsed(fp, attrs, sha256, size, source_ae, verify)
         if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
             self.compactor.after_store()
         return result
 
     def _store_parsed(
-        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, source_ae: str, verify: bool
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
     ) -> StoreResult:
         uid = attrs.sop_instance_uid
         with self.db.transaction() as conn:
@@ -175,7 +175,7 @@ class IngestService:
             if early is not None:
                 return early
 
-        location = self._write(fp, sha256, attrs, verify)
+        location = self._write(fp, sha256, size, attrs, verify)
         try:
             with self.db.transaction() as conn:
                 instance_pk = add_instance(conn, attrs, location, source_ae=source_ae)
@@ -230,11 +230,11 @@ class IngestService:
             )
         return None
 
-    def _write(self, fp: BinaryIO, sha256: str, attrs: InstanceAttributes, verify: bool) -> Location:
+    def _write(self, fp: BinaryIO, sha256: str, size: int, attrs: InstanceAttributes, verify: bool) -> Location:
         delay = 0.5
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
-                return self.objects.put(_chunks(fp), sha256=sha256, verify=verify)
+                return self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
             except StorageUnavailable as exc:
                 if attempt == STORE_ATTEMPTS:
                     raise
@@ -247,6 +247,11 @@ class IngestService:
         raise AssertionError("unreachable")
 
     def _discard(self, location: Location) -> None:
+        """Remove bytes written for an object that was not indexed after all.
+
+        A landing file is deleted; a record appended to a pack stays there,
+        unreferenced, until the pack is rewritten.
+        """
         try:
             self.objects.delete(location)
         except Exception as exc:  # the landing sweeper will find it unreferenced

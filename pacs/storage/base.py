@@ -24,6 +24,25 @@ class BlobInfo:
     size: int
 
 
+class AppendFile(abc.ABC):
+    """A new file that grows by appends, each durable when :meth:`append` returns."""
+
+    path: str
+
+    @abc.abstractmethod
+    def append(self, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` at the end; return the offset of their first byte once they are durable."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Bytes appended so far."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Make everything durable and release the file; it is never appended to again."""
+
+
 class BlobStore(abc.ABC):
     """Durable, append-never, overwrite-never byte files addressed by relative path."""
 
@@ -49,6 +68,10 @@ class BlobStore(abc.ABC):
             n = min(chunk_size, end - offset)
             yield self.read(path, offset, n)
             offset += n
+
+    def open_append(self, path: str) -> AppendFile:
+        """Create ``path`` for appending (see :class:`AppendFile`); backends that cannot, refuse."""
+        raise NotImplementedError(f"{type(self).__name__} cannot append to files")
 
     @abc.abstractmethod
     def delete(self, path: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pacs.errors import NotFound, StorageUnavailable
-from pacs.storage.base import BlobInfo, BlobStore
+from pacs.storage.base import AppendFile, BlobInfo, BlobStore
 
 
 class LocalBlobStore(BlobStore):
@@ -57,6 +57,9 @@ class LocalBlobStore(BlobStore):
         _fsync_dir(final.parent)
         return written
 
+    def open_append(self, path: str) -> LocalAppendFile:
+        return LocalAppendFile(self._full(path), path)
+
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         try:
             with open(self._full(path), "rb") as f:
@@ -102,6 +105,60 @@ class LocalBlobStore(BlobStore):
                 except FileNotFoundError:
                     continue  # removed (compacted) while we walked
                 yield BlobInfo(full.relative_to(self.root).as_posix(), size)
+
+
+class LocalAppendFile(AppendFile):
+    """An append-only file: each append is written and ``fdatasync``'ed before it returns.
+
+    The file is created exclusively and its folder fsync'ed once, so its name
+    survives a crash; after that an append costs one write and one
+    ``fdatasync`` (data and size, no directory update).  A crash during an
+    append can leave a torn last record; what was appended before is intact.
+    Not thread-safe: one writer at a time (see ``pacs.storage.packs``).
+    """
+
+    def __init__(self, full_path: Path, path: str) -> None:
+        self.path = path
+        self._full = full_path
+        try:
+            full_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create {full_path}: {exc}") from exc
+        _fsync_dir(full_path.parent)
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def append(self, chunks: Iterable[bytes]) -> int:
+        if self._fd < 0:
+            raise ValueError(f"{self.path} is closed")
+        start = self._size
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                    self._size += n
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            # The bytes after ``start`` may be partly written: they are never
+            # referenced, and later appends go after them.
+            raise StorageUnavailable(f"cannot append to {self._full}: {exc}") from exc
+        return start
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _fsync_dir(path: Path) -> None:

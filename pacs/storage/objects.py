@@ -1,10 +1,15 @@
 """DICOM-agnostic object storage with checksums and container packing.
 
-Objects first *land* as one file each under ``landing/`` (a create that is
-durable when it returns), so acknowledging a store never waits for a batch.
-The compactor (:mod:`pacs.storage.compaction`) later copies landed objects
-into large *pack* files under ``packs/`` and switches their index rows in one
-transaction, which bounds the number of files the NameNode has to track.
+Objects go to *pack* files under ``packs/`` in one of two ways:
+
+* straight in, where the blob store can append (the local filesystem): each
+  object is appended to an open pack and flushed before ``put`` returns
+  (:mod:`pacs.storage.packs`);
+* through a *landing* file each under ``landing/`` (a create that is durable
+  when it returns; HDFS), so acknowledging a store never waits for a batch.
+  The compactor (:mod:`pacs.storage.compaction`) later copies landed objects
+  into packs and switches their index rows in one transaction, which bounds
+  the number of files the NameNode has to track.
 
 A pack is a sequence of records, each a 48-byte header followed by the
 object's original bytes::
@@ -33,13 +38,13 @@ from datetime import datetime, timezone
 
 from pacs.errors import ChecksumMismatch, NotFound, StorageUnavailable
 from pacs.storage.base import BlobStore
+from pacs.storage.packs import PackPool, new_pack_path
 
 log = logging.getLogger(__name__)
 
 RECORD_MAGIC = b"PACSREC1"
 RECORD_HEADER = struct.Struct("<8sQ32s")
 LANDING_PREFIX = "landing/"
-PACK_PREFIX = "packs/"
 READ_ATTEMPTS = 3
 
 
@@ -88,25 +93,54 @@ class _Hashing:
             yield chunk
 
 
-class ObjectStore:
-    """put / get / get_range / exists / checksum / delete of whole objects."""
+class _Exactly:
+    """Pass chunks through, failing unless they add up to ``length`` bytes (a record header promised that many)."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, chunks: Iterable[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self._chunks:
+            seen += len(chunk)
+            if seen > self._length:
+                raise ValueError(f"object longer than announced: expected {self._length} bytes, got more")
+            yield chunk
+        if seen != self._length:
+            raise ValueError(f"object shorter than announced: expected {self._length} bytes, got {seen}")
+
+
+class ObjectStore:
+    """put / get / get_range / exists / checksum / delete of whole objects.
+
+    With ``packs`` (a :class:`PackPool` on a blob store that can append),
+    ``put`` appends to a pack; without, it writes a landing file.
+    """
+
+    def __init__(self, blobs: BlobStore, packs: PackPool | None = None) -> None:
         self.blobs = blobs
+        self.packs = packs
 
     @property
     def description(self) -> str:
         return self.blobs.description
 
-    def put(self, chunks: Iterable[bytes], *, sha256: str | None = None, verify: bool = True) -> Location:
-        """Write one object to the landing area; return once it is durable.
+    def put(
+        self, chunks: Iterable[bytes], *, sha256: str | None = None, verify: bool = True, length: int | None = None
+    ) -> Location:
+        """Write one object; return once it is durable.
 
-        ``sha256`` is the caller's digest of the bytes.  With ``verify`` (or
-        without a digest) the bytes are hashed again as they stream, which
-        catches a source file rewritten under us; a caller whose bytes cannot
-        change (a private in-memory copy) passes ``verify=False`` and the
-        object is hashed once only.
+        ``sha256`` is the caller's digest of the bytes and ``length`` their
+        count.  With ``verify`` (or without a digest) the bytes are hashed
+        again as they stream, which catches a source file rewritten under us;
+        a caller whose bytes cannot change (a private in-memory copy) passes
+        ``verify=False`` and the object is hashed once only.  An object goes
+        into a pack only when digest and length are known before its first
+        byte (the record header holds both); otherwise it lands.
         """
+        if self.packs is not None and sha256 is not None and length is not None:
+            return self._append(chunks, sha256, length, verify)
         now = datetime.now(timezone.utc)
         path = f"{LANDING_PREFIX}{now:%Y%m%d}/{now:%H%M%S}-{uuid.uuid4().hex}.dcm"
         if sha256 is not None and not verify:
@@ -119,6 +153,20 @@ class ObjectStore:
             self.blobs.delete(path)
             raise ChecksumMismatch(f"object changed while stored: expected sha256 {sha256}, got {digest}")
         return Location(path, 0, hashing.length, digest)
+
+    def _append(self, chunks: Iterable[bytes], sha256: str, length: int, verify: bool) -> Location:
+        header = RECORD_HEADER.pack(RECORD_MAGIC, length, bytes.fromhex(sha256))
+        hashing = _Hashing(_Exactly(chunks, length)) if verify else None
+        try:
+            path, start = self.packs.append(header, hashing if hashing is not None else _Exactly(chunks, length))
+        except ValueError as exc:
+            raise ChecksumMismatch(f"object changed while stored: {exc}") from exc
+        if hashing is not None and hashing.digest.hexdigest() != sha256:
+            # The record is durable but nothing will reference it.
+            raise ChecksumMismatch(
+                f"object changed while stored: expected sha256 {sha256}, got {hashing.digest.hexdigest()}"
+            )
+        return Location(path, start + RECORD_HEADER.size, length, sha256)
 
     def get(self, location: Location, *, verify: bool = True) -> bytes:
         """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored.
@@ -176,13 +224,13 @@ class ObjectStore:
         return digest.hexdigest()
 
     def delete(self, location: Location) -> bool:
-        """Remove a landed object's file.
+        """Remove a landed object's file; return False for a packed object, which stays where it is.
 
         Packed objects are never removed one by one: their bytes go when the
         pack is rewritten without them.
         """
         if not location.is_landing:
-            raise ValueError(f"only landed objects can be deleted singly, not {location.container}")
+            return False
         return self.blobs.delete(location.container)
 
     def write_pack(
@@ -196,8 +244,7 @@ class ObjectStore:
         left out (and absent from the result).
         The pack is durable when this returns.
         """
-        now = datetime.now(timezone.utc)
-        path = f"{PACK_PREFIX}{now:%Y/%m/%d}/{now:%H%M%S}-{uuid.uuid4().hex[:16]}.pack"
+        path = new_pack_path()
         placed: dict[str, Location] = {}
 
         def records() -> Iterator[bytes]:
@@ -224,15 +271,25 @@ class ObjectStore:
 
 
 def read_pack_records(blobs: BlobStore, path: str) -> Iterator[Location]:
-    """Walk a pack's record headers (to rebuild or check an index from the pack alone)."""
+    """Walk a pack's record headers (to rebuild or check an index from the pack alone).
+
+    A record cut short at the end of the pack — an append that a crash
+    interrupted, which nothing references — ends the walk.
+    """
     size = blobs.size(path)
     offset = 0
     while offset < size:
+        if offset + RECORD_HEADER.size > size:
+            log.warning("%s: torn record header at %d (pack ends at %d), ignored", path, offset, size)
+            return
         magic, length, digest = RECORD_HEADER.unpack(
             blobs.read(path, offset, RECORD_HEADER.size)
         )
         if magic != RECORD_MAGIC:
             raise ChecksumMismatch(f"{path}@{offset}: bad record magic {magic!r}")
         offset += RECORD_HEADER.size
+        if offset + length > size:
+            log.warning("%s: torn record at %d (%d bytes announced, pack ends at %d), ignored", path, offset, length, size)
+            return
         yield Location(path, offset, length, digest.hex())
         offset += length

@@ -40,8 +40,10 @@ def test_store_ls_info_verify(tmp_path):
     result = runner.invoke(app, ["info", "--data-dir", str(data_dir)])
     assert "instances: 4" in result.output
 
+    # The embedded default appends objects straight into one pack: nothing lands, nothing to compact.
+    assert [p.relative_to(data_dir / "store").parts[0] for p in (data_dir / "store").rglob("*") if p.is_file()] == ["packs"]
     result = runner.invoke(app, ["storage", "compact", "--all", "--data-dir", str(data_dir)])
-    assert result.exit_code == 0 and "4 objects" in result.output
+    assert result.exit_code == 0 and "0 objects" in result.output
     result = runner.invoke(app, ["storage", "verify", "--data-dir", str(data_dir)])
     assert result.exit_code == 0 and "4 objects checked, 0 problems" in result.output
 

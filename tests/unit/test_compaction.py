@@ -14,7 +14,8 @@ from pacs.synthetic import SeriesSpec, make_series
 
 
 def small_settings(tmp_path, **storage) -> Settings:
-    base = dict(landing_compact_at=20, landing_max_files=40, pack_target_mb=1)
+    """The local backend with objects landing one file each (as on HDFS), and small thresholds."""
+    base = dict(append_packs=False, landing_compact_at=20, landing_max_files=40, pack_target_mb=1)
     base.update(storage)
     return Settings(data_dir=tmp_path / "data", storage=base)
 

@@ -1,0 +1,134 @@
+"""Objects written straight into append-only packs: one write and one fsync per object.
+
+Where the blob store can append (the local filesystem), ingest does not land
+each object in a file of its own: it appends the object, with the same record
+header the compactor writes (see :mod:`pacs.storage.objects`), to an open pack
+and ``fdatasync``'s it.  Compared with a landing file (create, write, fsync,
+link into place, fsync the folder, and later copy into a pack and delete) an
+object costs one write and one flush, is written once, and there is no
+landing area to compact.
+
+A :class:`PackPool` keeps the open packs of one process.  A store takes an
+idle pack (or opens a new one), appends, and gives it back, so concurrent
+stores never share a file and sequential ones fill the same pack; the number
+of open packs is at most the number of stores that ever ran at once.  A pack
+that reaches ``target_bytes`` is sealed when it is given back.
+
+Crash safety: an object is referenced by the index only after its append has
+returned, i.e. after it is durable.  A crash during an append leaves a torn
+last record that nothing references (``read_pack_records`` stops before it).
+An append that fails retires its pack, so torn bytes are only ever at the end.
+A pack left open by a process that died stays readable; its container row
+stays ``open``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pacs.storage.base import AppendFile, BlobStore
+
+log = logging.getLogger(__name__)
+
+PACK_PREFIX = "packs/"
+
+
+def new_pack_path() -> str:
+    """A fresh, unique pack path: ``packs/YYYY/MM/DD/HHMMSS-<random>.pack`` (UTC)."""
+    now = datetime.now(timezone.utc)
+    return f"{PACK_PREFIX}{now:%Y/%m/%d}/{now:%H%M%S}-{uuid.uuid4().hex[:16]}.pack"
+
+
+@dataclass
+class _OpenPack:
+    file: AppendFile
+    objects: int = 0
+
+
+class PackPool:
+    """The open packs of one process; thread-safe.
+
+    ``on_open(path)`` runs before a new pack's first record is written and
+    ``on_seal(path, size_bytes, object_count)`` after a pack is closed (the
+    composition root records them in the index's container table).
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        *,
+        target_bytes: int,
+        on_open: Callable[[str], None] | None = None,
+        on_seal: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        if target_bytes <= 0:
+            raise ValueError(f"target_bytes: expected a positive size, got {target_bytes}")
+        self.blobs = blobs
+        self.target_bytes = target_bytes
+        self._on_open = on_open
+        self._on_seal = on_seal
+        self._idle: list[_OpenPack] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def append(self, header: bytes, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Append one record (header, then the object's chunks); return (pack path, offset of the header).
+
+        Durable when it returns.  On failure the pack is retired (sealed with
+        what it held before) and the error propagates.
+        """
+        pack = self._take()
+        try:
+            start = pack.file.append(itertools.chain((header,), chunks))
+        except BaseException:
+            self._seal(pack)
+            raise
+        pack.objects += 1
+        self._give_back(pack)
+        return pack.file.path, start
+
+    def close(self) -> None:
+        """Seal every idle pack; later appends open new ones."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for pack in idle:
+            self._seal(pack)
+
+    def _take(self) -> _OpenPack:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        path = new_pack_path()
+        if self._on_open is not None:
+            self._on_open(path)
+        pack = _OpenPack(self.blobs.open_append(path))
+        log.info("opened pack %s", path)
+        return pack
+
+    def _give_back(self, pack: _OpenPack) -> None:
+        if pack.file.size >= self.target_bytes:
+            self._seal(pack)
+            return
+        with self._lock:
+            self._idle.append(pack)
+
+    def _seal(self, pack: _OpenPack) -> None:
+        try:
+            pack.file.close()
+        except Exception as exc:  # noqa: BLE001 - every record in it was made durable when appended
+            log.warning("closing pack %s: %s", pack.file.path, exc)
+        log.info("sealed pack %s: %d objects, %.1f MB", pack.file.path, pack.objects, pack.file.size / 1e6)
+        if self._on_seal is not None:
+            try:
+                self._on_seal(pack.file.path, pack.file.size, pack.objects)
+            except Exception as exc:  # noqa: BLE001 - the container row is bookkeeping; the objects are indexed
+                log.warning("could not record pack %s as sealed: %s", pack.file.path, exc)
+
+
+__all__ = ["PACK_PREFIX", "PackPool", "new_pack_path"]
