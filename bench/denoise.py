@@ -151,7 +151,7 @@ def figure(path: Path, noisy, bm3d_out, unet_out, reference, title: str) -> None
         ax.set_title(label + extra, fontsize=10)
         ax.axis("off")
     fig.suptitle(title + " (W400/L40)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the suptitle above the panel titles
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
