@@ -17,10 +17,26 @@ SSIM per task, on the soft-tissue window) and the output folder gets:
 
 Patch draws come from a generator seeded by ``(seed, epoch)``, so a run that
 is resumed after an interruption sees the same data as one that was not.
+
+**Data-parallel training.**  When ``torch.distributed`` is initialised (the
+Spark launcher of ``denoise.distributed`` does it; any ``torchrun``-style
+launcher will), ``train`` runs one replica per process: the model is wrapped
+in ``DistributedDataParallel``, each rank draws its own ``batch_size``
+patches per step from the stream of :func:`epoch_rng` ``(seed, epoch, rank)``
+and DDP averages the gradients, so one step learns from
+``world_size * batch_size`` patches at the same learning rate.  Rank 0 alone
+simulates the pairs (the others then load them from the cache), validates and
+writes every file above; the others wait for it at a barrier after each
+epoch.  Every rank loads ``state.pt`` on ``resume`` (optimiser state included),
+and writes ``replicas/rank-R.json`` with a SHA-256 of its parameters at the
+end, so that anyone can check the replicas stayed identical.  Without a
+process group nothing of this happens: one process, no DDP, the same
+patches as rank 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -37,7 +53,8 @@ from .dataset import PairSet, PatchSampler, SimulationConfig, build_pair_set
 from .metrics import SOFT_TISSUE, apply_window, psnr, ssim
 from .model import UNet, UNetConfig
 
-__all__ = ["TrainConfig", "EpochRecord", "train", "plot_history"]
+__all__ = ["TrainConfig", "EpochRecord", "train", "plot_history", "epoch_rng", "load_resume_state",
+           "parameters_sha256"]
 
 
 @dataclass
@@ -94,6 +111,8 @@ class EpochRecord:
     val: dict[str, dict[str, float]]  # task -> {"psnr_db", "ssim", "input_psnr_db"}
     lr: float
     seconds: float
+    # Processes whose gradients were averaged in each step (patches per step = world_size * batch_size).
+    world_size: int = 1
 
     @property
     def val_psnr_db(self) -> float:
@@ -107,6 +126,66 @@ def _loss(output: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> to
         loss = loss + config.window_loss_weight * F.l1_loss(apply_window(output * s, SOFT_TISSUE),
                                                             apply_window(target * s, SOFT_TISSUE))
     return loss
+
+
+def epoch_rng(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
+    """The patch generator of one rank for one epoch.
+
+    Rank 0 uses ``(seed, epoch)``, the stream of a single-process run, so one
+    process with or without a process group trains on the same patches; rank
+    ``r > 0`` uses ``(seed, epoch, r)``, an independent stream.  Depending only
+    on these numbers keeps resumed runs identical to uninterrupted ones.
+    """
+    return np.random.default_rng([seed, epoch] if rank == 0 else [seed, epoch, rank])
+
+
+def _torch_seed(seed: int, epoch: int, rank: int) -> int:
+    if rank == 0:
+        return seed * 100_003 + epoch
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's state (names, dtypes, shapes and bytes, in order), as hex."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_resume_state(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TrainConfig, dict[str, Any]]:
+    """The configuration to continue with and the contents of ``out_dir/state.pt``.
+
+    The saved configuration wins, except ``epochs`` (another total re-times
+    the cosine from the saved epoch on) and the folders: the run continues in
+    the ``out_dir`` its state was found in, with the ``cache_dir`` given now
+    (slices are cached by simulation and seed, which the saved configuration
+    fixes; a relative folder saved by another process may name another place).
+    Raises ``FileNotFoundError`` without ``state.pt`` and ``ValueError`` for
+    another model or too few epochs.
+    """
+    state_path = Path(config.out_dir) / "state.pt"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"resume: expected {state_path} from an earlier run, got no such file")
+    state = torch.load(state_path, map_location=device, weights_only=False)
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.model != config.model:
+        raise ValueError(f"resume: expected the model of the saved run {saved.model}, got {config.model}")
+    if config.epochs != saved.epochs and config.epochs <= state["epoch"]:
+        raise ValueError(f"resume: expected --epochs above the {state['epoch']} epochs already done, "
+                         f"got {config.epochs}")
+    d = saved.to_dict()
+    d.update(epochs=config.epochs, out_dir=str(config.out_dir), cache_dir=str(config.cache_dir))
+    return TrainConfig.from_dict(d), state
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (the Spark driver polls ``history.json``) see the old or the new file, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
@@ -166,9 +245,17 @@ def train(
     """Train (or, with ``resume``, continue from ``out_dir/state.pt``); returns the history.
 
     Callbacks: ``on_step(step, total_steps, loss)``, ``on_epoch(record)``,
-    ``on_data(set_name, done, total)`` while simulating the pairs.
+    ``on_data(set_name, done, total)`` while simulating the pairs.  Under an
+    initialised ``torch.distributed`` process group this is one rank of a
+    data-parallel run (module docstring); ``out_dir`` and ``cache_dir`` must
+    then be the same folders for every rank (one machine or a shared file
+    system).  Only rank 0 validates, so only its history has ``val`` results
+    and only it calls ``on_epoch``.
     """
     config.check()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -180,29 +267,32 @@ def train(
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch = 1
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"resume: expected {state_path} from an earlier run, got no such file")
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        saved = TrainConfig.from_dict(state["config"])
-        if saved.model != config.model:
-            raise ValueError(f"resume: expected the model of the saved run {saved.model}, got {config.model}")
-        if config.epochs != saved.epochs and config.epochs <= state["epoch"]:
-            raise ValueError(f"resume: expected --epochs above the {state['epoch']} epochs already done, "
-                             f"got {config.epochs}")
-        config = _with_epochs(saved, config.epochs)  # another total re-times the cosine from here on
+        # every rank loads the file: the optimiser's moments must match on all of them, not only the weights
+        config, state = load_resume_state(config, device)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         history = [EpochRecord(**r) for r in state["history"]]
         start_epoch = state["epoch"] + 1
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        del state
+    if rank == 0:
+        for stale in (out / "replicas").glob("rank-*.json"):  # an earlier run's, maybe with more ranks
+            stale.unlink()
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    # DDP broadcasts rank 0's parameters here, so replicas start equal even from different random inits
+    network: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     def progress_of(name: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: on_data(name, done, total)) if on_data else None
 
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 simulates missing slices; two writers of one cache file would race
     train_pairs = build_pair_set(config.cache_dir, config.train_seed, config.train_slices, config.simulation,
                                  progress=progress_of("training slices"))
-    val_pairs = build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
-                               progress=progress_of("validation slices"))
+    if rank == 0:
+        val_pairs = build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
+                                   progress=progress_of("validation slices"))
+        if distributed:
+            torch.distributed.barrier()
     sampler = PatchSampler(train_pairs, config.patch_px, config.task_weights,
                            gaussian_sigma_hu=config.simulation.gaussian_sigma_8bit / 255.0 * 400.0)
     val_tasks = [t for t in ("quarter", "sparse") if config.task_weights.get(t, 0) > 0] or ["quarter"]
@@ -212,8 +302,8 @@ def train(
     model.train()
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
-        rng = np.random.default_rng([config.seed, epoch])
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        rng = epoch_rng(config.seed, epoch, rank)
+        torch.manual_seed(_torch_seed(config.seed, epoch, rank))
         losses = []
         for i in range(config.steps_per_epoch):
             step = (epoch - 1) * config.steps_per_epoch + i
@@ -223,18 +313,29 @@ def train(
             inputs, targets = sampler.batch(config.batch_size, rng)
             x = torch.from_numpy(inputs / scale).to(device)
             y = torch.from_numpy(targets / scale).to(device)
-            loss = _loss(model(x), y, config)
+            loss = _loss(network(x), y, config)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
             if on_step:
                 on_step(step + 1, total_steps, losses[-1])
-        record = EpochRecord(epoch, float(np.mean(losses)), validate(model, val_pairs, device, val_tasks), lr,
-                             time.perf_counter() - started)
+        train_loss = float(np.mean(losses))
+        if distributed:  # the mean over every rank's patches, not rank 0's alone
+            total = torch.tensor([train_loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            train_loss = float(total.item()) / world_size
+        if rank != 0:
+            # rank 0 validates and writes; waiting here keeps every rank on the same epoch
+            history.append(EpochRecord(epoch, train_loss, {}, lr, time.perf_counter() - started, world_size))
+            torch.distributed.barrier()
+            continue
+        record = EpochRecord(epoch, train_loss, validate(model, val_pairs, device, val_tasks), lr,
+                             time.perf_counter() - started, world_size)
         history.append(record)
         metrics = {"epoch": epoch, "val": record.val, "val_psnr_db": record.val_psnr_db, "train_loss": record.train_loss}
-        training = {"config": config.to_dict(), "epoch": epoch, "steps": epoch * config.steps_per_epoch}
+        training = {"config": config.to_dict(), "epoch": epoch, "steps": epoch * config.steps_per_epoch,
+                    "world_size": world_size, "patches_per_step": world_size * config.batch_size}
         save_checkpoint(out / f"unet-{config.version}-e{epoch:03d}.pt", model, version=config.version,
                         metrics=metrics, training=training)
         if record.val_psnr_db > best:
@@ -244,14 +345,16 @@ def train(
         torch.save({"config": config.to_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
                     "history": [asdict(r) for r in history], "epoch": epoch}, state_path.with_suffix(".partial"))
         state_path.with_suffix(".partial").replace(state_path)
-        (out / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=2) + "\n", encoding="utf-8")
+        _write_atomically(out / "history.json", json.dumps([asdict(r) for r in history], indent=2) + "\n")
         plot_history(history, out / "curves.png")
         if on_epoch:
             on_epoch(record)
+        if distributed:
+            torch.distributed.barrier()
+    if distributed:
+        replicas = out / "replicas"
+        replicas.mkdir(exist_ok=True)
+        _write_atomically(replicas / f"rank-{rank}.json", json.dumps(
+            {"rank": rank, "world_size": world_size, "epoch": config.epochs,
+             "parameters_sha256": parameters_sha256(model)}) + "\n")
     return history
-
-
-def _with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
-    d = config.to_dict()
-    d["epochs"] = epochs
-    return TrainConfig.from_dict(d)
