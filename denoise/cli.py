@@ -58,21 +58,41 @@ def train_command(
     residual: Annotated[bool, typer.Option("--residual/--no-residual", help="Predict the noise (output = input - net).")] = True,
     epochs: Annotated[int, typer.Option(help="Epochs (validation and a checkpoint after each).")] = 20,
     steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 200,
-    batch_size: Annotated[int, typer.Option(help="Patches per step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Patches per step (per process with --spark-processes).")] = 8,
     patch_px: Annotated[int, typer.Option(help="Square training patch size, a multiple of 2**depth.")] = 96,
     lr: Annotated[float, typer.Option(help="Initial Adam learning rate (cosine decay to lr-min).")] = 1e-3,
     lr_min: Annotated[float, typer.Option(help="Final learning rate.")] = 1e-5,
     train_slices: Annotated[int, typer.Option(help="Simulated 512x512 training slices.")] = 64,
     val_slices: Annotated[int, typer.Option(help="Held-out validation slices (another seed).")] = 3,
     tasks: Annotated[str, typer.Option(help="Task mix: quarter (quarter dose), sparse (50-150 views), gaussian (image noise).")] = "quarter=0.65,sparse=0.35",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
+    spark_processes: Annotated[Optional[int], typer.Option(
+        "--spark-processes", min=1, show_default=False,
+        help="Train data-parallel on N Spark tasks (PyTorch DDP, gloo): each draws --batch-size patches per step "
+             "and the gradients are averaged, so a step learns from N x --batch-size patches. Needs N task slots "
+             "(local[N] or N worker cores); --out-dir and --cache-dir must be visible to every executor. "
+             "Default: no Spark, one process.")] = None,
+    master: Annotated[Optional[str], typer.Option(
+        help="Spark master for --spark-processes: local[N] or spark://HOST:PORT (default: setting spark.master, "
+             "env PACS_SPARK_MASTER, else local[*]).", show_default=False)] = None,
 ) -> None:
-    """Train the U-Net on simulated low-dose/reference pairs (simulated once, then cached)."""
-    from denoise.model import UNetConfig
-    from denoise.train import TrainConfig, train
+    """Train the U-Net on simulated low-dose/reference pairs (simulated once, then cached).
 
+    With --spark-processes N the training runs on N Spark barrier tasks (TorchDistributor): rank 0 validates
+    and writes the checkpoints, state.pt and history.json, and this command prints each epoch as rank 0
+    finishes it. See docs/denoising.md, "Training on Spark".
+    """
+    from denoise.model import UNetConfig
+    from denoise.train import TrainConfig
+
+    if spark_processes is None and master is not None:
+        raise typer.BadParameter("expected --master only with --spark-processes, got --master without it",
+                                 param_hint="--master")
+    if spark_processes is not None and threads is not None:
+        raise typer.BadParameter("expected --threads only without --spark-processes (each Spark task uses "
+                                 "spark.task.cpus threads), got both", param_hint="--threads")
     try:
         config = TrainConfig(
             out_dir=out_dir, cache_dir=cache_dir, version=version,
@@ -85,6 +105,26 @@ def train_command(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     started = time.perf_counter()
+    if spark_processes is not None:
+        history = _train_on_spark(config, spark_processes, master, resume)
+    else:
+        history = _train_here(config, resume)
+    best = max(history, key=lambda r: r.val_psnr_db)
+    console.print(f"done in {time.perf_counter() - started:.0f} s; best epoch {best.epoch} "
+                  f"({best.val_psnr_db:.2f} dB mean validation PSNR): {out_dir / f'unet-{version}.pt'}; "
+                  f"curves in {out_dir / 'curves.png'}")
+
+
+def _print_epoch(console_: Console, record) -> None:
+    scores = "  ".join(f"{task} {v['psnr_db']:.2f} dB / SSIM {v['ssim']:.4f} (FBP {v['input_psnr_db']:.2f} dB)"
+                       for task, v in record.val.items())
+    console_.print(f"epoch {record.epoch}: loss {record.train_loss:.4f}, validation {scores}, "
+                   f"{record.seconds:.0f} s")
+
+
+def _train_here(config, resume: bool) -> list:
+    from denoise.train import train
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         data_task = progress.add_task("simulating pairs", total=None, note="")
@@ -96,21 +136,51 @@ def train_command(
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(step_task, completed=step, total=total, note=f"loss {loss:.4f}")
 
-        def on_epoch(record) -> None:
-            scores = "  ".join(f"{task} {v['psnr_db']:.2f} dB / SSIM {v['ssim']:.4f} (FBP {v['input_psnr_db']:.2f} dB)"
-                               for task, v in record.val.items())
-            progress.console.print(f"epoch {record.epoch}: loss {record.train_loss:.4f}, validation {scores}, "
-                                   f"{record.seconds:.0f} s")
-
         try:
-            history = train(config, resume=resume, on_step=on_step, on_epoch=on_epoch, on_data=on_data)
+            return train(config, resume=resume, on_step=on_step, on_epoch=lambda r: _print_epoch(progress.console, r),
+                         on_data=on_data)
         except (ValueError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None
-    best = max(history, key=lambda r: r.val_psnr_db)
-    console.print(f"done in {time.perf_counter() - started:.0f} s; best epoch {best.epoch} "
-                  f"({best.val_psnr_db:.2f} dB mean validation PSNR): {out_dir / f'unet-{version}.pt'}; "
-                  f"curves in {out_dir / 'curves.png'}")
+
+
+def _train_on_spark(config, processes: int, master: str | None, resume: bool) -> list:
+    """``--spark-processes``: the master from the option or the settings; epoch-level progress."""
+    import logging
+
+    from denoise.distributed import train_on_spark
+    from pacs.errors import PacsError
+    from pacs.settings import load_settings
+
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    try:
+        settings = load_settings()
+    except Exception as exc:  # pydantic's ValidationError and file errors: the settings are unusable
+        console.print(f"[red]error:[/] settings: {exc}")
+        raise typer.Exit(1) from None
+    where = master or settings.spark.master
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        data_task = progress.add_task("simulating pairs", total=None, note="")
+        epoch_task = progress.add_task(f"epochs on Spark ({processes} processes, {where})", total=None,
+                                       note="starting", visible=False)
+
+        def on_data(name: str, done: int, total: int) -> None:
+            progress.update(data_task, description=f"simulating {name}", completed=done, total=total)
+
+        def on_start(done: int, total: int) -> None:
+            progress.update(epoch_task, completed=done, total=total, visible=True)
+
+        def on_epoch(record) -> None:
+            progress.update(epoch_task, completed=record.epoch, note=f"loss {record.train_loss:.4f}")
+            _print_epoch(progress.console, record)
+
+        try:
+            return train_on_spark(config, processes, resume=resume, master=master, spark_settings=settings.spark,
+                                  on_data=on_data, on_start=on_start, on_epoch=on_epoch)
+        except (PacsError, ValueError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
 
 
 def _is_npy(path: Path) -> bool:
