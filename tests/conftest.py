@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 
@@ -38,3 +39,14 @@ def _hermetic():
     logging.getLogger("alembic").setLevel(logging.WARNING)
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """One Spark session in local mode with 2 slots for a test module (start-up costs several seconds)."""
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs Java 17+ (java not on PATH)")
+    from pacs.spark import spark_session
+
+    with spark_session("local[2]", "pacs unit tests") as session:
+        yield session

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import socket
 
 import numpy as np
@@ -25,19 +24,9 @@ from denoise.model import UNet, UNetConfig  # noqa: E402
 from denoise.train import TrainConfig, _learning_rate, _loss, epoch_rng, parameters_sha256, train  # noqa: E402
 from pacs.cli.main import app  # noqa: E402
 from pacs.errors import SparkUnavailable  # noqa: E402
-from pacs.spark import spark_session  # noqa: E402
 
 MASTER = "local[2]"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def spark():
-    """One local[2] session for the module (start-up costs several seconds)."""
-    if shutil.which("java") is None:
-        pytest.skip("Spark needs Java 17+ (java not on PATH)")
-    with spark_session(MASTER, "pacs unit tests") as session:
-        yield session
 
 
 def _config(tmp_path, epochs: int) -> TrainConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +32,6 @@ from pacs.errors import NotFound, SparkUnavailable  # noqa: E402
 from pacs.index.models import Instance  # noqa: E402
 from pacs.services import build_services  # noqa: E402
 from pacs.settings import Settings  # noqa: E402
-from pacs.spark import spark_session  # noqa: E402
 from pacs.synthetic import SeriesSpec, make_series  # noqa: E402
 from reconstruct.jobs.archive import load_series  # noqa: E402
 
@@ -41,15 +39,6 @@ runner = CliRunner()
 MASTER = "local[2]"
 SLICES, SIDE = 6, 64
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness")
-
-
-@pytest.fixture(scope="module")
-def spark():
-    """One local[2] session for the module (start-up costs several seconds)."""
-    if shutil.which("java") is None:
-        pytest.skip("Spark needs Java 17+ (java not on PATH)")
-    with spark_session(MASTER, "pacs unit tests") as session:
-        yield session
 
 
 @pytest.fixture(scope="module")

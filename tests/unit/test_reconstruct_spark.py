@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 
 import numpy as np
@@ -19,7 +18,7 @@ from pacs.cli.main import app  # noqa: E402
 from pacs.errors import JobFailed, NotFound, SparkUnavailable  # noqa: E402
 from pacs.index.models import Instance, Series  # noqa: E402
 from pacs.index.repository import location_of  # noqa: E402
-from pacs.spark import check_master, spark_session  # noqa: E402
+from pacs.spark import check_master  # noqa: E402
 from reconstruct.dicom_io import projections_to_multiframe  # noqa: E402
 from reconstruct.fdk import fdk  # noqa: E402
 from reconstruct.geometry import ConeBeamGeometry, VolumeGrid  # noqa: E402
@@ -46,15 +45,6 @@ def _scan(**offsets) -> tuple[ConeBeamGeometry, np.ndarray]:
 
 
 GRID = VolumeGrid(64, 1.8)  # 115 mm cube: the detector covers 128 mm at the isocentre
-
-
-@pytest.fixture(scope="module")
-def spark():
-    """One local[2] session for the module (start-up costs several seconds)."""
-    if shutil.which("java") is None:
-        pytest.skip("Spark needs Java 17+ (java not on PATH)")
-    with spark_session(MASTER, "pacs unit tests") as session:
-        yield session
 
 
 def _close(volume: np.ndarray, reference: np.ndarray) -> None:
