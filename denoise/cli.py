@@ -68,6 +68,10 @@ def train_command(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Fine-tune: start from this checkpoint's weights (its network must match --width, --depth, "
+             "--space-to-depth, --norm, --residual) with a fresh optimiser and learning-rate schedule.",
+        show_default=False)] = None,
     spark_processes: Annotated[Optional[int], typer.Option(
         "--spark-processes", min=1, show_default=False,
         help="Train data-parallel on N Spark tasks (PyTorch DDP, gloo): each draws --batch-size patches per step "
@@ -99,9 +103,13 @@ def train_command(
             model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth),
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
-            threads=threads, device=device)
+            threads=threads, device=device, init_from=init_from)
         config.check()
-    except ValueError as exc:
+        if init_from is not None and not resume:
+            from denoise.train import initial_weights
+
+            initial_weights(config)  # a missing or mismatched checkpoint fails here, before any simulation
+    except ValueError as exc:  # CheckpointError is one
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     started = time.perf_counter()

@@ -79,16 +79,20 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    # Start from this checkpoint's weights (fine-tuning) instead of a random init; its network must be ``model``.
+    init_from: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out_dir"], d["cache_dir"] = str(self.out_dir), str(self.cache_dir)
+        d["init_from"] = None if self.init_from is None else str(self.init_from)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
         d["out_dir"], d["cache_dir"] = Path(d["out_dir"]), Path(d["cache_dir"])
+        d["init_from"] = Path(d["init_from"]) if d.get("init_from") else None
         d["model"] = UNetConfig.from_dict(d["model"])
         d["simulation"] = SimulationConfig(**d["simulation"])
         return cls(**d)
@@ -153,6 +157,17 @@ def parameters_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
         digest.update(value.numpy().tobytes())
     return digest.hexdigest()
+
+
+def initial_weights(config: TrainConfig) -> UNet:
+    """The network of ``config.init_from``, checked to be the network ``config`` trains."""
+    from .checkpoints import CheckpointError, load_checkpoint
+
+    net, meta = load_checkpoint(config.init_from)
+    if net.config != config.model:
+        raise CheckpointError(f"init_from {Path(config.init_from).name}: expected a U-Net {config.model}, "
+                              f"got {net.config}")
+    return net
 
 
 def load_resume_state(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TrainConfig, dict[str, Any]]:
@@ -274,6 +289,8 @@ def train(
         history = [EpochRecord(**r) for r in state["history"]]
         start_epoch = state["epoch"] + 1
         del state
+    elif config.init_from is not None:
+        model.load_state_dict(initial_weights(config).state_dict())
     if rank == 0:
         for stale in (out / "replicas").glob("rank-*.json"):  # an earlier run's, maybe with more ranks
             stale.unlink()

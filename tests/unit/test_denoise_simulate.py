@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from denoise import phantoms, simulate
+from denoise.checkpoints import load_checkpoint
 from denoise.dataset import PatchSampler, SimulationConfig, build_pair_set
 from denoise.metrics import noise_std_hu, psnr
 from denoise.model import UNetConfig
@@ -84,3 +85,22 @@ def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="resume"):
         train(TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", model=UNetConfig(width=8, depth=2),
                           patch_px=32), resume=True)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_weights(tmp_path):
+    small = dict(model=UNetConfig(width=4, depth=2), simulation=SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64),
+                 steps_per_epoch=2, batch_size=2, patch_px=32, train_slices=2, val_slices=1)
+    base = TrainConfig(out_dir=tmp_path / "base", cache_dir=tmp_path / "cache", version="b", epochs=1, **small)
+    train(base)
+    start, _ = load_checkpoint(tmp_path / "base" / "unet-b.pt")
+    tuned = TrainConfig(out_dir=tmp_path / "tuned", cache_dir=tmp_path / "cache", version="t", epochs=1, lr=1e-12,
+                        lr_min=1e-12, init_from=tmp_path / "base" / "unet-b.pt", **small)
+    train(tuned)
+    after, _ = load_checkpoint(tmp_path / "tuned" / "unet-t.pt")
+    # a learning rate of 1e-12 leaves the weights where they started: the checkpoint's, not a random init
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"].endswith("unet-b.pt")
+    with pytest.raises(ValueError, match="expected a U-Net"):
+        train(TrainConfig(out_dir=tmp_path / "x", cache_dir=tmp_path / "cache", epochs=1,
+                          init_from=tmp_path / "base" / "unet-b.pt", **{**small, "model": UNetConfig(width=8, depth=2)}))
