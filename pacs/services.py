@@ -85,4 +85,5 @@ def _pack_pool(settings: Settings, objects: ObjectStore, db: Database) -> PackPo
         with db.session() as session:
             record_sealed_pack(session, path, size_bytes, object_count)
 
-    return PackPool(objects.blobs, target_bytes=settings.storage.pack_target_mb << 20, on_open=opened, on_seal=sealed)
+    return PackPool(objects.blobs, target_bytes=settings.storage.pack_target_mb << 20,
+                    idle_seal_s=settings.storage.pack_idle_seal_s, on_open=opened, on_seal=sealed)

@@ -65,11 +65,15 @@ class StorageSettings(BaseModel):
     # may turn this off (one round trip less per object).
     hdfs_hsync: bool = True
     block_size_mb: int = Field(default=256, ge=1)
-    # Packing.  Where the backend can append (local), objects go straight into
-    # append-only packs: one write and one fdatasync each, written once.  Else
-    # (HDFS, or append_packs=false) they land one file each and are compacted
-    # into packs.  None: on wherever the backend can append.
+    # Packing.  Where the backend can append (local; HDFS through hdfs-native),
+    # objects go straight into append-only packs: one write and one flush
+    # (fdatasync / hsync) each, written once.  Else (WebHDFS, or
+    # append_packs=false) they land one file each and are compacted into packs.
+    # None: on wherever the backend can append.
     append_packs: bool | None = None
+    # An appended pack nobody has written to for this long is sealed (closed):
+    # on HDFS, only closed files can be read without WebHDFS.
+    pack_idle_seal_s: float = Field(default=30.0, gt=0)
     pack_target_mb: int = Field(default=256, ge=1)
     # Compaction starts once a pack's worth of bytes, or this many instances,
     # wait in the landing area ...
@@ -84,17 +88,22 @@ class StorageSettings(BaseModel):
 
     @model_validator(mode="after")
     def _append_needs_a_backend_that_appends(self) -> StorageSettings:
-        if self.append_packs and self.backend is not StorageBackend.LOCAL:
+        if self.append_packs and not self._can_append:
             raise ValueError(
-                f"storage.append_packs=true needs a backend that can append to files (local), "
-                f"got {self.backend.value!r}; on HDFS objects land and are compacted"
+                f"storage.append_packs=true needs a backend that can append to files (local, or hdfs with "
+                f"hdfs_client=native), got backend {self.backend.value!r} with hdfs_client "
+                f"{self.hdfs_client.value!r}; there objects land and are compacted"
             )
         return self
 
     @property
+    def _can_append(self) -> bool:
+        return self.backend is StorageBackend.LOCAL or self.hdfs_client is HdfsClient.NATIVE
+
+    @property
     def uses_append_packs(self) -> bool:
         """Whether ingest appends to packs (else objects land and are compacted)."""
-        return self.append_packs is not False and self.backend is StorageBackend.LOCAL
+        return self.append_packs is not False and self._can_append
 
 
 class IndexSettings(BaseModel):

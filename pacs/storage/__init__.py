@@ -24,6 +24,8 @@ def open_blob_store(settings: Settings) -> BlobStore:
             block_size=storage.block_size_mb << 20,
             timeout_s=storage.hdfs_timeout_s,
             hsync=storage.hdfs_hsync,
+            webhdfs_url=storage.webhdfs_url,
+            webhdfs_user=storage.hdfs_user,
         )
     from pacs.storage.hdfs import WebHdfsBlobStore
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Iterable, Iterator
 from typing import TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
-from pacs.storage.base import BlobInfo, BlobStore
+from pacs.storage.base import AppendFile, BlobInfo, BlobStore
 
 T = TypeVar("T")
 
@@ -84,10 +84,15 @@ class NativeHdfsBlobStore(BlobStore):
         block_size: int = 256 << 20,
         hsync: bool = True,
         timeout_s: float = 30.0,
+        webhdfs_url: str | None = None,
+        webhdfs_user: str = "pacs",
     ) -> None:
         import hdfs_native  # imported here: the local default must not need it
 
         self._hdfs_native = hdfs_native
+        self._webhdfs_url = webhdfs_url
+        self._webhdfs_user = webhdfs_user
+        self._webhdfs: WebHdfsBlobStore | None = None
         self.url = url
         self.root = root.rstrip("/") or "/"
         self.replication = replication
@@ -149,6 +154,18 @@ class NativeHdfsBlobStore(BlobStore):
             raise StorageUnavailable(f"write of {full} on {self.url} failed: {exc}") from exc
         return written
 
+    def open_append(self, path: str) -> HdfsAppendFile:
+        full = _join(self.root, path)
+        try:
+            writer = self._run(self.client.create(full, self._options()), f"create {full}")
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            if "AlreadyExists" in str(exc) or "already exists" in str(exc):
+                raise FileExistsError(full) from exc
+            raise StorageUnavailable(f"cannot create {full} on {self.url}: {exc}") from exc
+        return HdfsAppendFile(self, writer, path, full)
+
     def _abandon(self, full: str) -> None:
         """Remove a file whose write failed, so nothing half-written is visible."""
         try:
@@ -184,7 +201,28 @@ class NativeHdfsBlobStore(BlobStore):
         reader = self._reader(full)
         if length is None:
             length = len(reader) - offset
+        if offset + length > len(reader):
+            return self._read_open_file(path, offset, length)
         return self._read_range(reader, full, offset, length)
+
+    def _read_open_file(self, path: str, offset: int, length: int) -> bytes:
+        """Read bytes hdfs-native cannot see yet: those of a file that is still being written.
+
+        hdfs-native 0.14 reads only up to the length the NameNode reports,
+        which for a file under construction leaves out its last block; the
+        bytes hsync'ed to it are there all the same, and a DataNode serves
+        them through WebHDFS (``storage.webhdfs_url``).  Packs that ingest
+        appends to are read this way until they are sealed.
+        """
+        if self._webhdfs_url is None:
+            raise StorageUnavailable(
+                f"{path} is still being written and hdfs-native cannot read it; "
+                f"set storage.webhdfs_url to read open packs through WebHDFS"
+            )
+        if self._webhdfs is None:
+            self._webhdfs = WebHdfsBlobStore(self._webhdfs_url, self.root, user=self._webhdfs_user,
+                                             replication=self.replication, block_size=self.block_size)
+        return self._webhdfs.read(path, offset, length)
 
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20
@@ -193,6 +231,9 @@ class NativeHdfsBlobStore(BlobStore):
         reader = self._reader(full)
         if length is None:
             length = len(reader) - offset
+        if offset + length > len(reader):
+            yield self._read_open_file(path, offset, length)
+            return
         end = offset + length
         while offset < end:
             n = min(chunk_size, end - offset)
@@ -242,6 +283,52 @@ class NativeHdfsBlobStore(BlobStore):
             if status.isdir or posixpath.basename(status.path).startswith("."):
                 continue  # folders, and temporaries of writes in flight
             yield BlobInfo(status.path[strip:], status.length)
+
+
+class HdfsAppendFile(AppendFile):
+    """A pack on HDFS that grows by appends, each hsync'ed before :meth:`append` returns.
+
+    hsync makes every DataNode of the pipeline persist the bytes, so an
+    appended record survives the loss of any DataNode but the last.  A failed
+    append (a DataNode died, a call ran past its deadline) breaks the file:
+    nothing more is appended to it, and closing it does not wait on the
+    broken pipeline — the NameNode's lease recovery closes it later with
+    everything that was hsync'ed.
+    """
+
+    def __init__(self, store: NativeHdfsBlobStore, writer, path: str, full: str) -> None:  # noqa: ANN001
+        self._store = store
+        self._writer = writer
+        self.path = path
+        self._full = full
+        self._size = 0
+        self._broken = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def append(self, chunks: Iterable[bytes]) -> int:
+        if self._broken or self._writer is None:
+            raise StorageUnavailable(f"{self._full} can no longer be appended to")
+        start = self._size
+        try:
+            for chunk in chunks:
+                self._store._run(self._writer.write(chunk), f"append to {self._full}")
+                self._size += len(chunk)
+            self._store._run(self._writer.hsync(), f"hsync {self._full}")
+        except BaseException as exc:
+            self._broken = True
+            if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):
+                raise
+            raise StorageUnavailable(f"append to {self._full} on {self._store.url} failed: {exc}") from exc
+        return start
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None or self._broken:
+            return
+        self._store._run(writer.close(), f"close {self._full}")
 
 
 class WebHdfsBlobStore(BlobStore):

@@ -20,6 +20,12 @@ last record that nothing references (``read_pack_records`` stops before it).
 An append that fails retires its pack, so torn bytes are only ever at the end.
 A pack left open by a process that died stays readable; its container row
 stays ``open``.
+
+On HDFS an append is a write and an ``hsync`` to an open file (about 7 ms
+for 0.5 MB on the test cluster, against about 24 ms to create, write, hsync
+and close a landing file); hdfs-native cannot read an open file, so reads of
+an open pack go through WebHDFS (``NativeHdfsBlobStore``) until the pack is
+sealed: full, idle for ``idle_seal_s``, or at shutdown.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +56,7 @@ def new_pack_path() -> str:
 class _OpenPack:
     file: AppendFile
     objects: int = 0
+    last_used: float = 0.0  # time.monotonic() of the last append
 
 
 class PackPool:
@@ -56,7 +64,9 @@ class PackPool:
 
     ``on_open(path)`` runs before a new pack's first record is written and
     ``on_seal(path, size_bytes, object_count)`` after a pack is closed (the
-    composition root records them in the index's container table).
+    composition root records them in the index's container table).  With
+    ``idle_seal_s``, a thread seals packs nobody has appended to for that
+    long, so that a pack does not stay open after its study has arrived.
     """
 
     def __init__(
@@ -64,18 +74,23 @@ class PackPool:
         blobs: BlobStore,
         *,
         target_bytes: int,
+        idle_seal_s: float | None = None,
         on_open: Callable[[str], None] | None = None,
         on_seal: Callable[[str, int, int], None] | None = None,
     ) -> None:
         if target_bytes <= 0:
             raise ValueError(f"target_bytes: expected a positive size, got {target_bytes}")
+        if idle_seal_s is not None and idle_seal_s <= 0:
+            raise ValueError(f"idle_seal_s: expected a positive number of seconds, got {idle_seal_s}")
         self.blobs = blobs
         self.target_bytes = target_bytes
+        self.idle_seal_s = idle_seal_s
         self._on_open = on_open
         self._on_seal = on_seal
         self._idle: list[_OpenPack] = []
         self._lock = threading.Lock()
-        self._closed = False
+        self._stop = threading.Event()
+        self._sealer: threading.Thread | None = None
 
     def append(self, header: bytes, chunks: Iterable[bytes]) -> tuple[str, int]:
         """Append one record (header, then the object's chunks); return (pack path, offset of the header).
@@ -94,11 +109,35 @@ class PackPool:
         return pack.file.path, start
 
     def close(self) -> None:
-        """Seal every idle pack; later appends open new ones."""
+        """Seal every idle pack and stop the idle sealer; later appends open new ones."""
+        self._stop.set()
+        sealer = self._sealer
+        if sealer is not None and sealer is not threading.current_thread():
+            sealer.join()
         with self._lock:
             idle, self._idle = self._idle, []
+            self._sealer = None
+            self._stop.clear()
         for pack in idle:
             self._seal(pack)
+
+    def seal_idle(self, older_than_s: float) -> int:
+        """Seal the idle packs last appended to more than ``older_than_s`` ago; return how many."""
+        cutoff = time.monotonic() - older_than_s
+        with self._lock:
+            stale = [p for p in self._idle if p.last_used <= cutoff]
+            self._idle = [p for p in self._idle if p.last_used > cutoff]
+        for pack in stale:
+            self._seal(pack)
+        return len(stale)
+
+    def _seal_idle_forever(self) -> None:
+        interval = self.idle_seal_s / 4
+        while not self._stop.wait(interval):
+            try:
+                self.seal_idle(self.idle_seal_s)
+            except Exception:  # noqa: BLE001 - keep sealing later; the packs stay readable meanwhile
+                log.exception("sealing idle packs failed")
 
     def _take(self) -> _OpenPack:
         with self._lock:
@@ -109,9 +148,15 @@ class PackPool:
             self._on_open(path)
         pack = _OpenPack(self.blobs.open_append(path))
         log.info("opened pack %s", path)
+        if self.idle_seal_s is not None:
+            with self._lock:
+                if self._sealer is None:
+                    self._sealer = threading.Thread(target=self._seal_idle_forever, name="pack-sealer", daemon=True)
+                    self._sealer.start()
         return pack
 
     def _give_back(self, pack: _OpenPack) -> None:
+        pack.last_used = time.monotonic()
         if pack.file.size >= self.target_bytes:
             self._seal(pack)
             return

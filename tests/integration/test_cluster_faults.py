@@ -5,6 +5,9 @@
 (c) Postgres stopped during an ingest: failures are reported, nothing is half
     indexed, and re-sending after it returns gives no duplicates;
 (f) the number of files on HDFS for 1,000 instances stays bounded.
+
+Ingest appends to open packs on HDFS by default; (a) and (b) also run with
+objects landing one file each and compacted later (storage.append_packs=false).
 (d) and (e) — one row per re-sent instance, malformed input rejected — run
 against this stack in test_hdfs_backends.py's TestClusterIngest.
 """
@@ -38,22 +41,34 @@ def read_back_all(services, sent: dict[str, bytes]) -> None:
             assert row.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_round_trip_of_300_instances(cluster):
+@pytest.fixture(params=["append", "landing"])
+def each_write_path(request, tmp_path, hdfs_root, pg_url):
+    """Services on HDFS + Postgres, once appending to open packs and once landing files."""
+    services = build_services(cluster_settings(tmp_path, hdfs_root, pg_url, append_packs=request.param == "append"))
+    yield services
+    services.close()
+
+
+def test_round_trip_of_300_instances(each_write_path):
+    cluster = each_write_path
     spec = SeriesSpec(study_key="a", series_key="a1", rows=256, columns=256, count=300)
     sent = {}
     for data in make_series(spec):
         result = cluster.ingest.store(data, source_ae="SCANNER")
         assert result.outcome is StoreOutcome.STORED
         sent[result.sop_instance_uid] = data
-    read_back_all(cluster, sent)  # from the landing area
+    read_back_all(cluster, sent)  # from the open pack (through WebHDFS), or from the landing area
+    if cluster.objects.packs is not None:
+        cluster.objects.packs.close()  # sealed: now hdfs-native reads it
     cluster.compactor.wait()
     cluster.compactor.compact(force=True)
-    read_back_all(cluster, sent)  # from packs
+    read_back_all(cluster, sent)  # from closed packs
     report = scrub(cluster.db, cluster.objects)
     assert (report.checked, report.problems) == (300, [])
 
 
-def test_datanode_killed_during_ingest_loses_nothing_acknowledged(cluster):
+def test_datanode_killed_during_ingest_loses_nothing_acknowledged(each_write_path):
+    cluster = each_write_path
     spec = SeriesSpec(study_key="b", series_key="b1", rows=256, columns=256, count=200)
     acknowledged: dict[str, bytes] = {}
     failed = []
@@ -69,6 +84,9 @@ def test_datanode_killed_during_ingest_loses_nothing_acknowledged(cluster):
             acknowledged[result.sop_instance_uid] = data
         assert len(acknowledged) >= 150, f"too many failures with one DataNode down: {failed[:3]}"
         read_back_all(cluster, acknowledged)
+        if cluster.objects.packs is not None:
+            cluster.objects.packs.close()
+            read_back_all(cluster, acknowledged)
         cluster.compactor.wait()
         cluster.compactor.compact(force=True)
         read_back_all(cluster, acknowledged)
@@ -120,7 +138,8 @@ def test_postgres_stopped_during_ingest(cluster):
 def test_files_on_hdfs_for_1000_instances_stay_bounded(tmp_path, hdfs_root, pg_url):
     # 1,000 x 128 KiB with 32 MiB packs: the guaranteed bound at rest is one
     # pack per 32 MiB plus one partial pack per compaction run.
-    settings = cluster_settings(tmp_path, hdfs_root, pg_url, pack_target_mb=32, landing_max_files=300)
+    settings = cluster_settings(tmp_path, hdfs_root, pg_url, pack_target_mb=32, landing_max_files=300,
+                                append_packs=False)
     services = build_services(settings)
     spec = SeriesSpec(study_key="f", series_key="f1", rows=256, columns=256, count=1000)
     total, peak_landing = 0, 0
@@ -138,3 +157,24 @@ def test_files_on_hdfs_for_1000_instances_stay_bounded(tmp_path, hdfs_root, pg_u
     assert len(files) <= runs, [f.path for f in files]
     assert all(f.path.startswith("packs/") for f in files)
     print(f"1,000 instances ({total / 1e6:.0f} MB): {len(files)} files on HDFS, peak landing {peak_landing}")
+
+
+def test_appending_1000_instances_leaves_one_file_per_pack(tmp_path, hdfs_root, pg_url):
+    settings = cluster_settings(tmp_path, hdfs_root, pg_url, pack_target_mb=32)
+    services = build_services(settings)
+    spec = SeriesSpec(study_key="g", series_key="g1", rows=256, columns=256, count=1000)
+    sent, total = {}, 0
+    for data in make_series(spec):
+        sent[services.ingest.store(data).sop_instance_uid] = data
+        total += len(data)
+    assert not list(services.objects.blobs.list("landing"))
+    services.close()  # seals the last pack
+    files = list(services.objects.blobs.list(""))
+    assert all(f.path.startswith("packs/") for f in files)
+    assert len(files) <= total // (32 << 20) + 1, [f.path for f in files]
+    services = build_services(settings)
+    try:
+        read_back_all(services, sent)
+    finally:
+        services.close()
+    print(f"1,000 instances ({total / 1e6:.0f} MB) appended: {len(files)} files on HDFS")

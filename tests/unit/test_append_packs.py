@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 
 import pytest
 from sqlalchemy import select
@@ -140,7 +141,28 @@ def test_a_source_that_changes_while_stored_is_refused_and_nothing_is_indexed(tm
 
 
 def test_append_packs_need_a_backend_that_can_append(tmp_path):
+    webhdfs = {"backend": "hdfs", "hdfs_client": "webhdfs"}
     with pytest.raises(ValueError, match="append_packs=true needs a backend that can append"):
-        Settings(data_dir=tmp_path / "data", storage={"backend": "hdfs", "append_packs": True})
-    assert not Settings(data_dir=tmp_path, storage={"backend": "hdfs"}).storage.uses_append_packs
+        Settings(data_dir=tmp_path / "data", storage={**webhdfs, "append_packs": True})
+    assert not Settings(data_dir=tmp_path, storage=webhdfs).storage.uses_append_packs
+    assert Settings(data_dir=tmp_path, storage={"backend": "hdfs"}).storage.uses_append_packs  # hdfs-native
     assert Settings(data_dir=tmp_path).storage.uses_append_packs
+    assert not Settings(data_dir=tmp_path, storage={"append_packs": False}).storage.uses_append_packs
+
+
+def test_a_pack_left_idle_is_sealed(tmp_path):
+    services = build_services(Settings(data_dir=tmp_path / "data", storage={"pack_idle_seal_s": 0.4}))
+    for data in series("idle", 3):
+        services.ingest.store(data)
+    deadline = time.monotonic() + 10
+    states = []
+    while time.monotonic() < deadline:
+        with services.db.session() as session:
+            states = session.scalars(select(Container.state)).all()
+        if states == [ContainerState.SEALED]:
+            break
+        time.sleep(0.1)
+    assert states == [ContainerState.SEALED]
+    services.ingest.store(series("idle-2", 1)[0])  # the next store opens a new pack
+    assert len(files_under(services)) == 2
+    services.close()
