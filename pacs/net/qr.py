@@ -8,12 +8,10 @@ what a viewer receives.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pydicom import dcmread
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (
@@ -33,6 +31,7 @@ from pacs.index.models import Instance
 from pacs.index.repository import find_remote_ae, location_of
 from pacs.net.access import QUERY, RETRIEVE, may
 from pacs.net.status import status_dataset
+from pacs.net.stored import StoredObject
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.query.identifiers import InformationModel, parse_identifier, response_plan
 from pacs.query.matching import Level, build_query
@@ -120,12 +119,12 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
 
 
 def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event) -> Iterator:
-    """Yield (Pending, dataset) per stored object.
+    """Yield (Pending, stored object) per match.
 
-    The dataset is parsed from the archived bytes but not otherwise touched:
-    pydicom writes its elements back as they were read, so in the stored
-    transfer syntax the peer receives the bytes the modality sent.  Where the
-    peer accepted only another uncompressed syntax, pynetdicom converts.
+    Each object goes out unparsed (:class:`pacs.net.stored.StoredObject`): in
+    the stored transfer syntax the peer receives the bytes the modality sent.
+    Where the peer accepted only another uncompressed syntax, the object is
+    decoded and pynetdicom converts.
     """
     for item in matches:
         if event.is_cancelled:
@@ -136,7 +135,9 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
         # association expires during a long move and pynetdicom aborts it.
         event.assoc.dul._idle_timer.restart()
         try:
-            dataset = dcmread(io.BytesIO(objects.get(item.location)))
+            dataset = StoredObject(objects.get(item.location), sop_class_uid=item.sop_class_uid,
+                                   sop_instance_uid=item.sop_instance_uid,
+                                   transfer_syntax_uid=item.transfer_syntax_uid)
         except PacsError as exc:
             log.error("retrieve: cannot read SOP instance %s: %s", item.sop_instance_uid, exc)
             yield int(Status.UNABLE_TO_PROCESS), None  # counts as a failed sub-operation

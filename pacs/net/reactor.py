@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # never waits for it: bytes, outgoing primitives and DIMSE messages wake the
 # threads at once.
 IDLE_WAIT_S = 0.005
+# Data PDUs sent directly are written at the end of their message, or once this much is held.
+_BATCH_BYTES = 4 << 20
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -66,6 +68,8 @@ class EventDrivenDUL(DULServiceProvider):
         # Held for every PDU written to the socket, so that PDUs sent directly
         # by the calling thread (see send_pdu) and by this thread never interleave.
         self._send_lock = threading.RLock()
+        self._held: list[bytes] = []  # encoded data PDUs of the message being sent (see _send_data_now)
+        self._held_bytes = 0
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -96,17 +100,38 @@ class EventDrivenDUL(DULServiceProvider):
         in Sta6 (PS3.8 9.2, action DT-1).  Doing that here spares each PDU two
         thread hand-offs; a message of many PDUs (a 0.5 MB image to a peer
         that takes 16 kB PDUs is 32 of them) otherwise waits for the DUL
-        thread to be scheduled for each one.  Anything else — another state,
-        a queued release or abort — goes through the state machine as before.
+        thread to be scheduled for each one.  The PDUs of one message are
+        written to the socket together when its last fragment is encoded (or
+        every ``_BATCH_BYTES``), one system call instead of one per PDU.
+        Anything else — another state, a queued release or abort — goes
+        through the state machine as before, after the PDUs held back.
         """
         with self._send_lock:
             if self.state_machine.current_state != "Sta6" or not self.to_provider_queue.empty():
+                self._flush()
                 return False
-            self._send(P_DATA_TF(primitive))
+            pdu = P_DATA_TF(primitive)
+            encoded = pdu.encode()
+            self._held.append(encoded)
+            self._held_bytes += len(encoded)
+            evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+            last = any(value[0] & 0x02 for _, value in primitive.presentation_data_value_list)
+            if last or self._held_bytes >= _BATCH_BYTES:
+                self._flush()
             return True
+
+    def _flush(self) -> None:
+        """Write the data PDUs held back (caller holds the send lock)."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        self.socket.send(data)  # a failure queues Evt17 (connection closed), as any send does
 
     def _send(self, pdu) -> None:  # noqa: ANN001 - pynetdicom's PDU types
         with self._send_lock:
+            self._flush()  # PDUs keep their order on the wire
             super()._send(pdu)
 
     def kill_dul(self) -> None:

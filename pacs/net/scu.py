@@ -5,12 +5,10 @@ Used by ``pacs echo`` and ``pacs push`` so operators can test routes.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydicom import dcmread
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
@@ -19,6 +17,7 @@ from pacs.errors import NotFound, PacsError
 from pacs.index.models import Instance, Series, Study
 from pacs.index.repository import location_of
 from pacs.net.reactor import EventDrivenAE
+from pacs.net.stored import StoredObject
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.services import Services
 
@@ -86,8 +85,10 @@ def push(
     try:
         for number, row in enumerate(rows, 1):
             try:
-                dataset = dcmread(io.BytesIO(services.objects.get(location_of(row))))
-                status = assoc.send_c_store(dataset)
+                stored = StoredObject(services.objects.get(location_of(row)), sop_class_uid=row.sop_class_uid,
+                                      sop_instance_uid=row.sop_instance_uid,
+                                      transfer_syntax_uid=row.transfer_syntax_uid)
+                status = assoc.send_c_store(stored)
                 code = int(status.Status) if "Status" in status else None
             except (PacsError, ValueError) as exc:
                 report.failed.append((row.sop_instance_uid, str(exc)))

@@ -2,6 +2,7 @@
 
 * TCP_NODELAY: without it every response waits for the peer's delayed ACK
   (~40 ms per message).
+* ``send_c_store`` that sends a stored object unparsed (``pacs.net.stored``).
 * On associations the archive requests (C-MOVE sub-associations, ``pacs
   push``/``echo``), a guard against a race in pynetdicom's request methods:
   ``send_c_store`` pauses the association's reactor thread by clearing a
@@ -26,6 +27,8 @@ from typing import Any
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 
+from pacs.net.stored import sending_stored
+
 _HOLD_TIMEOUT_S = 5.0
 
 
@@ -34,6 +37,8 @@ def handle_connection_open(event: evt.Event) -> None:
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Retrieves and pushes hand over stored objects unparsed (pacs.net.stored).
+    assoc.send_c_store = sending_stored(assoc, assoc.send_c_store)
     if assoc.is_requestor:
         for name in ("send_c_store", "send_c_echo"):
             setattr(assoc, name, _holding_reactor(assoc, getattr(assoc, name)))

@@ -192,7 +192,7 @@ def test_a_move_longer_than_the_network_timeout_ends_cleanly(embedded, tmp_path)
 
     embedded.settings.dicom.port = free_port()
     embedded.settings.dicom.network_timeout_s = 1
-    spec = SeriesSpec(study_key="long-move", series_key="long-move-1", rows=128, columns=128, count=600)
+    spec = SeriesSpec(study_key="long-move", series_key="long-move-1", rows=128, columns=128, count=1500)
     for data in make_series(spec):
         embedded.ingest.store(data)
     server = start_scp(embedded)
@@ -211,6 +211,6 @@ def test_a_move_longer_than_the_network_timeout_ends_cleanly(embedded, tmp_path)
         assert took > 1.5, "the move must outlast the network timeout for this test to mean anything"
         assert done.returncode == 0, done.stderr
         assert "Peer aborted" not in done.stderr
-        assert len(list(out.iterdir())) == 600
+        assert len(list(out.iterdir())) == 1500
     finally:
         server.shutdown()
