@@ -9,7 +9,9 @@ what a viewer receives.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -118,15 +120,34 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
         ]
 
 
+# Objects read (and checksummed) ahead of the one being sent: the reads overlap
+# the network exchange, at the cost of this many objects more in memory.
+READ_AHEAD = 2
+
+
+def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, Future]]:
+    """Each match with a future of its bytes, up to READ_AHEAD reads running ahead in a thread."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-read") as reader:
+        queued: deque[tuple[_ToSend, Future]] = deque()
+        upcoming = iter(matches)
+        for item in upcoming:
+            queued.append((item, reader.submit(objects.get, item.location)))
+            if len(queued) > READ_AHEAD:
+                yield queued.popleft()
+        while queued:
+            yield queued.popleft()
+
+
 def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event) -> Iterator:
     """Yield (Pending, stored object) per match.
 
     Each object goes out unparsed (:class:`pacs.net.stored.StoredObject`): in
     the stored transfer syntax the peer receives the bytes the modality sent.
     Where the peer accepted only another uncompressed syntax, the object is
-    decoded and pynetdicom converts.
+    decoded and pynetdicom converts.  The next objects are read while one is
+    sent (``READ_AHEAD``).
     """
-    for item in matches:
+    for item, read in _read_ahead(objects, matches):
         if event.is_cancelled:
             yield int(Status.CANCEL), None
             return
@@ -135,7 +156,7 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
         # association expires during a long move and pynetdicom aborts it.
         event.assoc.dul._idle_timer.restart()
         try:
-            dataset = StoredObject(objects.get(item.location), sop_class_uid=item.sop_class_uid,
+            dataset = StoredObject(read.result(), sop_class_uid=item.sop_class_uid,
                                    sop_instance_uid=item.sop_instance_uid,
                                    transfer_syntax_uid=item.transfer_syntax_uid)
         except PacsError as exc:

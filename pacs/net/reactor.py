@@ -40,6 +40,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 import types
 
@@ -118,6 +119,30 @@ class EventDrivenDUL(DULServiceProvider):
             last = any(value[0] & 0x02 for _, value in primitive.presentation_data_value_list)
             if last or self._held_bytes >= _BATCH_BYTES:
                 self._flush()
+            return True
+
+    def send_message_now(self, context_id: int, command: bytes, dataset: bytes | memoryview | None,
+                         max_pdu_length: int) -> bool:
+        """Write one whole DIMSE message (encoded command set and data set) as P-DATA-TF PDUs, now.
+
+        The fragmenting of PS3.8 9.3.5 / Annex E: one presentation data value
+        per PDU, each at most ``max_pdu_length`` (the peer's maximum; 0 means
+        no limit) including its 6-byte item header, the command's fragments
+        before the data set's, the last of each flagged.  Only where the state
+        machine would do the same (see :meth:`_send_data_now`); returns False
+        otherwise, and the caller sends the message the usual way.  For a
+        large data set this replaces a P-DATA primitive, a PDU object and an
+        encode per fragment by one buffer and one system call.
+        """
+        with self._send_lock:
+            if self.state_machine.current_state != "Sta6" or not self.to_provider_queue.empty():
+                return False
+            self._flush()
+            parts: list[bytes | memoryview] = []
+            _fragment(parts, context_id, memoryview(command), 0x01, max_pdu_length)
+            if dataset is not None:
+                _fragment(parts, context_id, memoryview(dataset), 0x00, max_pdu_length)
+            self.socket.send(b"".join(parts))
             return True
 
     def _flush(self) -> None:
@@ -248,6 +273,26 @@ def _next_message(assoc: Association) -> tuple[int | None, object | None]:
         item = messages.queue.popleft()
         messages.not_full.notify()  # as Queue.get does
         return item
+
+
+_PDU_AND_PDV_HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length, context ID, control
+
+
+def _fragment(parts: list, context_id: int, data: memoryview, control: int, max_pdu_length: int) -> None:
+    """Append P-DATA-TF PDUs carrying ``data`` as PDVs of one kind (control 0x01: command, 0x00: data set)."""
+    size = len(data) if max_pdu_length == 0 else max_pdu_length - 6
+    if size <= 0:
+        raise ValueError(f"expected a maximum PDU length above 6, got {max_pdu_length}")
+    start = 0
+    while True:
+        piece = data[start:start + size]
+        start += len(piece)
+        last = start >= len(data)
+        flags = control | (0x02 if last else 0x00)
+        parts.append(_PDU_AND_PDV_HEADER.pack(0x04, 0x00, len(piece) + 6, len(piece) + 2, context_id, flags))
+        parts.append(piece)
+        if last:
+            return
 
 
 def _run_reactor(assoc: Association) -> None:

@@ -29,8 +29,11 @@ from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 # A Part 10 file: 128-byte preamble, "DICM", then (0002,0000) UL with its 4-byte value.
@@ -87,13 +90,14 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     request.MoveOriginatorMessageID = originator_id
     request.AffectedSOPClassUID = obj.SOPClassUID
     request.AffectedSOPInstanceUID = obj.SOPInstanceUID
-    request.DataSet = io.BytesIO(obj.dataset_bytes())
+    dataset = obj.dataset_bytes()
+    request.DataSet = io.BytesIO(dataset)
     # As send_c_store: pause the reactor so that it cannot take the response.
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(request, context.context_id)
+        _send_message(assoc, request, context.context_id, dataset)
         _, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
@@ -101,6 +105,20 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(response)
+
+
+def _send_message(assoc: Association, request: C_STORE, context_id: int, dataset: memoryview) -> None:
+    """Send the C-STORE request: in one piece where the DUL provider can (pacs.net.reactor), else through DIMSE."""
+    send_now = getattr(assoc.dul, "send_message_now", None)
+    if send_now is not None:
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        message.context_id = context_id
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        command = encode(message.command_set, True, True)  # the command set is always implicit VR little endian
+        if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
+            return
+    assoc.dimse.send_msg(request, context_id)
 
 
 def sending_stored(assoc: Association, send_c_store: Callable[..., Dataset]) -> Callable[..., Dataset]:

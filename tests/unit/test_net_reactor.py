@@ -114,3 +114,32 @@ def test_only_an_association_that_has_not_started_can_be_made_event_driven(scp):
             make_event_driven(assoc)
     finally:
         assoc.release()
+
+
+@pytest.mark.parametrize("max_pdu", [0, 64, 16384])
+def test_messages_written_in_one_piece_are_framed_as_pynetdicom_reads_them(max_pdu):
+    from pynetdicom.pdu import P_DATA_TF
+
+    from pacs.net.reactor import _fragment
+
+    command, dataset = bytes(range(256)) * 3, bytes(range(255, -1, -1)) * 400
+    parts: list = []
+    _fragment(parts, 7, memoryview(command), 0x01, max_pdu)
+    _fragment(parts, 7, memoryview(dataset), 0x00, max_pdu)
+    stream = b"".join(parts)
+    got = {0x01: b"", 0x00: b""}
+    lasts = []
+    while stream:
+        length = int.from_bytes(stream[2:6], "big")
+        assert max_pdu == 0 or length <= max_pdu
+        pdu = P_DATA_TF()
+        pdu.decode(stream[:6 + length])
+        stream = stream[6 + length:]
+        ((context_id, value),) = pdu.to_primitive().presentation_data_value_list
+        assert context_id == 7
+        got[value[0] & 0x01] += value[1:]
+        lasts.append((value[0] & 0x01, bool(value[0] & 0x02)))
+    assert got == {0x01: command, 0x00: dataset}
+    # exactly one last fragment per part, at the end of it
+    assert [flag for kind, flag in lasts if kind == 0x01][-1] and sum(f for k, f in lasts if k == 0x01) == 1
+    assert lasts[-1] == (0x00, True) and sum(f for k, f in lasts if k == 0x00) == 1
