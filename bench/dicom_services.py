@@ -53,6 +53,10 @@ sys.path.insert(0, str(ROOT))
 from pacs.synthetic import SeriesSpec, make_series, make_study_set, uid  # noqa: E402
 
 HOST = "127.0.0.1"
+from pacs import devstack  # noqa: E402
+
+# The cluster variant gets its settings explicitly (PacsCluster.env / .settings); none of the shell's reach a server.
+devstack.forget_shell_settings()
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 PACS_BIN = str(Path(sys.executable).with_name("pacs"))
 FIND_RUNS = 20
@@ -271,18 +275,14 @@ class PacsCluster(Pacs):
 
     def __init__(self, procs: Procs, tmp: Path) -> None:
         super().__init__(procs, tmp)
-        from pacs.devstack import HDFS_URL, PG_URL, reachable
-
-        for url, what in ((HDFS_URL, "HDFS"), (PG_URL, "Postgres")):
-            if not reachable(url):
+        for url, what in ((devstack.HDFS_URL, "HDFS"), (devstack.PG_URL, "Postgres")):
+            if not devstack.reachable(url):
                 raise RuntimeError(f"{what} is not reachable at {url}: start it with deploy/ (see --cluster help)")
-        self.hdfs_url, self.pg_url = HDFS_URL, PG_URL
+        self.hdfs_url, self.pg_url = devstack.HDFS_URL, devstack.PG_URL
 
     def new_data_dir(self, tag: str) -> Path:
-        from pacs.devstack import empty_database
-
         d = super().new_data_dir(tag)
-        empty_database(self.pg_url)
+        devstack.empty_database(self.pg_url)
         self.hdfs_root = f"/bench/{d.name}-{os.getpid()}"
         return d
 

@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pacs.devstack import HDFS_URL, PG_URL, empty_database, reachable  # noqa: E402
+from pacs.devstack import HDFS_URL, PG_URL, empty_database, forget_shell_settings, reachable  # noqa: E402
+
+forget_shell_settings()  # "local + SQLite" means that, whatever the shell exports
 from pacs.services import build_services  # noqa: E402
 from pacs.settings import Settings  # noqa: E402
 from pacs.synthetic import SeriesSpec, make_series  # noqa: E402

@@ -14,6 +14,18 @@ WEBHDFS_URL = os.environ.get("PACS_HDFS_WEBHDFS_URL", "http://127.0.0.1:19870")
 PG_URL = os.environ.get("PACS_INDEX_URL", "postgresql+psycopg2://pacs:pacs@127.0.0.1:55432/pacs")
 
 
+def forget_shell_settings() -> None:
+    """Remove every ``PACS_*`` variable from this process's environment.
+
+    For benchmarks: the stack's URLs above are read already, and from here on
+    a ``Settings()`` (or a ``pacs`` child process) sees only what the caller
+    passes, so the embedded default is local files + SQLite even in a shell
+    that exported ``deploy/postgres.sh env``.
+    """
+    for name in [n for n in os.environ if n.startswith("PACS_")]:
+        del os.environ[name]
+
+
 def reachable(url: str, timeout_s: float = 2.0) -> bool:
     """Whether something accepts TCP connections at the host and port of ``url``."""
     parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))

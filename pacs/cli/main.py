@@ -187,9 +187,15 @@ def _serve_worker(*, share_port: bool) -> None:
     from pacs.net.scp import start_scp
 
     def interrupt(*_args: object) -> None:
+        # Once: a process group stopped by a signal gets it from the parent too, and a
+        # second interruption in the middle of the shutdown would skip closing the services
+        # (open packs sealed, connections returned).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     services = _services(None)
     settings = services.settings
     console.print(
