@@ -44,10 +44,14 @@ import ssl
 import struct
 import threading
 import types
+from collections.abc import Callable
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.dimse_messages import C_FIND_RSP
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -370,6 +374,39 @@ def _read_in_one(sock: AssociationSocket) -> None:
     sock.recv = types.MethodType(_recv_exactly, sock)
 
 
+def _sending_find_responses_whole(assoc: Association, send_msg: Callable[[object, int], None]) -> Callable:
+    """Wrap ``assoc.dimse.send_msg`` so that C-FIND responses with an identifier go out in one piece.
+
+    pynetdicom sends every match of a C-FIND as a message of its own whose
+    command set — affected SOP class, message ID responded to, status
+    (Pending) — is the same for all of them; building and encoding it again
+    for each match (a pydicom dataset with validated elements) was most of
+    the time of a large C-FIND.  It is encoded once per query here and each
+    response written with its identifier by ``send_message_now``.  Handlers
+    bound to ``EVT_DIMSE_SENT`` (none of the archive's) get the usual path.
+    """
+    cached: dict[tuple, bytes] = {}
+
+    def send(primitive, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
+        identifier = getattr(primitive, "Identifier", None)
+        if (isinstance(primitive, C_FIND) and primitive.MessageIDBeingRespondedTo is not None
+                and identifier is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            key = (context_id, primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.AffectedSOPClassUID)
+            command = cached.get(key)
+            if command is None:
+                message = C_FIND_RSP()
+                message.primitive_to_message(primitive)
+                command = encode(message.command_set, True, True)  # command sets: implicit VR little endian
+                cached.clear()  # one query at a time on an association
+                cached[key] = command
+            if command is not None and assoc.dul.send_message_now(
+                    context_id, command, identifier.getbuffer(), assoc.dimse.maximum_pdu_size):
+                return
+        send_msg(primitive, context_id)
+
+    return send
+
+
 def make_event_driven(assoc: Association) -> None:
     """Give an association whose threads have not started the event-driven threads."""
     if assoc.is_alive() or assoc.dul.is_alive():
@@ -379,6 +416,7 @@ def make_event_driven(assoc: Association) -> None:
     assoc.dul = dul
     if dul.socket is not None:  # an acceptor's; a requestor's is attached later (EventDrivenAE)
         _read_in_one(dul.socket)
+    assoc.dimse.send_msg = _sending_find_responses_whole(assoc, assoc.dimse.send_msg)
     checkpoint = _WakingCheckpoint(assoc.dimse.msg_queue)
     if assoc._reactor_checkpoint.is_set():
         checkpoint.set()

@@ -143,3 +143,37 @@ def test_messages_written_in_one_piece_are_framed_as_pynetdicom_reads_them(max_p
     # exactly one last fragment per part, at the end of it
     assert [flag for kind, flag in lasts if kind == 0x01][-1] and sum(f for k, f in lasts if k == 0x01) == 1
     assert lasts[-1] == (0x00, True) and sum(f for k, f in lasts if k == 0x00) == 1
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_find_responses_sent_whole_decode_as_sent(scp, watched):
+    """Each match's response is the cached command set plus its identifier; with a DIMSE handler bound, the usual path."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    services, _ = scp
+    studies = {}
+    for n in range(12):
+        data = next(make_series(SeriesSpec(patient_id=f"FIND{n:02d}", patient_name=f"FIND^{n:02d}",
+                                           study_key=f"find-{n}", series_key=f"find-{n}-1", rows=8, columns=8, count=1)))
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        studies[ds.StudyInstanceUID] = str(ds.PatientName)
+        services.ingest.store(data)
+    sent = []
+    assoc = _associate(services, StudyRootQueryRetrieveInformationModelFind)
+    if watched:
+        accepted = scp[1][-1]
+        accepted.bind(evt.EVT_DIMSE_SENT, lambda event: sent.append(event.message))
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientName = "FIND^*"
+    query.StudyInstanceUID = ""
+    try:
+        responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    pending = [(status.Status, identifier) for status, identifier in responses if status.Status in (0xFF00, 0xFF01)]
+    assert responses[-1][0].Status == 0
+    assert {i.StudyInstanceUID: str(i.PatientName) for _, i in pending} == studies
+    assert all(i.QueryRetrieveLevel == "STUDY" for _, i in pending)
+    assert (len(sent) >= len(studies)) is watched  # the handler saw every response only on the usual path
