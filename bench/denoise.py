@@ -1,5 +1,6 @@
 """Benchmark: FBP vs Gaussian filter vs BM3D vs the U-Net on held-out low-dose and sparse-view CT.
 
+    bash deploy/install.sh test,bench    # once: bm3d, PyWavelets, pydicom-data
     .venv/bin/python bench/denoise.py [--model PT] [--slices 20] [--json OUT.json] [--figure docs/img/x.png]
 
 Test set: ``--slices`` simulated 512x512 slices from seed 3000 (training uses
@@ -24,6 +25,7 @@ Gaussian sigma 1.5).  Times are wall-clock per 512x512 slice on this CPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -167,6 +169,10 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None, help="PNG of one test slice: FBP / BM3D / U-Net / reference")
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow; outputs are cached under --cache-dir)")
     args = parser.parse_args()
+    missing = [name for name in (() if args.no_bm3d else ("bm3d", "pywt")) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"bench/denoise.py needs {', '.join(missing)} (the baselines): "
+                         f"bash deploy/install.sh test,bench  (or run with --no-bm3d)")
 
     config = SimulationConfig()
     net, meta = load_checkpoint(args.model)
