@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(".stack/denoise-bench/cache"))
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of one test slice: FBP / BM3D / U-Net / reference")
+    parser.add_argument("--real-figure", type=Path, default=None,
+                        help="PNG of the first real CT slice at quarter dose: FBP / BM3D / U-Net / reference")
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow; outputs are cached under --cache-dir)")
     args = parser.parse_args()
     missing = [name for name in (() if args.no_bm3d else ("bm3d", "pywt")) if importlib.util.find_spec(name) is None]
@@ -231,6 +233,10 @@ def main() -> None:
             print(f"real CT  {label:28s} PSNR {row[label]['psnr_db']:6.2f} dB  SSIM {row[label]['ssim']:.4f}  "
                   + "  ".join(f"{s['psnr_db']:.2f}" for s in per), flush=True)
         results["tasks"]["real CT, quarter dose"] = row
+        if args.real_figure and "bm3d_factor" in tuned:
+            first = real[0]
+            figure(args.real_figure, first["quarter"], bm3d_cached(first["quarter"][None], tuned["bm3d_factor"])[0],
+                   unet(first["quarter"][None])[0], first["reference"], f"real CT {names[0]}, quarter dose")
         results["real_ct"] = names
         results["real_ct_noise_hu"] = [noise_std_hu(p["quarter"], p["reference"]) for p in real]
         print("real CT quarter-dose noise (HU): " + ", ".join(f"{n:.1f}" for n in results["real_ct_noise_hu"]))
