@@ -123,19 +123,21 @@ class NativeHdfsBlobStore(BlobStore):
         opts.create_parent = True
         return opts
 
-    def write(self, path: str, chunks: Iterable[bytes]) -> int:
-        full = _join(self.root, path)
-        written = 0
+    def _create(self, full: str):  # noqa: ANN202 - hdfs-native's AsyncFileWriter
+        """A new file open for writing; FileExistsError if ``full`` exists."""
         try:
-            writer = self._run(self.client.create(full, self._options()), f"create {full}")
-        except FileExistsError:
-            raise
-        except StorageUnavailable:
+            return self._run(self.client.create(full, self._options()), f"create {full}")
+        except (FileExistsError, StorageUnavailable):
             raise
         except Exception as exc:
             if "AlreadyExists" in str(exc) or "already exists" in str(exc):
                 raise FileExistsError(full) from exc
             raise StorageUnavailable(f"cannot create {full} on {self.url}: {exc}") from exc
+
+    def write(self, path: str, chunks: Iterable[bytes]) -> int:
+        full = _join(self.root, path)
+        written = 0
+        writer = self._create(full)
         try:
             # Chunks are pulled in the caller's thread: a chunk source may itself
             # read from HDFS (compaction), which must not block the loop.
@@ -156,15 +158,7 @@ class NativeHdfsBlobStore(BlobStore):
 
     def open_append(self, path: str) -> HdfsAppendFile:
         full = _join(self.root, path)
-        try:
-            writer = self._run(self.client.create(full, self._options()), f"create {full}")
-        except StorageUnavailable:
-            raise
-        except Exception as exc:
-            if "AlreadyExists" in str(exc) or "already exists" in str(exc):
-                raise FileExistsError(full) from exc
-            raise StorageUnavailable(f"cannot create {full} on {self.url}: {exc}") from exc
-        return HdfsAppendFile(self, writer, path, full)
+        return HdfsAppendFile(self, self._create(full), path, full)
 
     def _abandon(self, full: str) -> None:
         """Remove a file whose write failed, so nothing half-written is visible."""
