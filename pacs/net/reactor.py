@@ -80,6 +80,19 @@ class EventDrivenDUL(DULServiceProvider):
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
 
+    @property
+    def socket(self) -> AssociationSocket | None:
+        return self._socket
+
+    @socket.setter
+    def socket(self, sock: AssociationSocket | None) -> None:
+        # Every socket attached (an acceptor's when adopted, a requestor's by
+        # Association.set_socket) reads each PDU into one buffer.  pynetdicom
+        # assigns the same socket again on every read: only a new one is set up.
+        if sock is not None and sock is not getattr(self, "_socket", None):
+            sock.recv = types.MethodType(_recv_exactly, sock)
+        self._socket = sock
+
     def adopt(self, previous: DULServiceProvider) -> None:
         """Take over a provider that was created but never started.
 
@@ -113,7 +126,7 @@ class EventDrivenDUL(DULServiceProvider):
         through the state machine as before, after the PDUs held back.
         """
         with self._send_lock:
-            if self.state_machine.current_state != "Sta6" or not self.to_provider_queue.empty():
+            if not self._may_send_now():
                 self._flush()
                 return False
             pdu = P_DATA_TF(primitive)
@@ -140,7 +153,7 @@ class EventDrivenDUL(DULServiceProvider):
         encode per fragment by one buffer and one system call.
         """
         with self._send_lock:
-            if self.state_machine.current_state != "Sta6" or not self.to_provider_queue.empty():
+            if not self._may_send_now():
                 return False
             self._flush()
             parts: list[bytes | memoryview] = []
@@ -149,6 +162,10 @@ class EventDrivenDUL(DULServiceProvider):
                 _fragment(parts, context_id, memoryview(dataset), 0x00, max_pdu_length)
             self.socket.send(b"".join(parts))
             return True
+
+    def _may_send_now(self) -> bool:
+        """Established (Sta6) with no primitive queued before: the state machine would send a P-DATA as is."""
+        return self.state_machine.current_state == "Sta6" and self.to_provider_queue.empty()
 
     def _flush(self) -> None:
         """Write the data PDUs held back (caller holds the send lock)."""
@@ -370,10 +387,6 @@ def _recv_exactly(sock: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def _read_in_one(sock: AssociationSocket) -> None:
-    sock.recv = types.MethodType(_recv_exactly, sock)
-
-
 def _sending_find_responses_whole(assoc: Association, send_msg: Callable[[object, int], None]) -> Callable:
     """Wrap ``assoc.dimse.send_msg`` so that C-FIND responses with an identifier go out in one piece.
 
@@ -414,8 +427,6 @@ def make_event_driven(assoc: Association) -> None:
     dul = EventDrivenDUL(assoc)
     dul.adopt(assoc.dul)
     assoc.dul = dul
-    if dul.socket is not None:  # an acceptor's; a requestor's is attached later (EventDrivenAE)
-        _read_in_one(dul.socket)
     assoc.dimse.send_msg = _sending_find_responses_whole(assoc, assoc.dimse.send_msg)
     checkpoint = _WakingCheckpoint(assoc.dimse.msg_queue)
     if assoc._reactor_checkpoint.is_set():
@@ -430,7 +441,6 @@ class EventDrivenAE(AE):
     def _create_socket(self, assoc: Association, address, tls_args):  # noqa: ANN001, ANN202 - pynetdicom's hook
         sock = super()._create_socket(assoc, address, tls_args)
         make_event_driven(assoc)  # before AE.associate attaches the socket and starts the DUL
-        _read_in_one(sock)
         return sock
 
 

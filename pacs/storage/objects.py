@@ -156,9 +156,10 @@ class ObjectStore:
 
     def _append(self, chunks: Iterable[bytes], sha256: str, length: int, verify: bool) -> Location:
         header = RECORD_HEADER.pack(RECORD_MAGIC, length, bytes.fromhex(sha256))
-        hashing = _Hashing(_Exactly(chunks, length)) if verify else None
+        exact = _Exactly(chunks, length)
+        hashing = _Hashing(exact) if verify else None
         try:
-            path, start = self.packs.append(header, hashing if hashing is not None else _Exactly(chunks, length))
+            path, start = self.packs.append(header, hashing if verify else exact)
         except ValueError as exc:
             raise ChecksumMismatch(f"object changed while stored: {exc}") from exc
         if hashing is not None and hashing.digest.hexdigest() != sha256:

@@ -13,7 +13,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from pacs.index.repository import find_instance
-from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, make_event_driven
+from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, _recv_exactly, make_event_driven
 from pacs.net.scp import start_scp
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.synthetic import SeriesSpec, make_series
@@ -54,6 +54,8 @@ def test_both_sides_run_the_event_driven_threads(scp):
         assert isinstance(assoc.dul, EventDrivenDUL)
         assert assoc.send_c_echo().Status == 0
         assert len(accepted) == 1 and isinstance(accepted[0].dul, EventDrivenDUL)
+        for side in (assoc, accepted[0]):  # PDUs read into one buffer on both sides
+            assert side.dul.socket.recv.__func__ is _recv_exactly
     finally:
         assoc.release()
     assert assoc.is_released
