@@ -20,6 +20,9 @@ What changes, for the associations the archive accepts
   sends the message, as the state machine would write them, instead of being
   handed to the DUL thread one by one;
 * a received PDU is read into one buffer instead of 4 kB pieces;
+* a DIMSE message the archive sends has its command set encoded directly
+  (``pacs.net.commands``) and goes out whole, and C-GET/C-MOVE Pending
+  responses are thinned to a few a second (:func:`_sending_messages_directly`);
 * the reactor blocks on the DIMSE message queue, which the DUL thread fills
   as soon as a message is complete, and on nothing else: a ``send_c_*``
   call that pauses it (pynetdicom clears a checkpoint event for that) wakes
@@ -37,24 +40,26 @@ in ``pyproject.toml``; ``tests/unit/test_net_reactor.py`` checks them).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import select
 import ssl
 import struct
 import threading
+import time
 import types
 from collections.abc import Callable
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.dimse_messages import C_FIND_RSP
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from pacs.net.commands import command_set, data_set_of
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,9 @@ log = logging.getLogger(__name__)
 # never waits for it: bytes, outgoing primitives and DIMSE messages wake the
 # threads at once.
 IDLE_WAIT_S = 0.005
+# A C-GET/C-MOVE Pending response (a progress report) at most this often per request.
+PENDING_INTERVAL_S = 0.25
+PENDING = 0xFF00
 # Data PDUs sent directly are written at the end of their message, or once this much is held.
 _BATCH_BYTES = 4 << 20
 
@@ -387,34 +395,42 @@ def _recv_exactly(sock: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def _sending_find_responses_whole(assoc: Association, send_msg: Callable[[object, int], None]) -> Callable:
-    """Wrap ``assoc.dimse.send_msg`` so that C-FIND responses with an identifier go out in one piece.
+def _sending_messages_directly(assoc: Association, send_msg: Callable[[object, int], None]) -> Callable:
+    """Wrap ``assoc.dimse.send_msg``: command sets encoded directly, sent whole; retrieve progress thinned.
 
-    pynetdicom sends every match of a C-FIND as a message of its own whose
-    command set — affected SOP class, message ID responded to, status
-    (Pending) — is the same for all of them; building and encoding it again
-    for each match (a pydicom dataset with validated elements) was most of
-    the time of a large C-FIND.  It is encoded once per query here and each
-    response written with its identifier by ``send_message_now``.  Handlers
-    bound to ``EVT_DIMSE_SENT`` (none of the archive's) get the usual path.
+    pynetdicom turns every primitive into a pydicom command set and encodes
+    it (``pacs.net.commands`` explains the cost), then hands each fragment
+    to the state machine.  Here the command set is encoded by
+    :func:`pacs.net.commands.command_set` and the message written in one
+    piece by ``send_message_now``; what that cannot take (a failure with an
+    Error Comment, a state where the machine must see the PDU) goes the usual
+    way, as does everything when a handler is bound to ``EVT_DIMSE_SENT``
+    (none of the archive's is: the event's argument is pynetdicom's message).
+
+    C-GET and C-MOVE Pending responses — optional in PS3.4 C.4.2.3 and
+    C.4.3.3, a progress report — go out at most every ``PENDING_INTERVAL_S``
+    per request instead of after every sub-operation: the final response
+    carries the counts, and a peer still sees progress several times a second.
     """
-    cached: dict[tuple, bytes] = {}
+    last_pending: dict[int, float] = {}
 
     def send(primitive, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
-        identifier = getattr(primitive, "Identifier", None)
-        if (isinstance(primitive, C_FIND) and primitive.MessageIDBeingRespondedTo is not None
-                and identifier is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-            key = (context_id, primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.AffectedSOPClassUID)
-            command = cached.get(key)
-            if command is None:
-                message = C_FIND_RSP()
-                message.primitive_to_message(primitive)
-                command = encode(message.command_set, True, True)  # command sets: implicit VR little endian
-                cached.clear()  # one query at a time on an association
-                cached[key] = command
-            if command is not None and assoc.dul.send_message_now(
-                    context_id, command, identifier.getbuffer(), assoc.dimse.maximum_pdu_size):
-                return
+        responding_to = primitive.MessageIDBeingRespondedTo
+        if isinstance(primitive, (C_GET, C_MOVE)) and responding_to is not None:
+            if primitive.Status == PENDING:
+                now = time.monotonic()
+                if now - last_pending.get(responding_to, -math.inf) < PENDING_INTERVAL_S:
+                    return
+                last_pending[responding_to] = now
+            else:
+                last_pending.pop(responding_to, None)
+        if not assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            command = command_set(primitive)
+            if command is not None:
+                data = data_set_of(primitive)
+                if assoc.dul.send_message_now(context_id, command, data.getbuffer() if data else None,
+                                              assoc.dimse.maximum_pdu_size):
+                    return
         send_msg(primitive, context_id)
 
     return send
@@ -427,7 +443,7 @@ def make_event_driven(assoc: Association) -> None:
     dul = EventDrivenDUL(assoc)
     dul.adopt(assoc.dul)
     assoc.dul = dul
-    assoc.dimse.send_msg = _sending_find_responses_whole(assoc, assoc.dimse.send_msg)
+    assoc.dimse.send_msg = _sending_messages_directly(assoc, assoc.dimse.send_msg)
     checkpoint = _WakingCheckpoint(assoc.dimse.msg_queue)
     if assoc._reactor_checkpoint.is_set():
         checkpoint.set()

@@ -31,9 +31,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+
+from pacs.net.commands import command_set
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 # A Part 10 file: 128-byte preamble, "DICM", then (0002,0000) UL with its 4-byte value.
@@ -91,7 +91,6 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     request.AffectedSOPClassUID = obj.SOPClassUID
     request.AffectedSOPInstanceUID = obj.SOPInstanceUID
     dataset = obj.dataset_bytes()
-    request.DataSet = io.BytesIO(dataset)
     # As send_c_store: pause the reactor so that it cannot take the response.
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
@@ -108,16 +107,16 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
 
 
 def _send_message(assoc: Association, request: C_STORE, context_id: int, dataset: memoryview) -> None:
-    """Send the C-STORE request: in one piece where the DUL provider can (pacs.net.reactor), else through DIMSE."""
+    """Send the C-STORE request: in one piece where the DUL provider can (pacs.net.reactor), else through DIMSE.
+
+    The data set is the stored bytes themselves, not a copy in the request's ``BytesIO``.
+    """
     send_now = getattr(assoc.dul, "send_message_now", None)
-    if send_now is not None:
-        message = C_STORE_RQ()
-        message.primitive_to_message(request)
-        message.context_id = context_id
-        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
-        command = encode(message.command_set, True, True)  # the command set is always implicit VR little endian
+    if send_now is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        command = command_set(request, has_data=True)
         if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
             return
+    request.DataSet = io.BytesIO(dataset)
     assoc.dimse.send_msg(request, context_id)
 
 

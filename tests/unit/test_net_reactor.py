@@ -179,3 +179,53 @@ def test_find_responses_sent_whole_decode_as_sent(scp, watched):
     assert {i.StudyInstanceUID: str(i.PatientName) for _, i in pending} == studies
     assert all(i.QueryRetrieveLevel == "STUDY" for _, i in pending)
     assert (len(sent) >= len(studies)) is watched  # the handler saw every response only on the usual path
+
+
+def test_get_sends_every_object_and_thins_pending_responses(scp):
+    """Sub-operations carry the stored bytes; Pending responses come at most every PENDING_INTERVAL_S."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    from pacs.net.reactor import PENDING_INTERVAL_S
+
+    services, _ = scp
+    spec = SeriesSpec(patient_id="GET01", patient_name="GET^01", study_key="get-1", series_key="get-1-1",
+                      rows=8, columns=8, count=40)
+    sent = {}
+    for data in make_series(spec):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        sent[ds.SOPInstanceUID] = ds
+        services.ingest.store(data)
+    received = {}
+
+    def on_store(event):
+        received[event.dataset.SOPInstanceUID] = event.dataset
+        return 0x0000
+
+    ae = EventDrivenAE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[*REQUESTOR_HANDLERS, (evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = next(iter(sent.values())).StudyInstanceUID
+    query.SeriesInstanceUID = next(iter(sent.values())).SeriesInstanceUID
+    started = time.monotonic()
+    try:
+        responses = [status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    elapsed = time.monotonic() - started
+    final = responses[-1]
+    assert final.Status == 0 and final.NumberOfCompletedSuboperations == 40 and final.NumberOfFailedSuboperations == 0
+    assert received.keys() == sent.keys()
+    for uid, ds in sent.items():
+        assert received[uid].PixelData == ds.PixelData and received[uid].PatientName == ds.PatientName
+    pending = [s for s in responses if s.Status == 0xFF00]
+    assert 1 <= len(pending) <= 1 + elapsed / PENDING_INTERVAL_S
+    assert all(0 <= s.NumberOfRemainingSuboperations < 40 for s in pending)

@@ -1,0 +1,107 @@
+"""DIMSE command sets encoded straight from a primitive: the bytes pynetdicom sends, without a dataset.
+
+Every DIMSE message starts with a command set: a handful of group-0000
+elements in Implicit VR Little Endian (PS3.7 E.1).  pynetdicom builds one by
+filling a pydicom ``Dataset`` element by element (each value validated),
+encoding it twice (once to learn the group length) and once more to send;
+for a C-STORE sub-operation of a retrieve, its pending response, or the
+response to every stored instance, that was a sizeable part of the time per
+message.  :func:`command_set` writes the same bytes with ``struct``.
+
+The message layout is pynetdicom's own (its table of the elements of each
+message type, its rule for Command Data Set Type), so the two cannot drift
+apart; ``tests/unit/test_net_commands.py`` compares the bytes with
+pynetdicom's for every message the archive sends.  Values this module does
+not encode (an Error Comment, an Offending Element list: failure responses,
+rare) make it return None, and the caller takes pynetdicom's path.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
+from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES
+
+__all__ = ["command_set", "data_set_of"]
+
+_ELEMENT_HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+_NO_DATA_SET = 0x0101
+_DATA_SET = 0x0001  # what pynetdicom writes; any value but 0x0101 means "a data set follows"
+
+_COMMAND_FIELD = {names[0]: code for code, names in _MESSAGE_TYPES.items()}
+
+
+def _layout(message_name: str) -> tuple[tuple[str, int, str], ...]:
+    """(keyword, element number, VR) of the message's command elements after the group length, in tag order."""
+    elements = []
+    for keyword in _COMMAND_SET_KEYWORDS[message_name]:
+        if keyword == "CommandGroupLength":
+            continue
+        tag = tag_for_keyword(keyword)
+        elements.append((keyword, tag & 0xFFFF, dictionary_VR(tag)))
+    return tuple(sorted(elements, key=lambda e: e[1]))
+
+
+_LAYOUTS = {name: _layout(name) for name in _COMMAND_SET_KEYWORDS}
+
+
+def _message_class_name(primitive: object) -> str | None:
+    table = _RQ_TO_MESSAGE if getattr(primitive, "MessageIDBeingRespondedTo", None) is None else _RSP_TO_MESSAGE
+    message_class = table.get(type(primitive))
+    return None if message_class is None else message_class.__name__
+
+
+def data_set_of(primitive: object) -> object | None:
+    """The primitive's data set (a ``BytesIO``) as pynetdicom would send it, or None without one."""
+    name = _message_class_name(primitive)
+    keyword = _DATASET_KEYWORDS.get(name) if name else None
+    return getattr(primitive, keyword, None) if keyword else None
+
+
+def _value(vr: str, value: object) -> bytes | None:
+    if vr == "US":
+        return _US.pack(value)
+    if vr == "UL":
+        return _UL.pack(value)
+    if vr in ("UI", "AE") and isinstance(value, str) and value.isascii():
+        raw = value.encode("ascii")
+        return raw + (b"\0" if vr == "UI" else b" ") if len(raw) % 2 else raw
+    return None  # LO (Error Comment), AT (Offending Element): pynetdicom encodes those
+
+
+def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | None:
+    """The encoded command set pynetdicom's ``send_msg`` would send for ``primitive``, or None.
+
+    ``has_data`` says whether a data set follows (default: whether the
+    primitive holds one), for a caller that sends the data set's bytes from
+    elsewhere.  None for a primitive of a type pynetdicom has no message
+    for, one that names its data set by path, or one with a value this
+    module leaves to pynetdicom.
+    """
+    name = _message_class_name(primitive)
+    if name is None or getattr(primitive, "_dataset_path", None):
+        return None
+    message_name = name.replace("_", "-")
+    if has_data is None:
+        has_data = bool(data_set_of(primitive))
+    body = []
+    for keyword, element, vr in _LAYOUTS[message_name]:
+        if keyword == "CommandField":
+            value: object = _COMMAND_FIELD[message_name]
+        elif keyword == "CommandDataSetType":
+            value = _DATA_SET if has_data else _NO_DATA_SET
+        else:
+            value = getattr(primitive, keyword, None)
+            if value is None:
+                continue
+        encoded = _value(vr, value)
+        if encoded is None:
+            return None
+        body.append(_ELEMENT_HEADER.pack(0, element, len(encoded)))
+        body.append(encoded)
+    content = b"".join(body)
+    return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(content)) + content
