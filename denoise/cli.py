@@ -46,6 +46,15 @@ def _task_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def _dose_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two factors LO,HI like 0.25,16, got {text!r}",
+                                 param_hint="--dose-range") from None
+    return lo, hi
+
+
 @denoise_app.command("train")
 def train_command(
     out_dir: Annotated[Path, typer.Option(help="Folder for checkpoints, history.json, curves.png and state.pt.")] = Path(".stack/denoise-train/run"),
@@ -65,6 +74,14 @@ def train_command(
     train_slices: Annotated[int, typer.Option(help="Simulated 512x512 training slices.")] = 64,
     val_slices: Annotated[int, typer.Option(help="Held-out validation slices (another seed).")] = 3,
     tasks: Annotated[str, typer.Option(help="Task mix: quarter (quarter dose), sparse (50-150 views), gaussian (image noise).")] = "quarter=0.65,sparse=0.35",
+    dose_range: Annotated[str, typer.Option(
+        help="LO,HI: each training slice's photon count is the nominal I0 (5e5) times a factor drawn "
+             "log-uniformly in [LO, HI], so the network sees many noise levels (1,1: the nominal dose only).")] = "1,1",
+    grain_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of training slices whose ground truth is itself a full-dose scan "
+                               "of the phantom, with its grain, as a real CT image is (0: textureless phantoms).")] = 0.0,
+    simulation_workers: Annotated[int, typer.Option(
+        min=1, help="Processes simulating the missing training slices in parallel (one per core).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
@@ -88,6 +105,7 @@ def train_command(
     and writes the checkpoints, state.pt and history.json, and this command prints each epoch as rank 0
     finishes it. See docs/denoising.md, "Training on Spark".
     """
+    from denoise.dataset import SimulationConfig
     from denoise.model import UNetConfig
     from denoise.train import TrainConfig
 
@@ -101,6 +119,8 @@ def train_command(
         config = TrainConfig(
             out_dir=out_dir, cache_dir=cache_dir, version=version,
             model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth),
+            simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction),
+            simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
             threads=threads, device=device, init_from=init_from)

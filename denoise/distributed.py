@@ -214,9 +214,9 @@ def train_on_spark(
         return (lambda done, total: on_data(name, done, total)) if on_data else None
 
     train_pairs = build_pair_set(config.cache_dir, config.train_seed, config.train_slices, config.simulation,
-                                 progress=progress_of("training slices"))
+                                 workers=config.simulation_workers, progress=progress_of("training slices"))
     build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
-                   progress=progress_of("validation slices"))
+                   workers=config.simulation_workers, progress=progress_of("validation slices"))
     PatchSampler(train_pairs, config.patch_px, config.task_weights)  # patch size and tasks, checked here
     del train_pairs
     out = Path(config.out_dir)

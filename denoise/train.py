@@ -81,6 +81,8 @@ class TrainConfig:
     device: str = "cpu"
     # Start from this checkpoint's weights (fine-tuning) instead of a random init; its network must be ``model``.
     init_from: Path | None = None
+    # Processes that simulate the missing slices in parallel (the data, not the training, uses them).
+    simulation_workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -304,10 +306,10 @@ def train(
     if rank != 0:
         torch.distributed.barrier()  # rank 0 simulates missing slices; two writers of one cache file would race
     train_pairs = build_pair_set(config.cache_dir, config.train_seed, config.train_slices, config.simulation,
-                                 progress=progress_of("training slices"))
+                                 workers=config.simulation_workers, progress=progress_of("training slices"))
     if rank == 0:
         val_pairs = build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
-                                   progress=progress_of("validation slices"))
+                                   workers=config.simulation_workers, progress=progress_of("validation slices"))
         if distributed:
             torch.distributed.barrier()
     sampler = PatchSampler(train_pairs, config.patch_px, config.task_weights,

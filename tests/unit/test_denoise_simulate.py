@@ -68,6 +68,30 @@ def test_pairs_are_cached_and_patches_drawn(tmp_path):
         PatchSampler(first, 32, {"denoise": 1})
 
 
+def test_dose_range_and_grain_widen_the_training_data(tmp_path):
+    plain = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64)
+    wide = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dose_range=[0.5, 8.0], grain_fraction=1.0)
+    # the new options at their defaults keep the cache key (sets cached before them stay valid)
+    assert plain.key(3) == SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dose_range=(1, 1)).key(3)
+    assert wide.key(3) != plain.key(3) and wide.dose_range == (0.5, 8.0)
+    a = build_pair_set(tmp_path, seed=3, count=3, config=plain)
+    b = build_pair_set(tmp_path, seed=3, count=3, config=wide, workers=2)
+    slices = sorted((tmp_path / wide.key(3)).glob("slice-*.npz"))
+    i0 = [float(np.load(path)["i0"]) for path in slices]
+    assert len(i0) == 3 and all(0.5 * wide.i0 <= v <= 8.0 * wide.i0 for v in i0) and len(set(i0)) == 3
+    # the same phantoms, but each reference now carries the grain of a scan of its own
+    for k in range(3):
+        grain = noise_std_hu(b.reference[k], a.reference[k])
+        assert 2.0 < grain < 200.0
+    # processes simulate the very slices one process would
+    again = build_pair_set(tmp_path / "serial", seed=3, count=3, config=wide)
+    assert np.array_equal(again.quarter, b.quarter) and np.array_equal(again.reference, b.reference)
+    with pytest.raises(ValueError, match="dose_range"):
+        SimulationConfig(dose_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="grain_fraction"):
+        SimulationConfig(grain_fraction=1.5)
+
+
 def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
     config = TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", version="t1",
                          model=UNetConfig(width=4, depth=2), simulation=SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64),
