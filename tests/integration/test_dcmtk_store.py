@@ -151,6 +151,7 @@ def test_unknown_sop_class_is_stored_only_when_the_setting_allows(embedded, tmp_
     embedded.settings.dicom.port = free_port()
     embedded.settings.dicom.accept_unknown_sop_classes = accept
     server = start_scp(embedded)
+    contexts_before = [(c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role) for c in server.contexts]
     try:
         ds = pydicom.dcmread(io.BytesIO(make_instance(SeriesSpec(study_key="unknown-sop", rows=16, columns=16), 0)))
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UNKNOWN_SOP_CLASS
@@ -168,6 +169,9 @@ def test_unknown_sop_class_is_stored_only_when_the_setting_allows(embedded, tmp_
             return
         assert done.returncode == 0, done.stderr
         assert row is not None and row.sop_class_uid == UNKNOWN_SOP_CLASS
+        # the context added for the unknown class belonged to that association, not to the server
+        assert [(c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role)
+                for c in server.contexts] == contexts_before
         # and it goes out again: C-MOVE to a storescp that accepts any SOP class
         out = tmp_path / "moved"
         out.mkdir()
