@@ -1,4 +1,4 @@
-"""DIMSE command sets encoded straight from a primitive: the bytes pynetdicom sends, without a dataset.
+"""DIMSE command sets and Part 10 file meta encoded directly: the bytes pynetdicom makes, without a dataset.
 
 Every DIMSE message starts with a command set: a handful of group-0000
 elements in Implicit VR Little Endian (PS3.7 E.1).  pynetdicom builds one by
@@ -14,6 +14,10 @@ apart; ``tests/unit/test_net_commands.py`` compares the bytes with
 pynetdicom's for every message the archive sends.  Values this module does
 not encode (an Error Comment, an Offending Element list: failure responses,
 rare) make it return None, and the caller takes pynetdicom's path.
+
+:func:`part10_head` does the same for the file meta group that the archive
+puts before every received object (``Event.file_meta`` encoded by
+``encode_file_meta``, in Explicit VR Little Endian).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from __future__ import annotations
 import struct
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES
 
-__all__ = ["command_set", "data_set_of"]
+__all__ = ["command_set", "data_set_of", "part10_head"]
 
 _ELEMENT_HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
 _US = struct.Struct("<H")
@@ -105,3 +110,34 @@ def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | N
         body.append(encoded)
     content = b"".join(body)
     return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(content)) + content
+
+
+_SHORT = struct.Struct("<HH2sH")  # Explicit VR Little Endian, 2-byte length (UI, SH, UL)
+_META_VERSION = struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\x00\x01"
+
+
+def _meta_element(element: int, vr: bytes, value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += pad
+    return _SHORT.pack(0x0002, element, vr, len(raw)) + raw
+
+
+def part10_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta group pynetdicom writes for a received C-STORE data set.
+
+    The elements of ``pynetdicom.dsutils.create_file_meta`` (version 00\\01,
+    media storage SOP class and instance, transfer syntax, pynetdicom's
+    implementation class UID and version name), encoded as
+    ``encode_file_meta`` encodes them.  Raises ``UnicodeEncodeError`` for a
+    value that is not ASCII (a UID never is).
+    """
+    body = b"".join((
+        _META_VERSION,
+        _meta_element(0x0002, b"UI", sop_class_uid, b"\0"),
+        _meta_element(0x0003, b"UI", sop_instance_uid, b"\0"),
+        _meta_element(0x0010, b"UI", transfer_syntax_uid, b"\0"),
+        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID, b"\0"),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, b" "),
+    ))
+    return b"\0" * 128 + b"DICM" + _SHORT.pack(0x0002, 0x0000, b"UL", 4) + _UL.pack(len(body)) + body

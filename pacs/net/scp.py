@@ -15,7 +15,6 @@ import threading
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
@@ -23,6 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.ingest.service import BufferChain, IngestService
 from pacs.net.access import STORE, handle_requested, may
+from pacs.net.commands import part10_head
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
 from pacs.net.reactor import EventDrivenAE, EventDrivenRequestHandler
 from pacs.net.status import status_dataset, store_failure
@@ -44,7 +44,8 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     try:
         # The object as received, without copying pynetdicom's dataset buffer:
         # a large object is held in memory once (see docs/conformance.md).
-        head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        request = event.request
+        head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
         with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset) as received:
             result = ingest.store(received, source_ae=calling_ae)
     except Exception as exc:  # the protocol boundary: every failure becomes a status

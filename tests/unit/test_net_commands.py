@@ -7,9 +7,9 @@ from io import BytesIO
 import pytest
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
-from pacs.net.commands import command_set, data_set_of
+from pacs.net.commands import command_set, data_set_of, part10_head
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -110,3 +110,11 @@ def test_data_set_sent_from_elsewhere():
     request.DataSet = None  # the caller sends the stored bytes beside the command set
     assert command_set(request, has_data=True) == expected
     assert command_set(request) != expected  # without it: "no data set follows"
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50",
+                                    "1.2.840.10008.1.2.4.90"])
+@pytest.mark.parametrize("instance", [INSTANCE, INSTANCE + "1"])
+def test_file_meta_as_pynetdicom_encodes_it(syntax, instance):
+    meta = create_file_meta(sop_class_uid=CT, sop_instance_uid=instance, transfer_syntax=syntax)
+    assert part10_head(CT, instance, syntax) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
