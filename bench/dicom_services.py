@@ -17,7 +17,9 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
    (``--quick``: 200) are in the archive: median and p95 of 20 ``findscu``
    runs, each one process + one association (setup included), for a
    1-match query and for ``PatientName=PAT*`` (every study matches); an
-   ``echoscu`` run gives the process + association floor.  pacs is filled
+   ``echoscu`` run gives the process + association floor.  The same two
+   queries on an open association: ``findscu --repeat 21`` against
+   ``--repeat 1`` (medians of 5 runs), the difference over 20.  pacs is filled
    through its ingest service before ``pacs serve`` starts; Orthanc through
    4 parallel storescu associations (its fill rate is printed too).
 4. C-MOVE (``movescu`` to a ``storescp`` started here) and C-GET (``getscu``
@@ -60,6 +62,7 @@ devstack.forget_shell_settings()
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 PACS_BIN = str(Path(sys.executable).with_name("pacs"))
 FIND_RUNS = 20
+OPEN_REPEATS, OPEN_RUNS = 20, 5  # C-FIND on an open association (findscu --repeat)
 SCP_AET = "BENCHSCP"
 
 
@@ -172,13 +175,25 @@ def series_count(aet: str, port: int, study_uid: str, series_uid: str, tmp: Path
     return int(pydicom.dcmread(rsps[0]).NumberOfSeriesRelatedInstances) if rsps else 0
 
 
-def find_cmd(aet: str, port: int, keys: list[str], out: Path | None = None) -> list[str]:
+def find_cmd(aet: str, port: int, keys: list[str], out: Path | None = None, repeat: int = 1) -> list[str]:
     cmd = ["findscu", "-aec", aet, "-S", "-k", "QueryRetrieveLevel=STUDY"]
     for k in keys:
         cmd += ["-k", k]
     if out is not None:
         cmd += ["-X", "-od", str(out)]
+    if repeat > 1:
+        cmd += ["--repeat", str(repeat)]  # the same query again and again on one association
     return cmd + [HOST, str(port)]
+
+
+def open_association_ms(aet: str, port: int, keys: list[str]) -> float:
+    """Milliseconds per C-FIND on an open association: (one run of 1 + OPEN_REPEATS queries - one of 1) / OPEN_REPEATS.
+
+    Medians of ``OPEN_RUNS`` runs each, so process start and association set-up cancel out.
+    """
+    many = timed_runs(find_cmd(aet, port, keys, repeat=1 + OPEN_REPEATS), OPEN_RUNS)[0]
+    one = timed_runs(find_cmd(aet, port, keys), OPEN_RUNS)[0]
+    return (many - one) / OPEN_REPEATS
 
 
 def timed_runs(cmd: list[str], runs: int) -> tuple[float, float]:
@@ -458,6 +473,7 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             subprocess.run(find_cmd(server.aet, server.port, keys, out), env=ENV, check=True, capture_output=True)
             r[f"{label}_matches"] = len(list(out.glob("*.dcm")))
             r[label] = timed_runs(find_cmd(server.aet, server.port, keys), FIND_RUNS)
+            r[f"{label}_open"] = open_association_ms(server.aet, server.port, keys)
         r["echo"] = timed_runs(["echoscu", "-aec", server.aet, HOST, str(server.port)], FIND_RUNS)
     finally:
         server.stop()
@@ -528,6 +544,8 @@ def table(data: dict, results: dict, quick: bool) -> str:
         lambda r: f"{r['find1'][0]:.1f} | {r['find1'][1]:.1f}")
     add(f"C-FIND STUDY PatientName=PAT* (all {st['count']} match): median | p95 ms",
         lambda r: f"{r['findall'][0]:.1f} | {r['findall'][1]:.1f}")
+    add(f"C-FIND STUDY on an open association (findscu --repeat): 1 match | all {st['count']} ms per query",
+        lambda r: f"{r['find1_open']:.1f} | {r['findall_open']:.1f}")
     add("  matches returned (1-match | PAT*)",
         lambda r: f"{r['find1_matches']} | {r['findall_matches']}")
     add("C-ECHO (echoscu process + association floor): median | p95 ms",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
+from pynetdicom import service_class as _service_class
 from pynetdicom.sop_class import (
     Verification,
     PatientRootQueryRetrieveInformationModelFind,
@@ -64,6 +67,36 @@ def _model(event: evt.Event) -> InformationModel:
     return MODELS[event.request.AffectedSOPClassUID]
 
 
+class EncodedIdentifier(Dataset):
+    """A C-FIND response identifier already encoded for its presentation context.
+
+    A ``Dataset`` because pynetdicom's C-FIND service takes one per pending
+    response and encodes it; :func:`_encode` hands back the bytes instead.
+    It holds no elements (pynetdicom's debug log of response identifiers,
+    off by default, shows it empty); ``build`` makes the dataset for any
+    other encoding.
+    """
+
+    def __init__(self, encoded: bytes, implicit_vr: bool, little_endian: bool, build: Callable[[], Dataset]) -> None:
+        super().__init__()
+        # Plain attributes, past Dataset.__setattr__ (which looks each name up as a DICOM keyword).
+        self.__dict__.update(encoded=encoded, encoding=(implicit_vr, little_endian, False), build=build)
+
+
+def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
+    """pynetdicom's ``encode`` for its service classes, passing an :class:`EncodedIdentifier`'s bytes through."""
+    if isinstance(ds, EncodedIdentifier):
+        if ds.encoding == (is_implicit_vr, is_little_endian, deflated):
+            return ds.encoded
+        ds = ds.build()
+    return _pynetdicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
+# The service classes' module-level ``encode`` (pinned pynetdicom 3.0; see pacs.net.reactor).
+_pynetdicom_encode = _service_class.encode
+_service_class.encode = _encode
+
+
 def handle_find(event: evt.Event, db: Database, max_results: int) -> Iterator:
     """Yield (Pending, identifier) per match, then pynetdicom sends Success."""
     calling = event.assoc.requestor.ae_title
@@ -83,12 +116,18 @@ def handle_find(event: evt.Event, db: Database, max_results: int) -> Iterator:
             rows = conn.execute(statement).all()
         syntax = event.context.transfer_syntax
         implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+        direct = not syntax.is_deflated  # a deflated context: pynetdicom encodes and deflates the dataset
         count = 0
         for row in rows:
             if event.is_cancelled:
                 yield int(Status.CANCEL), None
                 return
-            yield int(Status.PENDING), plan.identifier(row, implicit_vr=implicit, little_endian=little)
+            encoded = plan.encoded(row, implicit_vr=implicit, little_endian=little) if direct else None
+            if encoded is None:
+                yield int(Status.PENDING), plan.identifier(row, implicit_vr=implicit, little_endian=little)
+            else:
+                yield int(Status.PENDING), EncodedIdentifier(encoded, implicit, little, partial(
+                    plan.identifier, row, implicit_vr=implicit, little_endian=little))
             count += 1
     except PacsError as exc:
         log.warning("C-FIND from %s failed: %s", calling, exc)

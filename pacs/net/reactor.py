@@ -54,7 +54,7 @@ from collections.abc import Callable
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -70,8 +70,11 @@ IDLE_WAIT_S = 0.005
 # A C-GET/C-MOVE Pending response (a progress report) at most this often per request.
 PENDING_INTERVAL_S = 0.25
 PENDING = 0xFF00
+FIND_PENDING = (0xFF00, 0xFF01)
 # Data PDUs sent directly are written at the end of their message, or once this much is held.
 _BATCH_BYTES = 4 << 20
+# Coalesced messages (C-FIND matches) are written once this much is held.
+_COALESCE_BYTES = 64 << 10
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -148,7 +151,7 @@ class EventDrivenDUL(DULServiceProvider):
             return True
 
     def send_message_now(self, context_id: int, command: bytes, dataset: bytes | memoryview | None,
-                         max_pdu_length: int) -> bool:
+                         max_pdu_length: int, *, coalesce: bool = False) -> bool:
         """Write one whole DIMSE message (encoded command set and data set) as P-DATA-TF PDUs, now.
 
         The fragmenting of PS3.8 9.3.5 / Annex E: one presentation data value
@@ -159,17 +162,34 @@ class EventDrivenDUL(DULServiceProvider):
         otherwise, and the caller sends the message the usual way.  For a
         large data set this replaces a P-DATA primitive, a PDU object and an
         encode per fragment by one buffer and one system call.
+
+        ``coalesce`` (for a stream of small messages, C-FIND matches) holds
+        the message back with those before it until ``_COALESCE_BYTES`` are
+        held, another message is sent, or this thread's loop next goes idle
+        (within ``IDLE_WAIT_S``): one system call for many responses.
         """
         with self._send_lock:
             if not self._may_send_now():
                 return False
-            self._flush()
             parts: list[bytes | memoryview] = []
             _fragment(parts, context_id, memoryview(command), 0x01, max_pdu_length)
             if dataset is not None:
                 _fragment(parts, context_id, memoryview(dataset), 0x00, max_pdu_length)
-            self.socket.send(b"".join(parts))
+            message = b"".join(parts)
+            if coalesce:
+                self._held.append(message)
+                self._held_bytes += len(message)
+                if self._held_bytes >= _COALESCE_BYTES:
+                    self._flush()
+                return True
+            self._flush()
+            self.socket.send(message)
             return True
+
+    def _flush_held(self) -> None:
+        if self._held:
+            with self._send_lock:
+                self._flush()
 
     def _may_send_now(self) -> bool:
         """Established (Sta6) with no primitive queued before: the state machine would send a P-DATA as is."""
@@ -231,6 +251,7 @@ class EventDrivenDUL(DULServiceProvider):
                 if not self.assoc._dul_ready.is_set():
                     self.assoc._dul_ready.set()
                 if idle:
+                    self._flush_held()  # coalesced messages wait at most one idle period
                     self._wait_for_work()
                 if self._kill_thread:
                     return
@@ -411,11 +432,26 @@ def _sending_messages_directly(assoc: Association, send_msg: Callable[[object, i
     C.4.3.3, a progress report — go out at most every ``PENDING_INTERVAL_S``
     per request instead of after every sub-operation: the final response
     carries the counts, and a peer still sees progress several times a second.
+
+    C-FIND matches share one command set per query and are coalesced
+    (``send_message_now(coalesce=True)``): thousands of small responses go
+    out in a few system calls.
     """
     last_pending: dict[int, float] = {}
+    find_command: list = [None, None]  # (key, encoded command set) of the last C-FIND match sent
 
     def send(primitive, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
         responding_to = primitive.MessageIDBeingRespondedTo
+        if (isinstance(primitive, C_FIND) and responding_to is not None and primitive.Status in FIND_PENDING
+                and primitive.Identifier is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            # a match: the same command set as the one before, coalesced with the matches around it
+            key = (responding_to, primitive.Status, primitive.AffectedSOPClassUID)
+            if find_command[0] != key:
+                find_command[:] = [key, command_set(primitive)]
+            if find_command[1] is not None and assoc.dul.send_message_now(
+                    context_id, find_command[1], primitive.Identifier.getbuffer(), assoc.dimse.maximum_pdu_size,
+                    coalesce=True):
+                return
         if isinstance(primitive, (C_GET, C_MOVE)) and responding_to is not None:
             if primitive.Status == PENDING:
                 now = time.monotonic()

@@ -20,6 +20,7 @@ def _request() -> Dataset:
     ds.NumberOfSeriesRelatedInstances = ""
     ds.PatientName = ""
     ds.add_new(0x00181030, "LO", "")  # ProtocolName: not in the index, returned empty
+    ds.add_new(0x00081110, "SQ", [])  # ReferencedStudySequence: a sequence, returned empty
     return ds
 
 
@@ -36,6 +37,7 @@ def _reference(plan, row) -> Dataset:
             value = value.split("\\")
         ds.add_new(attribute.tag, attribute.vr, value)
     ds.add_new(0x00181030, "LO", None)
+    ds.add_new(0x00081110, "SQ", [])
     return ds
 
 
@@ -58,3 +60,15 @@ def test_fast_identifier_encodes_like_pydicom(name, implicit, little) -> None:
     fast = encode(plan.identifier(row, implicit_vr=implicit, little_endian=little), implicit, little)
     assert fast is not None
     assert fast == encode(_reference(plan, row), implicit, little)
+
+
+@pytest.mark.parametrize("implicit, little", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("name", list(ROWS))
+def test_directly_encoded_identifier_is_what_pydicom_writes(name, implicit, little) -> None:
+    plan = response_plan(parse_identifier(_request(), InformationModel.STUDY_ROOT))
+    row = tuple(dict(zip(KEYS, ROWS[name]))[a.keyword] for a in plan.attributes)
+    direct = plan.encoded(row, implicit_vr=implicit, little_endian=little)
+    if name == "non-ASCII text":
+        assert direct is None  # the character set is pydicom's business: identifier() is encoded instead
+        return
+    assert direct == encode(_reference(plan, row), implicit, little)
