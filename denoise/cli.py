@@ -80,6 +80,10 @@ def train_command(
     grain_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Fraction of training slices whose ground truth is itself a full-dose scan "
                                "of the phantom, with its grain, as a real CT image is (0: textureless phantoms).")] = 0.0,
+    extras_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of training phantoms with what real scans have and plain phantoms lack: "
+                               "anatomy crossing the field of view's edge, a head holder, denser bone, fine "
+                               "texture (0: plain phantoms).")] = 0.0,
     simulation_workers: Annotated[int, typer.Option(
         min=1, help="Processes simulating the missing training slices in parallel (one per core).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
@@ -119,7 +123,8 @@ def train_command(
         config = TrainConfig(
             out_dir=out_dir, cache_dir=cache_dir, version=version,
             model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth),
-            simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction),
+            simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction,
+                                        extras_fraction=extras_fraction),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),

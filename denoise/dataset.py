@@ -8,7 +8,7 @@ set, so training, validation and test never share a slice) is stored as
 * ``quarter``   - the quarter-dose FBP (projection-domain Poisson, binomial thinning of I0 = 5e5),
 * ``sparse``    - a sparse-view FBP (``sparse_views`` views, full-dose noise), and ``sparse_views``.
 
-Two options widen the training distribution beyond one dose of textureless
+Three options widen the training distribution beyond one dose of textureless
 phantoms (both off by default, so the benchmark's test set stays what it
 was):
 
@@ -22,7 +22,10 @@ was):
   A real CT image carries the grain of the scan that made it; re-simulating
   a low dose from it (what the benchmark does with real slices) then asks the
   denoiser to remove the new noise and keep the old grain.  A network trained
-  on textureless phantoms alone takes that grain for noise and wipes it out.
+  on textureless phantoms alone takes that grain for noise and wipes it out;
+* ``extras_fraction``: that fraction of the phantoms are drawn with
+  ``random_slice(extras=True)``: anatomy crossing the edge of the field of
+  view, a head holder, denser bone with sharper edges, fine texture.
 
 The FBP is the expensive part (~4 s a slice on one core), so a slice is
 simulated once and every epoch re-uses it.  A set is built incrementally: an
@@ -50,7 +53,7 @@ TASKS = ("quarter", "sparse", "gaussian")
 GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
-_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction")
+_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction")
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,16 @@ class SimulationConfig:
     gaussian_sigma_8bit: float = 30.0
     dose_range: tuple[float, float] = (1.0, 1.0)
     grain_fraction: float = 0.0
+    extras_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"dose_range: expected factors 0 < lo <= hi, got {self.dose_range}")
         object.__setattr__(self, "dose_range", (lo, hi))  # a list, when read back from JSON
-        if not 0.0 <= self.grain_fraction <= 1.0:
-            raise ValueError(f"grain_fraction: expected a fraction in [0, 1], got {self.grain_fraction}")
+        for name in ("grain_fraction", "extras_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
 
     def key(self, seed: int) -> str:
         defaults = {f.name: f.default for f in fields(self)}
@@ -130,7 +135,9 @@ def simulate_slice(hu: np.ndarray, config: SimulationConfig, rng: np.random.Gene
 def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, shepp_logan: bool) -> None:
     """Simulate slice ``index`` of the set ``seed`` into ``path`` (whole or not at all)."""
     rng = np.random.default_rng([seed, index])
-    hu = phantoms.shepp_logan_hu(config.size_px) if shepp_logan else phantoms.random_slice(rng, config.size_px)
+    extras = bool(config.extras_fraction) and rng.random() < config.extras_fraction
+    hu = (phantoms.shepp_logan_hu(config.size_px) if shepp_logan
+          else phantoms.random_slice(rng, config.size_px, extras=extras))
     data = simulate_slice(hu, config, rng)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)

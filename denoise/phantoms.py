@@ -113,10 +113,18 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return out[n // 8 : n // 8 + n, n // 8 : n // 8 + n]
 
 
-def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None) -> np.ndarray:
+def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None,
+                 extras: bool = False) -> np.ndarray:
     """One random CT-like slice in HU, ``[size, size]`` float32.
 
     ``body_type`` is one of ``BODY_TYPES`` or None (drawn at random).
+
+    ``extras`` adds what real scans have and the plain phantoms lack (each
+    drawn at random): anatomy magnified up to 1.5x so that it crosses the
+    edge of the measured field of view, thin dense arcs outside the body (a
+    head holder, a table), cortical bone up to 2,000 HU with sharper edges,
+    and fine high-contrast texture (1-3 px, up to 40 HU) in soft tissue.
+    Without it the generator draws exactly what it always drew.
     Coordinates are fractions of the half field of view, so the anatomy
     scales with ``size``.
     """
@@ -127,6 +135,9 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
         raise ValueError(f"body_type: expected one of {', '.join(BODY_TYPES)} or None, got {kind!r}")
     s = 2
     x, y = _grid(size, s)
+    if extras and rng.random() < 0.4:
+        zoom = rng.uniform(1.05, 1.5)  # the body crosses the inscribed circle, as in a truncated scan
+        x, y = x / zoom, y / zoom
     n = size * s
     hu = np.full((n, n), -1000.0)
     u = rng.uniform
@@ -207,14 +218,39 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
         cr = u(0.004, 0.012)
         hu[ellipse(cx, cy, cr, cr) & body] = u(200, 1000)
     # smooth tissue texture, only where there is tissue (not air, not lung)
+    if extras:
+        _add_extras(hu, x, y, rng, n, s)
     texture = _smooth_noise(rng, n, u(1.5, 8.0) * s) * u(3, 15)
     soft = (hu > -200) & (hu < 300)
     hu = np.where(soft, hu + texture, hu)
     lungs = (hu > -950) & (hu <= -600)
     hu = np.where(lungs, hu + _smooth_noise(rng, n, 3.0 * s) * u(10, 30), hu)
     hu = _downsample(hu, s)
-    hu = _blur(hu, u(0.3, 0.7))
+    hu = _blur(hu, u(0.0, 0.7) if extras else u(0.3, 0.7))
     return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
+
+
+def _add_extras(hu: np.ndarray, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n: int, s: int) -> None:
+    """The ``extras`` of :func:`random_slice`, drawn into ``hu`` (supersampled by ``s``) in place."""
+    u = rng.uniform
+    air = hu <= -990
+    for _ in range(int(rng.integers(0, 3))):  # head holder / table: thin dense arcs in the air around the body
+        a, b = u(0.6, 1.1), u(0.5, 1.0)
+        cy = u(-0.3, 0.3)
+        thickness = u(0.004, 0.015)
+        outer = _ellipse(x, y, 0, cy, a, b, 0.0)
+        ring = outer & ~_ellipse(x, y, 0, cy, a - thickness, b - thickness, 0.0) & air
+        if rng.random() < 0.7:  # an open arc (the lower or the upper part), not a closed ring
+            ring &= (y < cy) if rng.random() < 0.7 else (y > cy)
+        hu[ring] = u(100, 1200)
+    if rng.random() < 0.5:  # denser cortical bone
+        cortical = hu >= 600
+        hu[cortical] = hu[cortical] * u(1.0, 1.6)
+        np.minimum(hu, 2000.0, out=hu)
+    if rng.random() < 0.6:  # fine high-contrast texture in soft tissue (muscle fibres, fat marbling)
+        soft = (hu > -200) & (hu < 300)
+        fine = _smooth_noise(rng, n, u(0.5, 1.5) * s) * u(5, 40)
+        hu[soft] += fine[soft]
 
 
 def random_slices(count: int, seed: int, size: int = 512) -> np.ndarray:

@@ -34,6 +34,19 @@ def test_phantoms_are_in_hu_and_reproducible():
         phantoms.random_slice(np.random.default_rng(0), 64, body_type="knee")
 
 
+def test_phantom_extras_reach_past_the_field_of_view():
+    plain = phantoms.random_slice(np.random.default_rng(9), 96)
+    assert np.array_equal(plain, phantoms.random_slice(np.random.default_rng(9), 96, extras=False))
+    outside = ~simulate.field_of_view_mask(96)
+    crossing = 0
+    for seed in range(8):
+        hu = phantoms.random_slice(np.random.default_rng([9, seed]), 96, extras=True)
+        assert hu.min() >= -1024 and hu.max() <= 3071
+        crossing += bool((hu[outside] > -500).any())
+    assert crossing >= 1  # anatomy (or a head holder) where the scan does not measure, as in real images
+    assert not (plain[outside] > -500).any()
+
+
 def test_noiseless_fbp_reproduces_the_phantom():
     hu = phantoms.shepp_logan_hu(128)
     scan = simulate.ParallelBeam(128, pixel_mm=2.8, n_views=192)
@@ -72,7 +85,8 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
     plain = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64)
     wide = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dose_range=[0.5, 8.0], grain_fraction=1.0)
     # the new options at their defaults keep the cache key (sets cached before them stay valid)
-    assert plain.key(3) == SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dose_range=(1, 1)).key(3)
+    assert plain.key(3) == SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dose_range=(1, 1),
+                                            grain_fraction=0.0, extras_fraction=0.0).key(3)
     assert wide.key(3) != plain.key(3) and wide.dose_range == (0.5, 8.0)
     a = build_pair_set(tmp_path, seed=3, count=3, config=plain)
     b = build_pair_set(tmp_path, seed=3, count=3, config=wide, workers=2)
@@ -90,6 +104,8 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(dose_range=(2.0, 1.0))
     with pytest.raises(ValueError, match="grain_fraction"):
         SimulationConfig(grain_fraction=1.5)
+    with pytest.raises(ValueError, match="extras_fraction"):
+        SimulationConfig(extras_fraction=-0.1)
 
 
 def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
