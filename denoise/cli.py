@@ -65,6 +65,10 @@ def train_command(
     space_to_depth: Annotated[int, typer.Option(help="1, or 2 to run the network at half resolution on 4 channels.")] = 2,
     norm: Annotated[str, typer.Option(help="none or batch.")] = "none",
     residual: Annotated[bool, typer.Option("--residual/--no-residual", help="Predict the noise (output = input - net).")] = True,
+    noise_level_input: Annotated[bool, typer.Option(
+        "--noise-level-input/--blind",
+        help="Give the network each slice's measured noise level as a second input plane (FFDNet-style); "
+             "--init-from a blind checkpoint grows that input with zero weights.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (validation and a checkpoint after each).")] = 20,
     steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Patches per step (per process with --spark-processes).")] = 8,
@@ -122,7 +126,8 @@ def train_command(
     try:
         config = TrainConfig(
             out_dir=out_dir, cache_dir=cache_dir, version=version,
-            model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth),
+            model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth,
+                             noise_level_input=noise_level_input),
             simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction,
                                         extras_fraction=extras_fraction),
             simulation_workers=simulation_workers,

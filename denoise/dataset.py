@@ -223,12 +223,30 @@ class PatchSampler:
         self.tasks = [t for t in TASKS if task_weights.get(t, 0) > 0]
         self.probabilities = np.array([task_weights[t] for t in self.tasks]) / total
         self.gaussian_sigma_hu = gaussian_sigma_hu
+        self._levels: dict[str, np.ndarray] = {}
 
-    def batch(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def noise_levels(self, task: str) -> np.ndarray:
+        """``[N]``: each slice's noise level in HU for ``task`` (``denoise.model.estimate_noise_hu``), once."""
+        if task not in self._levels:
+            if task == "gaussian":  # white noise of a known sigma, added per patch
+                self._levels[task] = np.full(len(self.pairs), self.gaussian_sigma_hu, np.float32)
+            else:
+                import torch
+
+                from .model import estimate_noise_hu
+
+                slices = torch.from_numpy(self.pairs.inputs(task))[:, None]
+                self._levels[task] = estimate_noise_hu(slices).numpy().astype(np.float32)
+        return self._levels[task]
+
+    def batch(self, batch_size: int, rng: np.random.Generator, *,
+              with_noise_levels: bool = False) -> tuple[np.ndarray, ...]:
+        """``(inputs, targets)``, and with ``with_noise_levels`` each patch's slice noise level ``[B]`` (HU)."""
         p = self.patch_px
         size = self.pairs.reference.shape[-1]
         inputs = np.empty((batch_size, 1, p, p), np.float32)
         targets = np.empty_like(inputs)
+        levels = np.empty(batch_size, np.float32)
         for b in range(batch_size):
             task = self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
             for _attempt in range(8):
@@ -241,8 +259,10 @@ class PatchSampler:
                 source = target + rng.normal(0.0, self.gaussian_sigma_hu, target.shape).astype(np.float32)
             else:
                 source = self.pairs.inputs(task)[i, r : r + p, c : c + p]
+            if with_noise_levels:
+                levels[b] = self.noise_levels(task)[i]
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             for out, image in ((inputs, source), (targets, target)):
                 image = np.rot90(image, k)
                 out[b, 0] = image[:, ::-1] if flip else image
-        return inputs, targets
+        return (inputs, targets, levels) if with_noise_levels else (inputs, targets)

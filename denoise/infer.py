@@ -19,6 +19,9 @@ Tiles from all slices are batched together (``batch_size`` tiles per forward
 pass).  The model runs on ``device``; stitching happens on the CPU, so the
 GPU holds only one batch.  ``precision`` is ``float32`` (default),
 ``float16`` or ``bfloat16`` (autocast; ``float16`` needs CUDA).
+
+A network with ``noise_level_input`` gets, with every tile, the noise level
+of the whole slice the tile comes from (``denoise.model.estimate_noise_hu``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .model import UNet
+from .model import UNet, estimate_noise_hu
 
 __all__ = ["PRECISIONS", "tile_starts", "blend_weights", "denoise_slices"]
 
@@ -117,6 +120,9 @@ def denoise_slices(
     tile_h, tile_w = min(tile_px, ph), min(tile_px, pw)
     rows, cols = tile_starts(ph, tile_h, overlap_px, m), tile_starts(pw, tile_w, overlap_px, m)
     scale = model.config.hu_scale
+    # a network that takes the noise level gets each slice's, measured on the whole slice, in every tile of it
+    levels = (estimate_noise_hu(torch.from_numpy(np.asarray(stack, dtype=np.float32))[:, None]).tolist()
+              if model.config.noise_level_input else None)
     out = np.zeros((n, ph, pw), np.float32)
     weight_sum = np.zeros((ph, pw), np.float32)
     weights = {}
@@ -142,8 +148,9 @@ def denoise_slices(
 
     def run(items: list[tuple[int, int, int, np.ndarray]]) -> None:
         x = torch.from_numpy(np.stack([t for *_, t in items])[:, None]).to(device)
+        noise = None if levels is None else torch.tensor([levels[k] for k, *_ in items], device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=getattr(torch, precision), enabled=autocast):
-            y = model(x)
+            y = model(x, noise)
         y = y.float().cpu().numpy()[:, 0] * scale
         for (k, r, c, _), result in zip(items, y):
             out[k, r : r + tile_h, c : c + tile_w] += result * weights[(r, c)]

@@ -36,6 +36,7 @@ patches as rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -166,10 +167,27 @@ def initial_weights(config: TrainConfig) -> UNet:
     from .checkpoints import CheckpointError, load_checkpoint
 
     net, meta = load_checkpoint(config.init_from)
-    if net.config != config.model:
-        raise CheckpointError(f"init_from {Path(config.init_from).name}: expected a U-Net {config.model}, "
-                              f"got {net.config}")
-    return net
+    if net.config == config.model:
+        return net
+    if dataclasses.replace(net.config, noise_level_input=True) == config.model:
+        return with_noise_level_input(net)
+    raise CheckpointError(f"init_from {Path(config.init_from).name}: expected a U-Net {config.model}, "
+                          f"got {net.config}")
+
+
+def with_noise_level_input(net: UNet) -> UNet:
+    """The same network taking a noise-level plane, whose weights on that plane start at zero.
+
+    It computes exactly what ``net`` computes until training gives the new
+    plane weight: fine-tuning a blind checkpoint into a noise-level-aware one.
+    """
+    grown = UNet(dataclasses.replace(net.config, noise_level_input=True))
+    state = net.state_dict()
+    first = "encoders.0.0.weight"
+    weight = state[first]
+    state[first] = torch.cat((weight, torch.zeros_like(weight[:, :1])), dim=1)
+    grown.load_state_dict(state)
+    return grown
 
 
 def load_resume_state(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TrainConfig, dict[str, Any]]:
@@ -329,10 +347,15 @@ def train(
             lr = _learning_rate(config, step)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            inputs, targets = sampler.batch(config.batch_size, rng)
+            noise = None
+            if config.model.noise_level_input:
+                inputs, targets, levels = sampler.batch(config.batch_size, rng, with_noise_levels=True)
+                noise = torch.from_numpy(levels).to(device)
+            else:
+                inputs, targets = sampler.batch(config.batch_size, rng)
             x = torch.from_numpy(inputs / scale).to(device)
             y = torch.from_numpy(targets / scale).to(device)
-            loss = _loss(network(x), y, config)
+            loss = _loss(network(x, noise), y, config)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from denoise.infer import denoise_slices, tile_starts
-from denoise.model import UNet, UNetConfig
+from denoise.model import UNet, UNetConfig, estimate_noise_hu
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,8 @@ def _random_net(**config) -> UNet:
 
 
 @pytest.mark.parametrize("config", [dict(width=6, depth=2), dict(width=6, depth=2, space_to_depth=2),
-                                    dict(width=4, depth=3, norm="batch")], ids=["plain", "space-to-depth", "batchnorm"])
+                                    dict(width=4, depth=3, norm="batch"), dict(width=6, depth=2, noise_level_input=True)],
+                         ids=["plain", "space-to-depth", "batchnorm", "noise-level"])
 def test_tiled_equals_whole_image(config):
     net = _random_net(**config)
     hu = np.random.default_rng(1).normal(0, 200, (2, 150, 133)).astype(np.float32)
@@ -76,6 +77,29 @@ def test_odd_shapes_come_back_with_the_same_shape(shape):
     hu = np.random.default_rng(2).normal(0, 100, shape).astype(np.float32)
     out = denoise_slices(net, hu, tile_px=16, overlap_px=4)
     assert out.shape == hu.shape and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_noise_level_estimate_and_input():
+    rng = np.random.default_rng(3)
+    tissue = torch.from_numpy(rng.normal(40, 25, (2, 1, 96, 96)).astype(np.float32))
+    tissue[1] = 40 + (tissue[1] - 40) / 5  # a fifth of the noise
+    levels = estimate_noise_hu(tissue)
+    assert levels[0].item() == pytest.approx(25, rel=0.1) and levels[1].item() == pytest.approx(5, rel=0.1)
+    net = _random_net(width=6, depth=2, noise_level_input=True)
+    x = tissue / 1000
+    # the level changes the output; without one the network measures its input
+    assert not torch.allclose(net(x, torch.tensor([25.0, 25.0])), net(x, torch.tensor([5.0, 5.0])))
+    assert torch.allclose(net(x), net(x, levels))
+
+
+def test_a_blind_checkpoint_grows_a_noise_level_input_that_changes_nothing_yet():
+    from denoise.train import with_noise_level_input
+
+    blind = _random_net(width=6, depth=2)
+    grown = with_noise_level_input(blind)
+    assert grown.config.noise_level_input and not blind.config.noise_level_input
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(grown(x, torch.tensor([3.0, 30.0])), blind(x), atol=1e-6)
 
 
 def test_tile_starts_cover_and_align():
