@@ -131,3 +131,16 @@ def test_bad_npy_and_existing_output_fail(tmp_path, checkpoint):
 def test_default_checkpoint_loads():
     net, meta = load_checkpoint()
     assert meta["version"] and net.parameter_count() < 5_000_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dose-range", "2"], "expected two factors LO,HI"),
+    (["--dose-range", "4,1"], "dose_range: expected factors 0 < lo <= hi"),
+    (["--grain-fraction", "1.5"], "grain-fraction"),
+])
+def test_training_data_options_are_checked(tmp_path, args, message):
+    result = runner.invoke(app, ["denoise", "train", "--out-dir", str(tmp_path / "run"),
+                                 "--cache-dir", str(tmp_path / "cache"), *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "cache").exists()  # refused before anything was simulated
