@@ -38,12 +38,13 @@ from datetime import timedelta, timezone
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pacs.errors import ChecksumMismatch, NotFound
+from pacs.errors import ChecksumMismatch, NotFound, StorageUnavailable
 from pacs.index.database import Database
 from pacs.index.models import Container, ContainerState, Instance, Lease, SupersededObject, utcnow
 from pacs.index.repository import landing_totals, oldest_landing
 from pacs.settings import StorageSettings
 from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore, landed_at
+from pacs.storage.packs import new_pack_path
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class CompactionReport:
     abandoned_packs_removed: int = 0
     orphans_removed: int = 0
     unreadable: list[str] = field(default_factory=list)
+    # Why the last pack could not be written (the store went away): compaction stopped, nothing moved.
+    write_failed: str | None = None
 
 
 class Compactor:
@@ -228,29 +231,33 @@ class Compactor:
                 log.error("landed object %s of instance row %d is missing; left in place", location.container, pk)
         if not readable:
             return False
-        pending = Container(path="", state=ContainerState.WRITING, created_at=utcnow())
-        # The path is chosen by the writer; record a placeholder first so a crash is traceable.
-        pending.path = f"pending:{uuid.uuid4().hex}"
+        # The pack's row is recorded (WRITING) before its file exists, so that a pack
+        # a crash or a failed write leaves behind is found and removed later.
+        path = new_pack_path()
         with self.db.session() as session:
+            pending = Container(path=path, state=ContainerState.WRITING, created_at=utcnow())
             session.add(pending)
             session.flush()
             container_pk = pending.id
         try:
-            path, placed = self.objects.write_pack((str(pk), loc) for pk, loc in readable)
+            path, placed = self.objects.write_pack(((str(pk), loc) for pk, loc in readable), path)
         except ChecksumMismatch as exc:
             report.unreadable.append(str(exc))
             log.error("compaction stopped: a landed object fails its checksum: %s", exc)
-            with self.db.session() as session:
-                session.execute(delete(Container).where(Container.id == container_pk))
+            self._abandon(container_pk, path)
+            return False
+        except StorageUnavailable as exc:
+            # A DataNode gone in the middle of the pack, say: nothing was switched, the landed
+            # objects stay readable where they are, and the next compaction tries again.
+            report.write_failed = str(exc)
+            log.warning("compaction stopped: the pack could not be written (landed objects stay where they are): %s",
+                        exc)
+            self._abandon(container_pk, path)
             return False
         if not placed:  # every picked object was unreadable: nothing to switch
-            self.objects.blobs.delete(path)
-            with self.db.session() as session:
-                session.execute(delete(Container).where(Container.id == container_pk))
+            self._abandon(container_pk, path)
             report.unreadable.extend(loc.container for _pk, loc in readable)
             return False
-        with self.db.session() as session:
-            session.execute(update(Container).where(Container.id == container_pk).values(path=path))
         switched: list[Location] = []
         with self.db.session() as session:
             for pk, old in readable:
@@ -285,6 +292,18 @@ class Compactor:
         report.objects_packed += len(switched)
         report.bytes_packed += sum(loc.length for loc in switched)
         return bool(switched)  # nothing switched: the rest cannot be packed now, stop
+
+    def _abandon(self, container_pk: int, path: str) -> None:
+        """Remove a pack no row points to, and its row; if the file cannot go now, the row stays for the sweep."""
+        try:
+            self.objects.blobs.delete(path)
+        except NotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the store may be the thing that failed
+            log.warning("could not remove unfinished pack %s now (the next compaction will): %s", path, exc)
+            return
+        with self.db.session() as session:
+            session.execute(delete(Container).where(Container.id == container_pk))
 
     def _remove_abandoned_packs(self, report: CompactionReport) -> None:
         """Delete packs a crashed compactor left in state WRITING (no row references them)."""

@@ -235,17 +235,18 @@ class ObjectStore:
         return self.blobs.delete(location.container)
 
     def write_pack(
-        self, objects: Iterable[tuple[str, Location]]
+        self, objects: Iterable[tuple[str, Location]], path: str | None = None
     ) -> tuple[str, dict[str, Location]]:
         """Copy objects into one new pack file; return its path and the new locations.
 
         ``objects`` pairs a caller's key with each object's current location;
         each object is read, verified and appended with its record header.
         An object whose file is gone, or whose bytes fail their checksum, is
-        left out (and absent from the result).
-        The pack is durable when this returns.
+        left out (and absent from the result).  ``path``: the new pack's
+        (default: a fresh ``new_pack_path()``), for a caller that records it
+        before writing.  The pack is durable when this returns.
         """
-        path = new_pack_path()
+        path = path or new_pack_path()
         placed: dict[str, Location] = {}
 
         def records() -> Iterator[bytes]:

@@ -85,8 +85,8 @@ def test_switch_skips_rows_that_changed_meanwhile(tmp_path):
     result = services.ingest.store(data)
     original = services.objects.write_pack  # a concurrent overwrite lands while the pack is written
 
-    def write_pack_then_move(objects):
-        out = original(objects)
+    def write_pack_then_move(objects, path=None):
+        out = original(objects, path)
         with services.db.session() as session:
             session.execute(update(Instance).values(container="landing/20990101/000000-moved.dcm"))
         return out
@@ -172,5 +172,41 @@ def test_concurrent_compactions_in_one_process_do_not_collide(tmp_path):
     with services.db.session() as session:
         rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
         assert all(r.packed for r in rows)
+        assert [services.objects.get(location_of(r)) for r in rows] == sent
+    services.close()
+
+
+def test_a_pack_that_cannot_be_written_leaves_everything_in_place(tmp_path, monkeypatch):
+    """The store failing in the middle of a pack (a DataNode gone): nothing moves, the next compaction packs."""
+    from pacs.errors import StorageUnavailable
+
+    services = build_services(small_settings(tmp_path, landing_compact_at=1000, landing_max_files=2000))
+    sent = list(make_series(SeriesSpec(study_key="w", series_key="w1", rows=32, columns=32, count=30)))
+    for data in sent:
+        services.ingest.store(data)
+    blobs = services.objects.blobs
+    real_write = blobs.write
+
+    def failing_write(path, chunks):
+        def some_then_fail():
+            for n, chunk in enumerate(chunks):
+                if n == 5:
+                    raise StorageUnavailable(f"write of {path} failed: DataNode gone")
+                yield chunk
+        return real_write(path, some_then_fail())
+
+    monkeypatch.setattr(blobs, "write", failing_write)
+    before = blob_paths(services)
+    report = services.compactor.compact(force=True)
+    assert report.write_failed and "DataNode gone" in report.write_failed and report.packs_written == 0
+    assert blob_paths(services) == before  # no partial pack left, every landing file still there
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Container)) == 0
+        assert session.scalar(select(func.count()).where(Instance.packed.is_(True))) == 0
+    monkeypatch.setattr(blobs, "write", real_write)
+    report = services.compactor.compact(force=True)
+    assert report.objects_packed == len(sent) and report.write_failed is None
+    with services.db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
         assert [services.objects.get(location_of(r)) for r in rows] == sent
     services.close()
