@@ -183,9 +183,9 @@ def with_noise_level_input(net: UNet) -> UNet:
     """
     grown = UNet(dataclasses.replace(net.config, noise_level_input=True))
     state = net.state_dict()
-    first = "encoders.0.0.weight"
-    weight = state[first]
-    state[first] = torch.cat((weight, torch.zeros_like(weight[:, :1])), dim=1)
+    for name, target in grown.state_dict().items():
+        if state[name].shape != target.shape:  # the first convolution: one input channel more
+            state[name] = torch.cat((state[name], torch.zeros_like(target[:, state[name].shape[1]:])), dim=1)
     grown.load_state_dict(state)
     return grown
 

@@ -219,11 +219,9 @@ def _serve_worker(*, share_port: bool) -> None:
                 console.print(f"the parent process {parent} is gone: stopping (pid {os.getpid()})")
                 break  # a worker never outlives the `pacs serve` that started it
             if time.monotonic() >= next_compaction:
-                try:
-                    services.compactor.compact()  # packs objects that waited past their landing age
-                except Exception:  # the store or the index is away: serving goes on, the next round retries
-                    logging.getLogger("pacs.serve").exception(
-                        "periodic compaction failed; landed objects stay readable where they are")
+                # packs objects that waited past their landing age; a failure is logged and the
+                # next round retries (the store or the index away must not stop serving)
+                services.compactor.compact_in_background()
                 next_compaction = time.monotonic() + compact_every_s
     except KeyboardInterrupt:
         console.print(f"stopping (pid {os.getpid()})")
