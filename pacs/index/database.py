@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs.errors import IndexUnavailable
 from pacs.settings import Settings
+
+PING_IDLE_S = 1.0  # a pooled connection idle this long is pinged before use
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
@@ -32,15 +35,48 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # a restarted Postgres must not poison the pool
         pool_recycle=1800,
         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
     )
+    _ping_idle_connections(engine, PING_IDLE_S)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine, idle_s: float) -> None:
+    """Check a pooled connection before use when it has been idle for ``idle_s``.
+
+    A restarted server must not poison the pool, but SQLAlchemy's
+    ``pool_pre_ping`` costs a round trip on every checkout, two per stored
+    instance.  A connection that sat in the pool for ``idle_s`` or more is
+    pinged, and a dead one replaced before the caller sees it; one given back
+    less than ``idle_s`` ago is used as is, so a server that went away within
+    that second fails the next transaction with :class:`IndexUnavailable`,
+    as it would had it gone away during that transaction.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record):  # noqa: ANN001
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_conn, record, _proxy):  # noqa: ANN001
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < idle_s:
+            return  # new, or in use moments ago
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except Exception as exc:  # noqa: BLE001 - any failure: replace the connection
+            # the pool discards this connection and checks out another (a new one if need be)
+            raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
 class Database:

@@ -145,6 +145,14 @@ def add_instance(
     """
     conn = _connection(db)
     now = utcnow()
+    if conn.dialect.name == "postgresql":
+        values = _instance_values(attrs, location, source_ae, now)
+        instance_pk, series_pk = conn.execute(
+            _pg_add_to_series(), {**{f"b_{k}": v for k, v in values.items()},
+                                  "b_series_uid": attrs.series_instance_uid, "b_now": now}
+        ).one()
+        if series_pk is not None:  # the common case, done in that one round trip
+            return instance_pk
     parents = conn.execute(_PARENTS, {"b_series_uid": attrs.series_instance_uid}).one_or_none()
     new_study = new_series = False
     if parents is None:
@@ -152,25 +160,7 @@ def add_instance(
     else:
         series_pk, study_pk, patient_pk = parents
     instance_pk = _insert_ignore(
-        conn,
-        Instance,
-        dict(
-            series_fk=series_pk,
-            sop_instance_uid=attrs.sop_instance_uid,
-            sop_class_uid=attrs.sop_class_uid,
-            instance_number=attrs.instance_number,
-            rows=attrs.rows,
-            columns=attrs.columns,
-            number_of_frames=attrs.number_of_frames,
-            transfer_syntax_uid=attrs.transfer_syntax_uid,
-            container=location.container,
-            offset=location.offset,
-            length=location.length,
-            sha256=location.sha256,
-            packed=not location.is_landing,
-            source_ae=source_ae,
-            stored_at=now,
-        ),
+        conn, Instance, dict(series_fk=series_pk, **_instance_values(attrs, location, source_ae, now)),
         returning=Instance.id,
     )
     if instance_pk is None:
@@ -193,6 +183,83 @@ def add_instance(
     if new_series and attrs.modality:
         _add_modality(conn, study_pk, attrs.modality)
     return instance_pk
+
+
+def _instance_values(attrs: InstanceAttributes, location: Location, source_ae: str, now: datetime) -> dict[str, Any]:
+    """The columns of a new instance row, but its series."""
+    return dict(
+        sop_instance_uid=attrs.sop_instance_uid,
+        sop_class_uid=attrs.sop_class_uid,
+        instance_number=attrs.instance_number,
+        rows=attrs.rows,
+        columns=attrs.columns,
+        number_of_frames=attrs.number_of_frames,
+        transfer_syntax_uid=attrs.transfer_syntax_uid,
+        container=location.container,
+        offset=location.offset,
+        length=location.length,
+        sha256=location.sha256,
+        packed=not location.is_landing,
+        source_ae=source_ae,
+        stored_at=now,
+    )
+
+
+_INSTANCE_COLUMNS = tuple(
+    _instance_values(
+        InstanceAttributes(**{f: None for f in InstanceAttributes.__dataclass_fields__}),
+        Location("", 0, 0, ""), "", datetime.min,
+    )
+)
+_PG_ADD_TO_SERIES: list[Any] = []
+
+
+def _pg_add_to_series() -> Any:
+    """One Postgres statement for an instance of a series already indexed.
+
+    Data-modifying CTEs insert the row (ON CONFLICT DO NOTHING) and bump the
+    series, study and patient counters when it went in; the result is (new
+    row id or NULL, series id or NULL).  A NULL series means the series is
+    new and nothing was written: the caller takes the general path.  On a
+    database a few hundred microseconds away this is one round trip where
+    the general path takes five.
+    """
+    if _PG_ADD_TO_SERIES:
+        return _PG_ADD_TO_SERIES[0]
+    from sqlalchemy import exists, literal_column
+    from sqlalchemy.dialects.postgresql import insert
+
+    parents = (
+        select(Series.id.label("series_pk"), Study.id.label("study_pk"), Study.patient_fk.label("patient_pk"))
+        .join(Study, Series.study_fk == Study.id)
+        .where(Series.series_instance_uid == bindparam("b_series_uid"))
+        .cte("parents")
+    )
+    columns = [getattr(Instance, c) for c in _INSTANCE_COLUMNS]
+    added = (
+        insert(Instance)
+        .from_select(
+            ["series_fk", *_INSTANCE_COLUMNS],
+            select(parents.c.series_pk, *(bindparam(f"b_{c}", type_=col.type) for c, col in zip(_INSTANCE_COLUMNS, columns))),
+        )
+        .on_conflict_do_nothing()
+        .returning(Instance.id)
+        .cte("added")
+    )
+    went_in = exists(select(literal_column("1")).select_from(added))
+    bumps = [
+        update(Series).where(Series.id == parents.c.series_pk, went_in)
+        .values(num_instances=Series.num_instances + 1, updated_at=bindparam("b_now")).cte("bump_series"),
+        update(Study).where(Study.id == parents.c.study_pk, went_in)
+        .values(num_instances=Study.num_instances + 1, updated_at=bindparam("b_now")).cte("bump_study"),
+        update(Patient).where(Patient.id == parents.c.patient_pk, went_in)
+        .values(num_instances=Patient.num_instances + 1).cte("bump_patient"),
+    ]
+    statement = select(
+        select(added.c.id).scalar_subquery(), select(parents.c.series_pk).scalar_subquery()
+    ).add_cte(*bumps)
+    _PG_ADD_TO_SERIES.append(statement)
+    return statement
 
 
 def _add_parents(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy.engine import Connection
+
 from pacs.errors import (
     DuplicateConflict,
     InvalidObject,
@@ -41,7 +43,7 @@ from pacs.index.repository import (
 from pacs.ingest.parse import read_attributes
 from pacs.settings import DuplicatePolicy, StorageSettings
 from pacs.storage.compaction import Compactor
-from pacs.storage.objects import Location, ObjectStore
+from pacs.storage.objects import Location, ObjectStore, PendingPut
 
 log = logging.getLogger(__name__)
 
@@ -167,44 +169,86 @@ class IngestService:
     def _store_parsed(
         self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
     ) -> StoreResult:
-        uid = attrs.sop_instance_uid
-        with self.db.transaction() as conn:
-            existing_location = find_location(conn, uid)
-        if existing_location is not None:
-            early = self._resolve_duplicate(attrs, existing_location, sha256, source_ae)
-            if early is not None:
-                return early
+        delay = 0.5
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                return self._store_once(fp, attrs, sha256, size, source_ae, verify)
+            except StorageUnavailable as exc:  # a write that failed on a dying DataNode gets a new pipeline
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.warning(
+                    "write of SOP instance %s failed (attempt %d of %d), retrying: %s",
+                    attrs.sop_instance_uid, attempt, STORE_ATTEMPTS, exc,
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
-        location = self._write(fp, sha256, size, attrs, verify)
+    def _store_once(
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
+    ) -> StoreResult:
+        """One try; the common case (a new UID) is one index transaction around the write.
+
+        The transaction looks the UID up, the bytes are written and their
+        flush started, the rows are inserted while the flush runs, and the
+        transaction commits only once the bytes are durable: the flush (an
+        HDFS hsync takes milliseconds) overlaps the index round trips instead
+        of adding to them, and nothing ever points at bytes that are not
+        durable.
+        """
+        uid = attrs.sop_instance_uid
+        pending: PendingPut | None = None
         try:
             with self.db.transaction() as conn:
-                instance_pk = add_instance(conn, attrs, location, source_ae=source_ae)
-            if instance_pk is not None:
-                outcome = StoreOutcome.OVERWRITTEN if existing_location is not None else StoreOutcome.STORED
-            else:
-                # The UID is indexed already: stored by another process since
-                # the look-up above, or the overwrite policy applies.
-                with self.db.session() as session:
-                    current = find_instance(session, uid)
-                    if current is None:  # removed meanwhile: index the new bytes after all
-                        add_instance(session, attrs, location, source_ae=source_ae)
-                    else:
-                        early = self._resolve_duplicate(attrs, location_of(current), sha256, source_ae)
-                        if early is not None:
-                            session.rollback()
-                            self._discard(location)
-                            return early
-                        replace_location(session, current, location, attrs)
-                outcome = StoreOutcome.OVERWRITTEN
+                existing = find_location(conn, uid)
+                if existing is None:
+                    pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+                    instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)
+                    pending.wait()  # durable before the transaction commits
+                    if instance_pk is not None:
+                        return self._result(StoreOutcome.STORED, attrs, pending.location)
+                    # indexed by another process since the look-up: settled below
+        except BaseException:
+            if pending is not None:
+                self._discard(pending.location)
+            raise
+        finally:
+            if pending is not None:
+                pending.release()  # after the commit: sealing a full pack writes to the index
+        if existing is not None:
+            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
+            if early is not None:
+                return early
+            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+        else:
+            location = pending.location
+        return self._settle(attrs, location, existing, sha256, source_ae)
+
+    def _settle(
+        self, attrs: InstanceAttributes, location: Location, existing: Location | None, sha256: str, source_ae: str
+    ) -> StoreResult:
+        """Index bytes written for a UID that is indexed already (the overwrite policy, or a race)."""
+        uid = attrs.sop_instance_uid
+        try:
+            with self.db.session() as session:
+                current = find_instance(session, uid)
+                if current is None:  # removed meanwhile: index the new bytes after all
+                    add_instance(session, attrs, location, source_ae=source_ae)
+                else:
+                    early = self._resolve_duplicate(attrs, location_of(current), sha256, source_ae)
+                    if early is not None:
+                        session.rollback()
+                        self._discard(location)
+                        return early
+                    replace_location(session, current, location, attrs)
         except BaseException:
             self._discard(location)
             raise
-        if outcome is StoreOutcome.OVERWRITTEN:
-            log.warning(
-                "overwrote SOP instance %s from %r: sha256 %s replaces %s (old bytes kept, see superseded_objects)",
-                uid, source_ae, sha256, existing_location.sha256 if existing_location else "?",
-            )
-        return self._result(outcome, attrs, location)
+        log.warning(
+            "overwrote SOP instance %s from %r: sha256 %s replaces %s (old bytes kept, see superseded_objects)",
+            uid, source_ae, sha256, existing.sha256 if existing else "?",
+        )
+        return self._result(StoreOutcome.OVERWRITTEN, attrs, location)
 
     def _resolve_duplicate(
         self, attrs: InstanceAttributes, existing: Location, sha256: str, source_ae: str
@@ -229,22 +273,6 @@ class IngestService:
                 f"(sha256 {existing.sha256}, got {sha256}); storage.duplicate_policy=reject"
             )
         return None
-
-    def _write(self, fp: BinaryIO, sha256: str, size: int, attrs: InstanceAttributes, verify: bool) -> Location:
-        delay = 0.5
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                return self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
-            except StorageUnavailable as exc:
-                if attempt == STORE_ATTEMPTS:
-                    raise
-                log.warning(
-                    "write of SOP instance %s failed (attempt %d of %d), retrying: %s",
-                    attrs.sop_instance_uid, attempt, STORE_ATTEMPTS, exc,
-                )
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
 
     def _discard(self, location: Location) -> None:
         """Remove bytes written for an object that was not indexed after all.

@@ -24,14 +24,51 @@ class BlobInfo:
     size: int
 
 
+class Flush(abc.ABC):
+    """A flush of an :class:`AppendFile` under way; :meth:`wait` returns once it is durable."""
+
+    @abc.abstractmethod
+    def wait(self) -> None:
+        """Block until the flushed bytes are durable; raise ``StorageUnavailable`` if they cannot be."""
+
+
+class Flushed(Flush):
+    """A flush that completed before it was handed out."""
+
+    def wait(self) -> None:
+        return None
+
+
+FLUSHED = Flushed()
+
+
 class AppendFile(abc.ABC):
-    """A new file that grows by appends, each durable when :meth:`append` returns."""
+    """A new file that grows by appends, each durable when :meth:`append` returns.
+
+    An append is a :meth:`write` followed by a :meth:`start_flush`; a caller
+    with other work to do before it needs the bytes durable (indexing them)
+    does it between ``start_flush`` and ``Flush.wait``.
+    """
 
     path: str
 
-    @abc.abstractmethod
     def append(self, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` at the end; return the offset of their first byte once they are durable."""
+        start = self.write(chunks)
+        self.start_flush().wait()
+        return start
+
+    @abc.abstractmethod
+    def write(self, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` at the end and return the offset of their first byte; not yet durable."""
+
+    @abc.abstractmethod
+    def start_flush(self) -> Flush:
+        """Start making everything written so far durable.
+
+        A failed write or flush leaves the file unusable for more appends;
+        what an earlier flush made durable stays readable.
+        """
 
     @property
     @abc.abstractmethod

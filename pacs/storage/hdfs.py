@@ -15,14 +15,15 @@ client, hsync'ed first, so every replica in the pipeline fsync'ed the block).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import posixpath
 import threading
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
-from pacs.storage.base import AppendFile, BlobInfo, BlobStore
+from pacs.storage.base import AppendFile, BlobInfo, BlobStore, Flush
 
 T = TypeVar("T")
 
@@ -57,13 +58,30 @@ class _Loop:
             return cls._instance
 
     def run(self, awaitable: Awaitable[T], timeout_s: float, what: str) -> T:
+        return self.submit(awaitable, timeout_s, what).result()
+
+    def submit(self, awaitable: Awaitable[T], timeout_s: float, what: str) -> _Pending[T]:
+        """Start ``awaitable`` on the loop; its :meth:`_Pending.result` waits for it."""
+
         async def bounded() -> T:
             return await asyncio.wait_for(awaitable, timeout_s)
 
+        return _Pending(asyncio.run_coroutine_threadsafe(bounded(), self.loop), timeout_s, what)
+
+
+class _Pending(Generic[T]):
+    """A call running on the :class:`_Loop`, its failures mapped to :class:`StorageUnavailable`."""
+
+    def __init__(self, future: concurrent.futures.Future, timeout_s: float, what: str) -> None:
+        self._future = future
+        self._timeout_s = timeout_s
+        self._what = what
+
+    def result(self) -> T:
         try:
-            return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
+            return self._future.result()
         except (asyncio.TimeoutError, TimeoutError):
-            raise StorageUnavailable(f"{what}: no answer from HDFS within {timeout_s:g} s") from None
+            raise StorageUnavailable(f"{self._what}: no answer from HDFS within {self._timeout_s:g} s") from None
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except Exception:
@@ -71,7 +89,7 @@ class _Loop:
         except BaseException as exc:
             # A panic in the Rust client arrives as pyo3's PanicException, a
             # BaseException: turn it into a storage failure the caller handles.
-            raise StorageUnavailable(f"{what}: HDFS client failed: {exc}") from exc
+            raise StorageUnavailable(f"{self._what}: HDFS client failed: {exc}") from exc
 
 
 class NativeHdfsBlobStore(BlobStore):
@@ -302,7 +320,7 @@ class HdfsAppendFile(AppendFile):
     def size(self) -> int:
         return self._size
 
-    def append(self, chunks: Iterable[bytes]) -> int:
+    def write(self, chunks: Iterable[bytes]) -> int:
         if self._broken or self._writer is None:
             raise StorageUnavailable(f"{self._full} can no longer be appended to")
         start = self._size
@@ -310,19 +328,44 @@ class HdfsAppendFile(AppendFile):
             for chunk in chunks:
                 self._store._run(self._writer.write(chunk), f"append to {self._full}")
                 self._size += len(chunk)
-            self._store._run(self._writer.hsync(), f"hsync {self._full}")
         except BaseException as exc:
-            self._broken = True
-            if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):
-                raise
-            raise StorageUnavailable(f"append to {self._full} on {self._store.url} failed: {exc}") from exc
+            raise self._failed(exc) from exc
         return start
+
+    def start_flush(self) -> Flush:
+        """hsync on the client's loop; the caller's thread goes on meanwhile (an hsync takes milliseconds)."""
+        if self._broken or self._writer is None:
+            raise StorageUnavailable(f"{self._full} can no longer be appended to")
+        return _Hsync(self, self._store._loop.submit(self._writer.hsync(), self._store.timeout_s,
+                                                     f"hsync {self._full}"))
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """Mark the file broken; the error to raise for ``exc``."""
+        self._broken = True
+        if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):
+            return exc
+        return StorageUnavailable(f"append to {self._full} on {self._store.url} failed: {exc}")
 
     def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is None or self._broken:
             return
         self._store._run(writer.close(), f"close {self._full}")
+
+
+class _Hsync(Flush):
+    def __init__(self, file: HdfsAppendFile, pending: _Pending) -> None:
+        self._file = file
+        self._pending = pending
+
+    def wait(self) -> None:
+        try:
+            self._pending.result()
+        except BaseException as exc:
+            error = self._file._failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 class WebHdfsBlobStore(BlobStore):

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 
 from pacs.errors import ChecksumMismatch, NotFound, StorageUnavailable
 from pacs.storage.base import BlobStore
-from pacs.storage.packs import PackPool, new_pack_path
+from pacs.storage.packs import PackPool, PendingAppend, new_pack_path
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,35 @@ class _Exactly:
             raise ValueError(f"object shorter than announced: expected {self._length} bytes, got {seen}")
 
 
+class PendingPut:
+    """An object written whose flush may still be under way (see :meth:`ObjectStore.begin_put`).
+
+    ``location`` is where it is; :meth:`wait` returns once it is durable, and
+    nothing may point at it before that.  :meth:`release` (or leaving the
+    ``with`` block) gives its pack back, and must come last, also when the
+    caller gives up on the object: a caller indexing the object commits
+    between the two.
+    """
+
+    def __init__(self, location: Location, append: PendingAppend | None = None) -> None:
+        self.location = location
+        self._append = append
+
+    def wait(self) -> None:
+        if self._append is not None:
+            self._append.wait()
+
+    def release(self) -> None:
+        if self._append is not None:
+            self._append.release()
+
+    def __enter__(self) -> PendingPut:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class ObjectStore:
     """put / get / get_range / exists / checksum / delete of whole objects.
 
@@ -139,35 +168,47 @@ class ObjectStore:
         into a pack only when digest and length are known before its first
         byte (the record header holds both); otherwise it lands.
         """
+        with self.begin_put(chunks, sha256=sha256, verify=verify, length=length) as pending:
+            pending.wait()
+        return pending.location
+
+    def begin_put(
+        self, chunks: Iterable[bytes], *, sha256: str | None = None, verify: bool = True, length: int | None = None
+    ) -> PendingPut:
+        """:meth:`put`, returning as soon as the bytes are written (see :class:`PendingPut`).
+
+        Only an append to a pack is left in flight; a landing file is
+        durable when this returns.
+        """
         if self.packs is not None and sha256 is not None and length is not None:
             return self._append(chunks, sha256, length, verify)
         now = datetime.now(timezone.utc)
         path = f"{LANDING_PREFIX}{now:%Y%m%d}/{now:%H%M%S}-{uuid.uuid4().hex}.dcm"
         if sha256 is not None and not verify:
             length = self.blobs.write(path, chunks)
-            return Location(path, 0, length, sha256)
+            return PendingPut(Location(path, 0, length, sha256))
         hashing = _Hashing(chunks)
         self.blobs.write(path, hashing)
         digest = hashing.digest.hexdigest()
         if sha256 is not None and digest != sha256:
             self.blobs.delete(path)
             raise ChecksumMismatch(f"object changed while stored: expected sha256 {sha256}, got {digest}")
-        return Location(path, 0, hashing.length, digest)
+        return PendingPut(Location(path, 0, hashing.length, digest))
 
-    def _append(self, chunks: Iterable[bytes], sha256: str, length: int, verify: bool) -> Location:
+    def _append(self, chunks: Iterable[bytes], sha256: str, length: int, verify: bool) -> PendingPut:
         header = RECORD_HEADER.pack(RECORD_MAGIC, length, bytes.fromhex(sha256))
         exact = _Exactly(chunks, length)
         hashing = _Hashing(exact) if verify else None
         try:
-            path, start = self.packs.append(header, hashing if verify else exact)
+            pending = self.packs.begin_append(header, hashing if verify else exact)
         except ValueError as exc:
             raise ChecksumMismatch(f"object changed while stored: {exc}") from exc
         if hashing is not None and hashing.digest.hexdigest() != sha256:
-            # The record is durable but nothing will reference it.
+            pending.release()  # the record is flushed, but nothing will reference it
             raise ChecksumMismatch(
                 f"object changed while stored: expected sha256 {sha256}, got {hashing.digest.hexdigest()}"
             )
-        return Location(path, start + RECORD_HEADER.size, length, sha256)
+        return PendingPut(Location(pending.path, pending.start + RECORD_HEADER.size, length, sha256), pending)
 
     def get(self, location: Location, *, verify: bool = True) -> bytes:
         """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored.

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pacs.storage.base import AppendFile, BlobStore
+from pacs.storage.base import AppendFile, BlobStore, Flush
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,54 @@ class _OpenPack:
     file: AppendFile
     objects: int = 0
     last_used: float = 0.0  # time.monotonic() of the last append
+
+
+class PendingAppend:
+    """A record written to a pack whose flush is under way (see :meth:`PackPool.begin_append`).
+
+    :meth:`wait` returns once the record is durable; :meth:`release` gives
+    the pack back to the pool (or seals it), and must be called last, also
+    when the caller gives up on the record.  The two are apart so that a
+    caller can commit what points at the record before the pack is sealed
+    (sealing records the pack in the index).
+    """
+
+    def __init__(self, pool: PackPool, pack: _OpenPack, start: int, flush: Flush) -> None:
+        self.path = pack.file.path
+        self.start = start
+        self._pool = pool
+        self._pack: _OpenPack | None = pack
+        self._flush: Flush | None = flush
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Return once the record is durable; raise if it cannot be."""
+        flush, self._flush = self._flush, None
+        if flush is None:
+            if self._error is not None:
+                raise self._error
+            return
+        try:
+            flush.wait()
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+    def release(self) -> None:
+        """Give the pack back (sealed, if its flush failed or it is full)."""
+        pack, self._pack = self._pack, None
+        if pack is None:
+            return
+        if self._flush is not None:
+            try:
+                self.wait()
+            except Exception as exc:  # noqa: BLE001 - nothing references the record; the pack is retired below
+                log.warning("flush of an abandoned record in %s failed: %s", self.path, exc)
+        if self._error is not None:
+            self._pool._seal(pack)
+            return
+        pack.objects += 1
+        self._pool._give_back(pack)
 
 
 class PackPool:
@@ -98,15 +146,23 @@ class PackPool:
         Durable when it returns.  On failure the pack is retired (sealed with
         what it held before) and the error propagates.
         """
+        pending = self.begin_append(header, chunks)
+        try:
+            pending.wait()
+        finally:
+            pending.release()
+        return pending.path, pending.start
+
+    def begin_append(self, header: bytes, chunks: Iterable[bytes]) -> PendingAppend:
+        """Write one record and start its flush (see :class:`PendingAppend`)."""
         pack = self._take()
         try:
-            start = pack.file.append(itertools.chain((header,), chunks))
+            start = pack.file.write(itertools.chain((header,), chunks))
+            flush = pack.file.start_flush()
         except BaseException:
             self._seal(pack)
             raise
-        pack.objects += 1
-        self._give_back(pack)
-        return pack.file.path, start
+        return PendingAppend(self, pack, start, flush)
 
     def close(self) -> None:
         """Seal every idle pack and stop the idle sealer; later appends open new ones."""

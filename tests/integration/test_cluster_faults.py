@@ -135,6 +135,24 @@ def test_postgres_stopped_during_ingest(cluster):
         assert session.scalars(select(Series)).one().num_instances == len(sent)
 
 
+def test_an_idle_pooled_connection_is_replaced_after_postgres_restarts(pg_url):
+    from pacs.index.database import PING_IDLE_S, Database
+
+    db = Database(pg_url, pool_size=2)
+    try:
+        with db.transaction() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        deploy("postgres.sh", "stop")
+        deploy("postgres.sh", "start")
+        time.sleep(PING_IDLE_S + 0.2)
+        # the pooled connection is dead; its ping fails and a new one serves the transaction
+        with db.transaction() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != backend
+    finally:
+        deploy("postgres.sh", "start")
+        db.dispose()
+
+
 def test_files_on_hdfs_for_1000_instances_stay_bounded(tmp_path, hdfs_root, pg_url):
     # 1,000 x 128 KiB with 32 MiB packs: the guaranteed bound at rest is one
     # pack per 32 MiB plus one partial pack per compaction run.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, text
 
 from pacs.devstack import PG_URL, empty_database
 from pacs.services import build_services
@@ -68,3 +69,38 @@ def test_wildcard_match_uses_an_index_on_postgres(index):
         compiled = query.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
         plan = "\n".join(r[0] for r in session.execute(text(f"EXPLAIN {compiled}")))
     assert "ix_patients_patient_name" in plan, plan
+
+
+def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_path):
+    """Postgres's one-statement path (series indexed already) counts like the general path, and once."""
+    from sqlalchemy import event, select
+
+    from pacs.index.models import Instance, Patient, Series, Study
+    from pacs.index.repository import add_instance
+    from pacs.ingest.parse import read_attributes
+    from pacs.storage.objects import Location
+    from pacs.synthetic import SeriesSpec, make_series
+
+    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url}))
+    statements = []
+    event.listen(services.db.engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_: statements.append(statement.lstrip()[:20]))
+    try:
+        for key in ("s1", "s2"):  # two series of one study
+            for data in make_series(SeriesSpec(study_key="one", series_key=key, rows=16, columns=16, count=3)):
+                statements.clear()
+                services.ingest.store(data)
+        # the last store: the look-up, then one statement for the row and the counters
+        assert [s.split()[0] for s in statements] == ["SELECT", "WITH"]
+        attrs = read_attributes(io.BytesIO(data), len(data))
+        with services.db.transaction() as conn:  # the same UID again: nothing added, nothing counted
+            assert add_instance(conn, attrs, Location("packs/x", 0, len(data), "0" * 64)) is None
+        with services.db.session() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 6
+            assert sorted(session.scalars(select(Series.num_instances))) == [3, 3]
+            study = session.scalars(select(Study)).one()
+            patient = session.scalars(select(Patient)).one()
+            assert (study.num_instances, study.num_series) == (6, 2)
+            assert (patient.num_instances, patient.num_series, patient.num_studies) == (6, 2, 1)
+    finally:
+        services.close()

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from pacs.errors import ChecksumMismatch
+from pacs.errors import ChecksumMismatch, StorageUnavailable
 from pacs.index.models import Container, ContainerState, Instance
 from pacs.index.repository import location_of
 from pacs.ingest.service import CHUNK, StoreOutcome
@@ -165,4 +165,64 @@ def test_a_pack_left_idle_is_sealed(tmp_path):
     assert states == [ContainerState.SEALED]
     services.ingest.store(series("idle-2", 1)[0])  # the next store opens a new pack
     assert len(files_under(services)) == 2
+    services.close()
+
+
+class _WatchedFlush:
+    """Wraps an append file's flushes: checks, when one is awaited, that the index does not point at it yet."""
+
+    def __init__(self, services, fail: bool = False) -> None:
+        self.services, self.fail = services, fail
+        self.checked = self.durable = 0
+
+    def install(self, monkeypatch) -> None:
+        from pacs.storage.local import LocalAppendFile
+
+        real = LocalAppendFile.start_flush
+        watch = self
+
+        class Flush:
+            def __init__(self, file) -> None:
+                self.file = file
+
+            def wait(self) -> None:
+                # another connection sees no committed row for what this flush makes durable
+                with watch.services.db.session() as session:
+                    assert session.scalar(select(func.count()).select_from(Instance)) == watch.durable
+                watch.checked += 1
+                if watch.fail:
+                    raise StorageUnavailable("disk gone")
+                real(self.file).wait()
+                watch.durable += 1
+
+        monkeypatch.setattr(LocalAppendFile, "start_flush", lambda file: Flush(file))
+
+
+def test_the_index_commits_only_after_the_bytes_are_durable(tmp_path, monkeypatch):
+    services = build_services(Settings(data_dir=tmp_path / "data"))
+    watch = _WatchedFlush(services)
+    watch.install(monkeypatch)
+    sent = series("order", 5)
+    assert [services.ingest.store(data).outcome for data in sent] == [StoreOutcome.STORED] * 5
+    assert watch.checked == 5
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 5
+    services.close()
+
+
+def test_a_flush_that_fails_indexes_nothing(tmp_path, monkeypatch):
+    import pacs.ingest.service as service
+
+    services = build_services(Settings(data_dir=tmp_path / "data"))
+    monkeypatch.setattr(service.time, "sleep", lambda _s: None)  # the retries' back-off
+    watch = _WatchedFlush(services, fail=True)
+    watch.install(monkeypatch)
+    with pytest.raises(StorageUnavailable, match="disk gone"):
+        services.ingest.store(series("fails", 1)[0])
+    assert watch.checked == service.STORE_ATTEMPTS  # tried again, each time on a new pack
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+        assert session.scalars(select(Container.state)).all() == [ContainerState.SEALED] * service.STORE_ATTEMPTS
+    monkeypatch.undo()
+    assert services.ingest.store(series("fails", 1)[0]).outcome is StoreOutcome.STORED  # and the next store works
     services.close()
