@@ -38,13 +38,13 @@ _SEQ_END = (0xFFFE, 0xE0DD)
 _MAX_DEPTH = 64
 
 
-def check_structure(fp: BinaryIO, size: int, found: dict[tuple[int, int], tuple[int, int, bytes | None]] | None = None) -> str:
+def check_structure(fp: BinaryIO, size: int, found: dict[tuple[int, int], tuple[bytes, bytes | None]] | None = None) -> str:
     """Validate the element structure of a Part 10 file; return its transfer syntax UID.
 
     ``fp`` must be seekable; ``size`` is the total byte count.  Raises
     :class:`InvalidObject` naming what is wrong and where.  When ``found`` is
-    given, it receives ``tag -> (value position, length, VR)`` of the indexed
-    top-level elements (not filled for deflated objects).
+    given, it receives ``tag -> (value bytes, VR)`` of the indexed top-level
+    elements (not filled for deflated objects).
     """
     fp.seek(0)
     head = fp.read(PREAMBLE_LENGTH + 4)
@@ -94,6 +94,9 @@ class _BadVR(InvalidObject):
     pass
 
 
+_READ_AHEAD = 16 << 10  # a typical header, all of it before the pixel data, in one read
+
+
 class _Walker:
     def __init__(self, fp: BinaryIO, size: int, *, implicit: bool, little: bool, found: dict | None = None) -> None:
         self.fp = fp
@@ -101,14 +104,20 @@ class _Walker:
         self.implicit = implicit
         self.little = little
         self.found = found
+        self._block = b""  # the bytes from _block_at on, read ahead: element headers come in order
+        self._block_at = 0
 
     def _read(self, pos: int, n: int) -> bytes:
         if pos + n > self.size:
             raise InvalidObject(
                 f"truncated: an element header at byte {pos} needs {n} bytes, the object has {self.size}"
             )
-        self.fp.seek(pos)
-        return self.fp.read(n)
+        offset = pos - self._block_at
+        if offset < 0 or offset + n > len(self._block):
+            self.fp.seek(pos)
+            self._block = self.fp.read(min(max(n, _READ_AHEAD), self.size - pos))
+            self._block_at, offset = pos, 0
+        return self._block[offset:offset + n]
 
     def _header(self, pos: int) -> tuple[tuple[int, int], bytes | None, int, int]:
         """(tag, vr, value length, header length) of the element at ``pos``."""
@@ -130,7 +139,6 @@ class _Walker:
     def walk_meta(self, pos: int) -> tuple[int, str]:
         transfer_syntax = ""
         while pos < self.size:
-            self.fp.seek(pos)
             (group,) = struct.unpack("<H", self._read(pos, 2))
             if group != 0x0002:
                 break
@@ -140,7 +148,7 @@ class _Walker:
             value_at = pos + hlen
             self._skip_to(value_at, length, tag)
             if self.found is not None and tag == _MEDIA_SOP_INSTANCE:
-                self.found[tag] = (value_at, length, _vr)
+                self.found[tag] = (self._read(value_at, length), _vr)
             if tag == (0x0002, 0x0010):
                 transfer_syntax = self._read(value_at, length).rstrip(b"\x00 ").decode("ascii", "replace")
             pos = value_at + length
@@ -179,7 +187,7 @@ class _Walker:
                 continue
             self._skip_to(pos, length, tag)
             if depth == 0 and self.found is not None and tag in _FIELDS:
-                self.found[tag] = (pos, length, vr)
+                self.found[tag] = (self._read(pos, length), vr)
             pos += length
         if in_item:
             raise InvalidObject("truncated: an item of undefined length has no item delimiter")
@@ -248,9 +256,9 @@ def read_attributes(fp: BinaryIO, size: int) -> InstanceAttributes:
     code extensions), deflated ones and unusual encodings of the integer
     attributes go through pydicom instead (:func:`parse_attributes`).
     """
-    found: dict[tuple[int, int], tuple[int, int, bytes | None]] = {}
+    found: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
     transfer_syntax = check_structure(fp, size, found)
-    values = _decode_found(fp, found, little=transfer_syntax != ExplicitVRBigEndian) if found else None
+    values = _decode_found(found, little=transfer_syntax != ExplicitVRBigEndian) if found else None
     if values is None:
         return parse_attributes(fp, transfer_syntax)
     return _attributes(values.get, transfer_syntax)
@@ -293,13 +301,9 @@ _SIMPLE_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1
 
 
 def _decode_found(
-    fp: BinaryIO, found: dict[tuple[int, int], tuple[int, int, bytes | None]], *, little: bool
+    raw: dict[tuple[int, int], tuple[bytes, bytes | None]], *, little: bool
 ) -> dict[str, str | int | None] | None:
     """Keyword -> value of the found elements, or None when pydicom must decode them."""
-    raw: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
-    for tag, (pos, length, vr) in found.items():
-        fp.seek(pos)
-        raw[tag] = (fp.read(length), vr)
     charset = raw.get((0x0008, 0x0005), (b"", None))[0].decode("latin_1").strip(" \x00")
     encoding = _SIMPLE_CHARSETS.get(charset)
     if encoding is None:

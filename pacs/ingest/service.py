@@ -12,6 +12,7 @@ decides and the decision is logged.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import io
@@ -94,6 +95,13 @@ class BufferChain(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    @contextlib.contextmanager
+    def views(self) -> Iterator[list[memoryview]]:
+        """The buffers themselves (views valid inside the ``with`` block)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed BufferChain")
+        yield list(self._parts)
 
     def seekable(self) -> bool:
         return True
@@ -326,7 +334,14 @@ class _open:
             self._owned.close()
 
 
-def _chunks(fp: BinaryIO) -> Iterator[bytes]:
+def _chunks(fp: BinaryIO) -> Iterator[bytes | memoryview]:
+    """The whole object, in chunks of at most CHUNK bytes: views of an in-memory source, no copies."""
+    if isinstance(fp, BufferChain) or type(fp) is io.BytesIO:  # a subclass may define its own reads
+        with fp.views() if isinstance(fp, BufferChain) else fp.getbuffer() as views:
+            for view in views if isinstance(fp, BufferChain) else (views,):
+                for start in range(0, len(view), CHUNK):
+                    yield view[start:start + CHUNK]
+        return
     fp.seek(0)
     while chunk := fp.read(CHUNK):
         yield chunk

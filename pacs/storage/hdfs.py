@@ -471,4 +471,4 @@ class _Counter:
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._chunks:
             self.count += len(chunk)
-            yield chunk
+            yield chunk if isinstance(chunk, bytes) else bytes(chunk)  # the HTTP client frames bytes only
