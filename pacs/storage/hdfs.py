@@ -249,6 +249,10 @@ class NativeHdfsBlobStore(BlobStore):
         return data
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length is not None:
+            cached = self._read_ahead.get(path, offset, length)
+            if cached is not None:  # read ahead from a pack still being written: no NameNode call
+                return cached
         full = _join(self.root, path)
         reader = self._reader(full)
         if length is None:
