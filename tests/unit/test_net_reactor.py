@@ -108,6 +108,19 @@ def test_an_abort_from_the_peer_ends_the_association(scp):
     assert accepted[0].is_aborted and not accepted[0].is_established
 
 
+def test_a_release_request_is_answered_without_waiting_for_the_idle_period(scp, monkeypatch):
+    import pacs.net.reactor as reactor
+
+    services, _accepted = scp
+    monkeypatch.setattr(reactor, "IDLE_WAIT_S", 3.0)  # the reactor's wait for a message
+    assoc = _associate(services, Verification)
+    assert assoc.send_c_echo().Status == 0
+    started = time.monotonic()
+    assoc.release()
+    assert assoc.is_released
+    assert time.monotonic() - started < 1.5  # not after the reactor's 3 s wait ran out
+
+
 def test_only_an_association_that_has_not_started_can_be_made_event_driven(scp):
     services, _ = scp
     assoc = _associate(services, Verification)
