@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--real-figure", type=Path, default=None,
                         help="PNG of the first real CT slice at quarter dose: FBP / BM3D / U-Net / reference")
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow; outputs are cached under --cache-dir)")
+    parser.add_argument("--ensemble", type=int, default=1, choices=(1, 2, 4, 8),
+                        help="also score the U-Net's self-ensemble of this many mirrored copies")
     args = parser.parse_args()
     missing = [name for name in (() if args.no_bm3d else ("bm3d", "pywt")) if importlib.util.find_spec(name) is None]
     if missing:
@@ -191,6 +193,10 @@ def main() -> None:
                      "sparse_views": test.sparse_views.tolist(), "noise_hu_median": float(np.median(noise)),
                      "machine": f"{os.cpu_count()} cores, {platform.platform()}", "tasks": {}, "tuning": {}}
     unet = lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1)  # noqa: E731
+    ensembled = {}
+    if args.ensemble > 1:
+        ensembled[f"U-Net {meta['version']}, self-ensemble of {args.ensemble}"] = \
+            lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1, ensemble=args.ensemble)
     outputs = {}
     bm3d_cached = Bm3dCache(args.cache_dir / "bm3d")
     for task in ("quarter", "sparse"):
@@ -210,6 +216,8 @@ def main() -> None:
         unet_out = unet(noisy)
         outputs[(task, "unet")] = unet_out
         row[f"U-Net {meta['version']}"] = scores(unet_out, reference)
+        for label, method in ensembled.items():
+            row[label] = scores(method(noisy), reference)
         sl = {"FBP": scores(noisy[:1], reference[:1]), "U-Net": scores(unet_out[:1], reference[:1])}
         if (task, "bm3d") in outputs:
             sl["BM3D"] = scores(outputs[(task, "bm3d")][:1], reference[:1])
@@ -223,7 +231,7 @@ def main() -> None:
         row = {}
         tuned = results["tuning"]["quarter"]
         methods = {"FBP": lambda x: x, f"Gaussian (sigma {tuned['gaussian_sigma_px']} px)": lambda x: gaussian(x, tuned["gaussian_sigma_px"]),
-                   f"U-Net {meta['version']}": unet}
+                   f"U-Net {meta['version']}": unet, **ensembled}
         if "bm3d_factor" in tuned:
             methods[f"BM3D (sigma {tuned['bm3d_factor']:g} x estimate)"] = lambda x: bm3d_cached(x, tuned["bm3d_factor"])
         for label, method in methods.items():
@@ -243,6 +251,9 @@ def main() -> None:
 
     image = test.quarter[1]
     timing = {"U-Net": time_per_slice(unet, image), "Gaussian": time_per_slice(lambda x: gaussian(x, 1.0), image)}
+    for label, method in ensembled.items():
+        timing[label.removeprefix(f"U-Net {meta['version']}, ").replace("self-ensemble of ", "U-Net x")] = \
+            time_per_slice(method, image)
     if not args.no_bm3d:
         timing["BM3D"] = time_per_slice(lambda x: bm3d_denoise(x, 5.0 * estimated_noise_hu(x)), image, repeat=1,
                                         warm_up=False)

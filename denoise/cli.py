@@ -234,6 +234,9 @@ def denoise_file(
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, or float16/bfloat16 (mixed precision, float16 on CUDA only).")] = "float32",
+    ensemble: Annotated[int, typer.Option(help="Average this many mirrored copies of every tile (1, 2, 4 or 8): "
+                                              "that many times the computation for a better estimate "
+                                              "(docs/denoising.md).")] = 1,
 ) -> None:
     """Denoise CT slices from a file: a .npy of HU slices, or a CT series as DICOM (written as a new derived series).
 
@@ -277,7 +280,7 @@ def denoise_file(
                       console=console) as progress:
             task = progress.add_task("tiles", total=None)
             result = denoise_slices(net, slices, tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size,
-                                    precision=precision,
+                                    precision=precision, ensemble=ensemble,
                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
     except (DicomInputError, CheckpointError, ValueError) as exc:
         fail(str(exc))
@@ -288,8 +291,10 @@ def denoise_file(
         partial.replace(out_path)
         console.print(f"wrote {out_path}: {result.shape} float32 HU (model unet-{version})")
         return
-    derivation = (f"Denoised with U-Net unet-{version} ({Path(meta['path']).name}; tiles {tile_px} px, "
-                  f"overlap {overlap_px} px, {precision})")
+    from denoise.jobs import TileOptions, derivation_text
+
+    derivation = derivation_text(version, Path(meta["path"]).name,
+                                 TileOptions(tile_px, overlap_px, batch_size, precision, ensemble))
     datasets = derived_ct_datasets(series, result, model_version=version, derivation=derivation)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))

@@ -22,6 +22,12 @@ GPU holds only one batch.  ``precision`` is ``float32`` (default),
 
 A network with ``noise_level_input`` gets, with every tile, the noise level
 of the whole slice the tile comes from (``denoise.model.estimate_noise_hu``).
+
+``ensemble`` (1, 2, 4 or 8) averages the outputs of that many mirrored
+copies of every tile (the identity, left-right, up-down, both; with 8 also
+their transposes), each mapped back before the average (the
+"self-ensemble" of super-resolution networks): ``ensemble`` times the
+computation for a smoother estimate.  docs/denoising.md has what it buys.
 """
 
 from __future__ import annotations
@@ -34,9 +40,26 @@ import torch
 
 from .model import UNet, estimate_noise_hu
 
-__all__ = ["PRECISIONS", "tile_starts", "blend_weights", "denoise_slices"]
+__all__ = ["ENSEMBLES", "PRECISIONS", "tile_starts", "blend_weights", "denoise_slices"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
+ENSEMBLES = (1, 2, 4, 8)
+# (transpose, flip rows, flip columns) of each member of a self-ensemble, the identity first
+_MIRRORS = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+            (True, False, False), (True, False, True), (True, True, False), (True, True, True))
+
+
+def _mirror(x: torch.Tensor, transpose: bool, rows: bool, columns: bool) -> torch.Tensor:
+    if transpose:
+        x = x.transpose(-2, -1)
+    dims = [d for d, on in ((-2, rows), (-1, columns)) if on]
+    return x.flip(dims) if dims else x
+
+
+def _unmirror(y: torch.Tensor, transpose: bool, rows: bool, columns: bool) -> torch.Tensor:
+    dims = [d for d, on in ((-2, rows), (-1, columns)) if on]
+    y = y.flip(dims) if dims else y
+    return y.transpose(-2, -1) if transpose else y
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -79,7 +102,9 @@ def _padded_size(size: int, multiple: int) -> int:
 
 
 def _check_options(model: UNet, tile_px: int, overlap_px: int, batch_size: int, precision: str,
-                   device: torch.device) -> None:
+                   device: torch.device, ensemble: int = 1) -> None:
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble: expected one of {', '.join(map(str, ENSEMBLES))}, got {ensemble!r}")
     m = model.config.multiple_px
     if tile_px < m or tile_px % m:
         raise ValueError(f"tile_px: expected a positive multiple of {m} (the network's 2**depth), got {tile_px}")
@@ -102,6 +127,7 @@ def denoise_slices(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     precision: str = "float32",
+    ensemble: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Denoise HU slices ``[N, H, W]`` or ``[H, W]`` -> same shape, HU float32 (see the module docstring)."""
@@ -112,7 +138,7 @@ def denoise_slices(
         raise ValueError(f"hu: expected a numeric array, got dtype {array.dtype}")
     stack = array[None] if array.ndim == 2 else array
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _check_options(model, tile_px, overlap_px, batch_size, precision, device)
+    _check_options(model, tile_px, overlap_px, batch_size, precision, device, ensemble)
     model = model.to(device).eval()
     n, h, w = stack.shape
     m = model.config.multiple_px
@@ -149,9 +175,12 @@ def denoise_slices(
     def run(items: list[tuple[int, int, int, np.ndarray]]) -> None:
         x = torch.from_numpy(np.stack([t for *_, t in items])[:, None]).to(device)
         noise = None if levels is None else torch.tensor([levels[k] for k, *_ in items], device=device)
+        y = None
         with torch.no_grad(), torch.autocast(device.type, dtype=getattr(torch, precision), enabled=autocast):
-            y = model(x, noise)
-        y = y.float().cpu().numpy()[:, 0] * scale
+            for mirror in _MIRRORS[:ensemble]:
+                member = _unmirror(model(_mirror(x, *mirror), noise), *mirror).float()
+                y = member if y is None else y + member
+        y = (y / ensemble).cpu().numpy()[:, 0] * scale
         for (k, r, c, _), result in zip(items, y):
             out[k, r : r + tile_h, c : c + tile_w] += result * weights[(r, c)]
 

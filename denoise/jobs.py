@@ -97,10 +97,11 @@ class TileOptions:
     overlap_px: int = 32
     batch_size: int = 4
     precision: str = "float32"
+    ensemble: int = 1
 
     def as_kwargs(self) -> dict[str, Any]:
         return {"tile_px": self.tile_px, "overlap_px": self.overlap_px, "batch_size": self.batch_size,
-                "precision": self.precision}
+                "precision": self.precision, "ensemble": self.ensemble}
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,14 @@ def prepare_checkpoint(model_path: Path | str | None, options: TileOptions) -> t
 
 
 def _derivation(checkpoint: PreparedCheckpoint, options: TileOptions) -> str:
-    return (f"Denoised with U-Net unet-{checkpoint.version} ({checkpoint.name}; tiles {options.tile_px} px, "
-            f"overlap {options.overlap_px} px, {options.precision})")
+    return derivation_text(checkpoint.version, checkpoint.name, options)
+
+
+def derivation_text(version: str, name: str, options: TileOptions) -> str:
+    """The DerivationDescription of a denoised series."""
+    ensemble = f", self-ensemble of {options.ensemble}" if options.ensemble > 1 else ""
+    return (f"Denoised with U-Net unet-{version} ({name}; tiles {options.tile_px} px, "
+            f"overlap {options.overlap_px} px, {options.precision}{ensemble})")
 
 
 def store_denoised(
@@ -215,6 +222,7 @@ def denoise_series_in_process(
     batch_size: int = 4,
     device: str = "auto",
     precision: str = "float32",
+    ensemble: int = 1,
     progress: ProgressCallback | None = None,
 ) -> DenoiseResult:
     """Denoise a stored CT series in this process; the result is stored as a derived CT series.
@@ -224,7 +232,7 @@ def denoise_series_in_process(
     from denoise.infer import denoise_slices
     from reconstruct.fdk.core import resolve_device
 
-    options = TileOptions(tile_px, overlap_px, batch_size, precision)
+    options = TileOptions(tile_px, overlap_px, batch_size, precision, ensemble)
     started = time.perf_counter()
     series = read_stored_ct_series(services, series_instance_uid)
     checkpoint, net = prepare_checkpoint(model_path, options)
@@ -367,6 +375,7 @@ def denoise_series(
     batch_size: int = 4,
     device: str = "auto",
     precision: str = "float32",
+    ensemble: int = 1,
     master: str | None = None,
     partitions: int | None = None,
     spark: SparkSession | None = None,
@@ -390,7 +399,7 @@ def denoise_series(
     spark_settings = spark_settings or services.settings.spark
     if master is None and spark is None and not launched_by_spark_submit():
         master = spark_settings.master
-    options = TileOptions(tile_px, overlap_px, batch_size, precision)
+    options = TileOptions(tile_px, overlap_px, batch_size, precision, ensemble)
     started = time.perf_counter()
     series = read_stored_ct_series(services, series_instance_uid)
     checkpoint, _ = prepare_checkpoint(model_path, options)

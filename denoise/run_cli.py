@@ -26,6 +26,9 @@ def denoise_run(
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (on the Spark executors, or in this process).")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, or float16/bfloat16 (mixed precision, float16 on CUDA only).")] = "float32",
+    ensemble: Annotated[int, typer.Option(help="Average this many mirrored copies of every tile (1, 2, 4 or 8): "
+                                              "that many times the computation for a better estimate "
+                                              "(docs/denoising.md).")] = 1,
     master: Annotated[Optional[str], typer.Option(
         help="Spark master: local[*], local[N] or spark://HOST:PORT (default: setting spark.master, env "
              "PACS_SPARK_MASTER, else local[*]); 'none' runs in this process.", show_default=False)] = None,
@@ -52,7 +55,7 @@ def denoise_run(
     if in_process and partitions is not None:
         raise typer.BadParameter("--partitions: expected only with Spark, got --in-process / --master none")
     options = dict(model_path=model, tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size, device=device,
-                   precision=precision)
+                   precision=precision, ensemble=ensemble)
     with _services(data_dir) as services:
         try:
             if in_process:

@@ -144,3 +144,14 @@ def test_training_data_options_are_checked(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "cache").exists()  # refused before anything was simulated
+
+
+def test_a_self_ensemble_is_named_in_the_derivation(tmp_path, ct_folder, checkpoint):
+    out = tmp_path / "denoised"
+    result = _run(ct_folder, out, "--model", checkpoint, "--ensemble", 4)
+    assert result.exit_code == 0, result.output
+    for path in out.iterdir():
+        assert "self-ensemble of 4" in pydicom.dcmread(path).DerivationDescription
+    result = _run(ct_folder, tmp_path / "other", "--model", checkpoint, "--ensemble", 3)
+    assert result.exit_code != 0 and "ensemble: expected one of 1, 2, 4, 8, got 3" in result.output
+    assert not (tmp_path / "other").exists()

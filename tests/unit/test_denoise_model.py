@@ -71,6 +71,25 @@ def test_tiled_equals_whole_image(config):
     assert np.abs(tiled - whole).mean() < 0.001 * scale
 
 
+@pytest.mark.parametrize("ensemble", [2, 4, 8])
+def test_a_self_ensemble_averages_the_mirrored_outputs(ensemble):
+    net = _random_net(width=6, depth=2)
+    hu = np.random.default_rng(5).normal(0, 200, (2, 48, 40)).astype(np.float32)
+    # each member by hand: mirror the whole slices, denoise, mirror back
+    mirrors = [lambda a: a, lambda a: a[..., ::-1], lambda a: a[..., ::-1, :], lambda a: a[..., ::-1, ::-1]]
+    mirrors += [lambda a, m=m: m(a).swapaxes(-1, -2) for m in mirrors]
+    undo = mirrors[:4] + [lambda a, m=m: m(a.swapaxes(-1, -2)) for m in mirrors[:4]]
+    members = [undo[i](denoise_slices(net, np.ascontiguousarray(mirrors[i](hu)), tile_px=64, overlap_px=8))
+               for i in range(ensemble)]
+    expected = np.mean(members, axis=0)
+    got = denoise_slices(net, hu, tile_px=64, overlap_px=8, ensemble=ensemble)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).mean()
+    assert np.abs(got - members[0]).max() > 1e-2 * np.abs(expected).mean()  # the members differ
+    # tiled and whole still agree
+    tiled = denoise_slices(net, hu, tile_px=16, overlap_px=6, ensemble=ensemble)
+    assert np.abs(tiled - got).max() < 0.01 * np.abs(got).mean()
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (33, 17), (3, 40, 9)])
 def test_odd_shapes_come_back_with_the_same_shape(shape):
     net = _random_net(width=4, depth=3)
@@ -115,6 +134,8 @@ def test_options_are_checked():
         denoise_slices(net, hu, precision="float16", device="cpu")
     with pytest.raises(ValueError, match="tile_px"):
         denoise_slices(net, hu, tile_px=30)
+    with pytest.raises(ValueError, match="ensemble: expected one of 1, 2, 4, 8, got 3"):
+        denoise_slices(net, hu, ensemble=3)
     with pytest.raises(ValueError, match=r"expected slices \[N, H, W\]"):
         denoise_slices(net, np.zeros((1, 1, 4, 4)))
     assert denoise_slices(net, hu, precision="bfloat16").shape == (8, 8)
