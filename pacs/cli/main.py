@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -150,14 +151,23 @@ def serve(
         console.print(f"[red]--workers must be at least 1, got {workers}[/]")
         raise typer.Exit(2)
     if workers == 1:
-        _serve_worker(share_port=False)
+        _serve_worker()
         return
-    _services(None).close()  # create or upgrade the index once, before the workers start
+    services = _services(None)  # create or upgrade the index once, before the workers start
+    dicom = services.settings.dicom
+    services.close()
     import multiprocessing
     import signal
 
-    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or sockets inherited
-    processes = [spawn.Process(target=_serve_worker, kwargs={"share_port": True}, name=f"pacs-worker-{n}")
+    from pacs.net.scp import listening_socket
+
+    try:
+        listening = listening_socket(dicom.host, dicom.port)  # one socket, every worker accepts from it
+    except OSError as exc:
+        console.print(f"[red]cannot listen on {dicom.host}:{dicom.port}: {exc.strerror}[/]")
+        raise typer.Exit(1) from None
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no threads inherited; the socket is passed
+    processes = [spawn.Process(target=_serve_worker, kwargs={"listening": listening}, name=f"pacs-worker-{n}")
                  for n in range(workers)]
     for process in processes:
         process.start()
@@ -180,7 +190,7 @@ def serve(
     raise typer.Exit(1 if failed else 0)
 
 
-def _serve_worker(*, share_port: bool) -> None:
+def _serve_worker(*, listening: socket.socket | None = None) -> None:
     """One serving process: its own services, the SCP, and periodic compaction."""
     import gc
     import signal
@@ -204,7 +214,7 @@ def _serve_worker(*, share_port: bool) -> None:
         f"{settings.dicom.host}:{settings.dicom.port} (pid {os.getpid()}) — storage {services.objects.description}, "
         f"index {services.db.describe()}. Ctrl-C stops."
     )
-    server = start_scp(services, share_port=share_port)
+    server = start_scp(services, listening=listening)
     # What is alive now lives as long as the process: keep it out of the collector's full
     # passes. pynetdicom's server forces one every 60 requests, and walking the ~100,000
     # start-up objects held the GIL ~30 ms, a stall for every association in progress.
@@ -215,7 +225,7 @@ def _serve_worker(*, share_port: bool) -> None:
     try:
         while True:
             time.sleep(1.0)
-            if share_port and os.getppid() != parent:
+            if listening is not None and os.getppid() != parent:
                 console.print(f"the parent process {parent} is gone: stopping (pid {os.getpid()})")
                 break  # a worker never outlives the `pacs serve` that started it
             if time.monotonic() >= next_compaction:
