@@ -111,3 +111,17 @@ def test_embedded_default_lives_under_one_data_dir(tmp_path):
     settings = Settings(data_dir=tmp_path / "fresh")
     assert settings.index_url == f"sqlite:///{tmp_path / 'fresh' / 'index.sqlite'}"
     assert settings.local_store_root == tmp_path / "fresh" / "store"
+
+
+def test_serve_workers_on_a_port_in_use_fails_with_the_address(tmp_path, monkeypatch):
+    import socket
+
+    for key in ("PACS_AET", "PACS_DICOM_PORT", "PACS_DICOM__HOST", "PACS_DATA_DIR"):
+        monkeypatch.setenv(key, "")  # recorded, so that what serve sets for its workers is undone
+        monkeypatch.delenv(key)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path / "data"), "--dicom-port", str(port),
+                                     "--workers", "2"])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
