@@ -20,7 +20,7 @@ import concurrent.futures
 import posixpath
 import threading
 import uuid
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
@@ -56,6 +56,22 @@ class _Loop:
         self.loop = asyncio.new_event_loop()
         thread = threading.Thread(target=self.loop.run_forever, name="hdfs-native", daemon=True)
         thread.start()
+        self._clients: dict[str, object] = {}
+        self._clients_lock = threading.Lock()
+
+    def client(self, url: str, connect: Callable[[], T]) -> T:
+        """The process's hdfs-native client for ``url``, made by ``connect()`` the first time, then kept.
+
+        Dropping a client blocks in its Rust runtime with the GIL held; a
+        runtime thread that needs the GIL at that moment (to hand a result to
+        this loop) then waits forever, and so does the process.  A test that
+        made and dropped a store hung this way, so a client, once made, lives
+        as long as the process.
+        """
+        with self._clients_lock:
+            if url not in self._clients:
+                self._clients[url] = connect()
+            return self._clients[url]
 
     @classmethod
     def shared(cls) -> _Loop:
@@ -160,7 +176,7 @@ class NativeHdfsBlobStore(BlobStore):
         self._loop = _Loop.shared()
         self._read_ahead = _RecentRanges()
         try:
-            self.client = self._run(self._connect(), f"connect to {url}")
+            self.client = self._loop.client(url, lambda: self._run(self._connect(), f"connect to {url}"))
             self._run(self.client.mkdirs(self.root, create_parent=True), f"mkdir {self.root}")
         except StorageUnavailable:
             raise
