@@ -251,9 +251,8 @@ def main() -> None:
 
     image = test.quarter[1]
     timing = {"U-Net": time_per_slice(unet, image), "Gaussian": time_per_slice(lambda x: gaussian(x, 1.0), image)}
-    for label, method in ensembled.items():
-        timing[label.removeprefix(f"U-Net {meta['version']}, ").replace("self-ensemble of ", "U-Net x")] = \
-            time_per_slice(method, image)
+    for method in ensembled.values():
+        timing[f"U-Net x{args.ensemble}"] = time_per_slice(method, image)
     if not args.no_bm3d:
         timing["BM3D"] = time_per_slice(lambda x: bm3d_denoise(x, 5.0 * estimated_noise_hu(x)), image, repeat=1,
                                         warm_up=False)

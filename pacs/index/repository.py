@@ -7,6 +7,7 @@ study or series at once without one of them failing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -211,9 +212,9 @@ _INSTANCE_COLUMNS = tuple(
         Location("", 0, 0, ""), "", datetime.min,
     )
 )
-_PG_ADD_TO_SERIES: list[Any] = []
 
 
+@functools.cache
 def _pg_add_to_series() -> Any:
     """One Postgres statement for an instance of a series already indexed.
 
@@ -224,8 +225,6 @@ def _pg_add_to_series() -> Any:
     database a few hundred microseconds away this is one round trip where
     the general path takes five.
     """
-    if _PG_ADD_TO_SERIES:
-        return _PG_ADD_TO_SERIES[0]
     from sqlalchemy import exists, literal_column
     from sqlalchemy.dialects.postgresql import insert
 
@@ -255,11 +254,9 @@ def _pg_add_to_series() -> Any:
         update(Patient).where(Patient.id == parents.c.patient_pk, went_in)
         .values(num_instances=Patient.num_instances + 1).cte("bump_patient"),
     ]
-    statement = select(
+    return select(
         select(added.c.id).scalar_subquery(), select(parents.c.series_pk).scalar_subquery()
     ).add_cte(*bumps)
-    _PG_ADD_TO_SERIES.append(statement)
-    return statement
 
 
 def _add_parents(

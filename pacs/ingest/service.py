@@ -12,7 +12,6 @@ decides and the decision is logged.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import io
@@ -23,8 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-from sqlalchemy.engine import Connection
 
 from pacs.errors import (
     DuplicateConflict,
@@ -96,12 +93,11 @@ class BufferChain(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    @contextlib.contextmanager
-    def views(self) -> Iterator[list[memoryview]]:
-        """The buffers themselves (views valid inside the ``with`` block)."""
+    def views(self) -> list[memoryview]:
+        """The buffers themselves, valid until the chain is closed."""
         if self.closed:
             raise ValueError("I/O operation on closed BufferChain")
-        yield list(self._parts)
+        return list(self._parts)
 
     def seekable(self) -> bool:
         return True
@@ -336,15 +332,22 @@ class _open:
 
 def _chunks(fp: BinaryIO) -> Iterator[bytes | memoryview]:
     """The whole object, in chunks of at most CHUNK bytes: views of an in-memory source, no copies."""
-    if isinstance(fp, BufferChain) or type(fp) is io.BytesIO:  # a subclass may define its own reads
-        with fp.views() if isinstance(fp, BufferChain) else fp.getbuffer() as views:
-            for view in views if isinstance(fp, BufferChain) else (views,):
-                for start in range(0, len(view), CHUNK):
-                    yield view[start:start + CHUNK]
+    if isinstance(fp, BufferChain):
+        yield from _sliced(fp.views())
+        return
+    if type(fp) is io.BytesIO:  # a subclass may define its own reads
+        with fp.getbuffer() as view:
+            yield from _sliced([view])
         return
     fp.seek(0)
     while chunk := fp.read(CHUNK):
         yield chunk
+
+
+def _sliced(views: list[memoryview]) -> Iterator[memoryview]:
+    for view in views:
+        for start in range(0, len(view), CHUNK):
+            yield view[start:start + CHUNK]
 
 
 def _digest(fp: BinaryIO) -> str:
