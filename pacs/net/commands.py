@@ -1,4 +1,4 @@
-"""DIMSE command sets and Part 10 file meta encoded directly: the bytes pynetdicom makes, without a dataset.
+"""DIMSE command sets and Part 10 file meta encoded (and C-STORE requests decoded) directly, without a dataset.
 
 Every DIMSE message starts with a command set: a handful of group-0000
 elements in Implicit VR Little Endian (PS3.7 E.1).  pynetdicom builds one by
@@ -15,6 +15,14 @@ pynetdicom's for every message the archive sends.  Values this module does
 not encode (an Error Comment, an Offending Element list: failure responses,
 rare) make it return None, and the caller takes pynetdicom's path.
 
+:func:`store_request` goes the other way for the one message the archive
+receives by the thousand: it reads a C-STORE-RQ command set with ``struct``
+into the ``C_STORE`` primitive that pynetdicom's ``decode`` of the command
+set and ``message_to_primitive`` would make, through the primitive's own
+validating setters.  Anything else (another message, an element a C-STORE
+request does not have, an empty or multi-valued value) gives None, and
+pynetdicom decodes the message itself.
+
 :func:`part10_head` does the same for the file meta group that the archive
 puts before every received object (``Event.file_meta`` encoded by
 ``encode_file_meta``, in Explicit VR Little Endian).
@@ -27,9 +35,10 @@ import struct
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES
 
-__all__ = ["command_set", "data_set_of", "part10_head"]
+__all__ = ["command_set", "data_set_of", "part10_head", "store_request"]
 
 _ELEMENT_HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
 _US = struct.Struct("<H")
@@ -110,6 +119,70 @@ def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | N
         body.append(encoded)
     content = b"".join(body)
     return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(content)) + content
+
+
+_C_STORE_RQ = 0x0001
+# C-STORE-RQ's elements (element number: the primitive's attribute and how pydicom reads the value);
+# the group length, Command Field and Command Data Set Type have no attribute.
+_STORE_RQ_ELEMENTS = {
+    0x0000: None, 0x0100: None, 0x0800: None,
+    0x0002: ("AffectedSOPClassUID", "UI"),
+    0x0110: ("MessageID", "US"),
+    0x0700: ("Priority", "US"),
+    0x1000: ("AffectedSOPInstanceUID", "UI"),
+    0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),
+    0x1031: ("MoveOriginatorMessageID", "US"),
+}
+
+
+def _decoded(vr: str, raw: bytes) -> object | None:
+    """The value as pydicom reads it (UI without trailing NULs and spaces, AE stripped), None if unusual."""
+    if vr == "US":
+        return _US.unpack(raw)[0] if len(raw) == 2 else None
+    if b"\\" in raw:
+        return None  # several values: pynetdicom warns and takes the first
+    text = raw.decode("iso8859")
+    return text.rstrip("\0 ") if vr == "UI" else text.strip()
+
+
+def store_request(command: bytes | memoryview) -> C_STORE | None:
+    """The ``C_STORE`` primitive of a C-STORE-RQ command set (Implicit VR Little Endian), or None.
+
+    The primitive has every attribute pynetdicom's decoding gives it except
+    the data set and the presentation context, which the caller adds.  None
+    for any other message, a request without a data set, a truncated or
+    unusual command set, or a value the primitive refuses: pynetdicom then
+    decodes it and reports the problem its own way.
+    """
+    raw = bytes(command)
+    values: dict[int, bytes] = {}
+    position = 0
+    while position < len(raw):
+        if len(raw) - position < _ELEMENT_HEADER.size:
+            return None
+        group, element, length = _ELEMENT_HEADER.unpack_from(raw, position)
+        position += _ELEMENT_HEADER.size
+        if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values or length == 0 \
+                or length > len(raw) - position:
+            return None
+        values[element] = raw[position:position + length]
+        position += length
+    if values.get(0x0100) != _US.pack(_C_STORE_RQ) or values.get(0x0800) in (None, _US.pack(_NO_DATA_SET)):
+        return None
+    primitive = C_STORE()
+    for element, value in values.items():
+        target = _STORE_RQ_ELEMENTS[element]
+        if target is None:
+            continue
+        keyword, vr = target
+        decoded = _decoded(vr, value)
+        if decoded is None:
+            return None
+        try:
+            setattr(primitive, keyword, decoded)
+        except (TypeError, ValueError):
+            return None
+    return primitive
 
 
 _SHORT = struct.Struct("<HH2sH")  # Explicit VR Little Endian, 2-byte length (UI, SH, UL)

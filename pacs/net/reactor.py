@@ -50,8 +50,9 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from io import BytesIO
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
@@ -59,7 +60,7 @@ from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from pacs.net.commands import command_set, data_set_of
+from pacs.net.commands import command_set, data_set_of, store_request
 
 log = logging.getLogger(__name__)
 
@@ -490,6 +491,56 @@ def _sending_messages_directly(assoc: Association, send_msg: Callable[[object, i
     return send
 
 
+class _StoreRequestReceiver:
+    """``DIMSEServiceProvider.receive_primitive`` with C-STORE requests decoded directly.
+
+    pynetdicom decodes every command set with pydicom and copies each data
+    set fragment before writing it to the message's buffer.  A C-STORE-RQ
+    is decoded by :func:`pacs.net.commands.store_request` instead, and its
+    data set fragments are written to the buffer from views of the received
+    PDVs.  Every other message, a C-STORE-RQ that ``store_request`` leaves
+    alone, and every message while a handler is bound to EVT_DIMSE_RECV
+    (which is handed pynetdicom's decoded message) take pynetdicom's path.
+    """
+
+    def __init__(self, dimse) -> None:  # noqa: ANN001 - pynetdicom's DIMSEServiceProvider
+        self.dimse = dimse
+        self.pynetdicom = dimse.receive_primitive
+        self.request = None  # the C-STORE-RQ whose data set is arriving
+        self.data_set = BytesIO()
+
+    def __call__(self, primitive: P_DATA) -> None:
+        dimse = self.dimse
+        if self.request is None and (dimse.message is not None or type(primitive) is not P_DATA
+                                     or _config.STORE_RECV_CHUNKED_DATASET
+                                     or dimse.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+            self.pynetdicom(primitive)
+            return
+        values = primitive.presentation_data_value_list
+        for index, (context_id, data) in enumerate(values):
+            control = data[0]
+            if self.request is None:
+                request = store_request(memoryview(data)[1:]) if control & 0x03 == 0x03 else None
+                if request is None:  # not a whole C-STORE-RQ command set: pynetdicom takes it from here
+                    del values[:index]  # this primitive's own list, made for it by the PDU's to_primitive
+                    self.pynetdicom(primitive)
+                    return
+                request._context_id = context_id
+                self.request, self.data_set = request, BytesIO()
+            elif control & 0x01:
+                log.error("association with %s: a command fragment arrived before the data set of message %s ended",
+                          dimse.assoc.requestor.ae_title, self.request.MessageID)
+                self.request = None
+                dimse.dul.event_queue.put("Evt19")  # an invalid message, as pynetdicom answers one
+                return
+            else:
+                self.data_set.write(memoryview(data)[1:])
+                if control & 0x02:
+                    request, self.request = self.request, None
+                    request.DataSet = self.data_set
+                    dimse.msg_queue.put((request._context_id, request))
+
+
 def make_event_driven(assoc: Association) -> None:
     """Give an association whose threads have not started the event-driven threads."""
     if assoc.is_alive() or assoc.dul.is_alive():
@@ -498,6 +549,7 @@ def make_event_driven(assoc: Association) -> None:
     dul.adopt(assoc.dul)
     assoc.dul = dul
     assoc.dimse.send_msg = _sending_messages_directly(assoc, assoc.dimse.send_msg)
+    assoc.dimse.receive_primitive = _StoreRequestReceiver(assoc.dimse)
     # A release or abort request arrives there, not as a message: the
     # association thread, waiting for a message, must look at once.
     dul.to_user_queue = _WakingQueue(assoc.dimse.msg_queue)

@@ -53,7 +53,7 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
         return store_failure(exc)
     log.info("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
-    return status_dataset(int(Status.SUCCESS))
+    return int(Status.SUCCESS)  # a plain status: pynetdicom builds no dataset for it
 
 
 # pynetdicom accepts, per presentation context, the first syntax of *this*

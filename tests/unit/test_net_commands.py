@@ -1,15 +1,22 @@
-"""Command sets encoded by pacs.net.commands are byte for byte what pynetdicom encodes."""
+"""Command sets encoded by pacs.net.commands are byte for byte what pynetdicom encodes; C-STORE requests decode as pynetdicom decodes them."""
 
 from __future__ import annotations
 
+import queue
+import struct
 from io import BytesIO
+from types import SimpleNamespace
 
 import pytest
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
+from pacs.net import commands
 from pacs.net.commands import command_set, data_set_of, part10_head
+from pacs.net.reactor import _StoreRequestReceiver
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -118,3 +125,108 @@ def test_data_set_sent_from_elsewhere():
 def test_file_meta_as_pynetdicom_encodes_it(syntax, instance):
     meta = create_file_meta(sop_class_uid=CT, sop_instance_uid=instance, transfer_syntax=syntax)
     assert part10_head(CT, instance, syntax) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+
+
+PRIMITIVE_ATTRIBUTES = ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                        "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+def pynetdicom_decoded(command: bytes, data: bytes = b"") -> C_STORE:
+    """What pynetdicom's DIMSE layer makes of a C-STORE-RQ arriving as two PDVs."""
+    message = DIMSEMessage()
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x03" + command], [1, b"\x02" + data]]
+    assert message.decode_msg(primitive)
+    return message.message_to_primitive()
+
+
+@pytest.mark.parametrize("extra", [{}, {"MoveOriginatorApplicationEntityTitle": "MOVESCU", "MoveOriginatorMessageID": 9},
+                                   {"AffectedSOPInstanceUID": "1.2.3.4"}, {"Priority": 0, "MessageID": 65535}])
+def test_a_store_request_decodes_as_pynetdicom_decodes_it(extra):
+    command = command_set(store_request(**extra))
+    ours, theirs = commands.store_request(command), pynetdicom_decoded(command)
+    assert ours is not None
+    assert {a: getattr(ours, a) for a in PRIMITIVE_ATTRIBUTES} == {a: getattr(theirs, a) for a in PRIMITIVE_ATTRIBUTES}
+    assert ours.AffectedSOPInstanceUID == extra.get("AffectedSOPInstanceUID", INSTANCE)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, element, len(value)) + value
+
+
+@pytest.mark.parametrize("case", ["echo", "store response", "no data set", "truncated", "unknown element",
+                                  "two values", "empty value", "bad priority"])
+def test_what_the_store_decoder_leaves_to_pynetdicom(case):
+    command = command_set(store_request())
+    if case == "echo":
+        echo = C_ECHO()
+        echo.MessageID, echo.AffectedSOPClassUID = 1, "1.2.840.10008.1.1"
+        command = command_set(echo)
+    elif case == "store response":
+        command = command_set(store_response())
+    elif case == "no data set":
+        command = command_set(store_request(), has_data=False)
+    elif case == "truncated":
+        command = command[:-3]
+    elif case == "unknown element":
+        command += _element(0x0902, b"a comment ")  # Error Comment: no C-STORE-RQ element
+    elif case == "two values":
+        command = command_set(store_request(AffectedSOPInstanceUID="1.2.3.4")).replace(b"1.2.3.4\0", b"1.2\\1.34")
+    elif case == "empty value":
+        command += _element(0x1030, b"")
+    elif case == "bad priority":
+        command = command.replace(struct.pack("<HHIH", 0, 0x0700, 2, 2), struct.pack("<HHIH", 0, 0x0700, 2, 7))
+    assert commands.store_request(command) is None
+
+
+class _Dimse:
+    """The parts of pynetdicom's DIMSEServiceProvider the receiver uses, recording what it hands on."""
+
+    def __init__(self) -> None:
+        self.message = None
+        self.msg_queue: queue.Queue = queue.Queue()
+        self.by_pynetdicom: list[list] = []
+        self.assoc = SimpleNamespace(get_handlers=lambda event: [], requestor=SimpleNamespace(ae_title="TESTSCU"))
+        self.dul = SimpleNamespace(event_queue=queue.Queue())
+
+    def receive_primitive(self, primitive) -> None:
+        self.by_pynetdicom.append(list(primitive.presentation_data_value_list))
+
+
+def _p_data(*values) -> P_DATA:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = list(values)
+    return primitive
+
+
+def test_the_receiver_assembles_a_store_request_and_hands_the_next_message_on():
+    dimse = _Dimse()
+    receive = _StoreRequestReceiver(dimse)
+    command = command_set(store_request())
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 2, "1.2.840.10008.1.1"
+    echo_command = b"\x03" + command_set(echo)
+    receive(_p_data([3, b"\x03" + command], [3, b"\x00" + b"first "]))
+    assert dimse.msg_queue.empty()
+    receive(_p_data([3, b"\x02" + b"last"], [1, echo_command]))  # the next message starts in the same P-DATA
+    context_id, request = dimse.msg_queue.get_nowait()
+    assert context_id == 3 and request.DataSet.getvalue() == b"first last"
+    assert request.AffectedSOPInstanceUID == INSTANCE and request.MessageID == 7
+    assert dimse.by_pynetdicom == [[[1, echo_command]]]
+
+
+def test_a_command_fragment_inside_a_data_set_ends_the_association():
+    dimse = _Dimse()
+    receive = _StoreRequestReceiver(dimse)
+    receive(_p_data([3, b"\x03" + command_set(store_request())], [3, b"\x00" + b"part"]))
+    receive(_p_data([3, b"\x03" + command_set(store_request())]))
+    assert dimse.msg_queue.empty() and dimse.dul.event_queue.get_nowait() == "Evt19"
+
+
+def test_the_receiver_leaves_a_message_pynetdicom_has_begun_to_pynetdicom():
+    dimse = _Dimse()
+    dimse.message = C_STORE_RQ()  # pynetdicom is in the middle of a message
+    receive = _StoreRequestReceiver(dimse)
+    values = [[3, b"\x00" + b"data"]]
+    receive(_p_data(*values))
+    assert dimse.by_pynetdicom == [values] and dimse.msg_queue.empty()
