@@ -8,8 +8,8 @@ set, so training, validation and test never share a slice) is stored as
 * ``quarter``   - the quarter-dose FBP (projection-domain Poisson, binomial thinning of I0 = 5e5),
 * ``sparse``    - a sparse-view FBP (``sparse_views`` views, full-dose noise), and ``sparse_views``.
 
-Three options widen the training distribution beyond one dose of textureless
-phantoms (both off by default, so the benchmark's test set stays what it
+Four options widen the training distribution beyond one dose of textureless
+phantoms (all off by default, so the benchmark's test set stays what it
 was):
 
 * ``dose_range = (lo, hi)``: each slice's incident count is ``i0`` times a
@@ -25,7 +25,10 @@ was):
   on textureless phantoms alone takes that grain for noise and wipes it out;
 * ``extras_fraction``: that fraction of the phantoms are drawn with
   ``random_slice(extras=True)``: anatomy crossing the edge of the field of
-  view, a head holder, denser bone with sharper edges, fine texture.
+  view, a head holder, denser bone with sharper edges, fine texture;
+* ``variety_fraction``: that fraction of the phantoms are drawn with
+  ``random_slice(variety=True)``: a power-law texture through all tissue
+  and edges from sharp to 2 pixels of blur.
 
 The FBP is the expensive part (~4 s a slice on one core), so a slice is
 simulated once and every epoch re-uses it.  A set is built incrementally: an
@@ -53,7 +56,7 @@ TASKS = ("quarter", "sparse", "gaussian")
 GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
-_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction")
+_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction")
 
 
 @dataclass(frozen=True)
@@ -72,13 +75,14 @@ class SimulationConfig:
     dose_range: tuple[float, float] = (1.0, 1.0)
     grain_fraction: float = 0.0
     extras_fraction: float = 0.0
+    variety_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"dose_range: expected factors 0 < lo <= hi, got {self.dose_range}")
         object.__setattr__(self, "dose_range", (lo, hi))  # a list, when read back from JSON
-        for name in ("grain_fraction", "extras_fraction"):
+        for name in ("grain_fraction", "extras_fraction", "variety_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
 
@@ -136,8 +140,9 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     """Simulate slice ``index`` of the set ``seed`` into ``path`` (whole or not at all)."""
     rng = np.random.default_rng([seed, index])
     extras = bool(config.extras_fraction) and rng.random() < config.extras_fraction
+    variety = bool(config.variety_fraction) and rng.random() < config.variety_fraction
     hu = (phantoms.shepp_logan_hu(config.size_px) if shepp_logan
-          else phantoms.random_slice(rng, config.size_px, extras=extras))
+          else phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety))
     data = simulate_slice(hu, config, rng)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)

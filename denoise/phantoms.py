@@ -102,6 +102,17 @@ def _smooth_noise(rng: np.random.Generator, n: int, sigma_px: float) -> np.ndarr
     return field / max(field.std(), 1e-12)
 
 
+def _power_law_noise(rng: np.random.Generator, n: int, beta: float) -> np.ndarray:
+    """White noise shaped to a 1/f**beta power spectrum (all scales at once), unit standard deviation."""
+    white = rng.standard_normal((n, n))
+    f = np.fft.fftfreq(n)
+    radius = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    radius[0, 0] = 1.0  # the mean is removed below
+    field = np.fft.ifft2(np.fft.fft2(white) * radius ** (-beta / 2.0)).real
+    field -= field.mean()
+    return field / max(field.std(), 1e-12)
+
+
 def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     n = image.shape[0]
     # Pad by reflection so the circular FFT does not wrap edges into each other.
@@ -114,7 +125,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None,
-                 extras: bool = False) -> np.ndarray:
+                 extras: bool = False, variety: bool = False) -> np.ndarray:
     """One random CT-like slice in HU, ``[size, size]`` float32.
 
     ``body_type`` is one of ``BODY_TYPES`` or None (drawn at random).
@@ -124,7 +135,11 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
     edge of the measured field of view, thin dense arcs outside the body (a
     head holder, a table), cortical bone up to 2,000 HU with sharper edges,
     and fine high-contrast texture (1-3 px, up to 40 HU) in soft tissue.
-    Without it the generator draws exactly what it always drew.
+    ``variety`` widens what edges and tissue look like: a power-law (1/f)
+    texture of 5-50 HU through all tissue, bone included, at every scale
+    from a pixel to the whole body, and an edge blur (partial volume) drawn
+    from 0 to 2 pixels instead of 0.3-0.7.
+    Without these the generator draws exactly what it always drew.
     Coordinates are fractions of the half field of view, so the anatomy
     scales with ``size``.
     """
@@ -225,8 +240,11 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
     hu = np.where(soft, hu + texture, hu)
     lungs = (hu > -950) & (hu <= -600)
     hu = np.where(lungs, hu + _smooth_noise(rng, n, 3.0 * s) * u(10, 30), hu)
+    if variety:
+        tissue = hu > -950
+        hu = np.where(tissue, hu + _power_law_noise(rng, n, u(1.5, 3.0)) * u(5, 50), hu)
     hu = _downsample(hu, s)
-    hu = _blur(hu, u(0.0, 0.7) if extras else u(0.3, 0.7))
+    hu = _blur(hu, u(0.0, 2.0) if variety else u(0.0, 0.7) if extras else u(0.3, 0.7))
     return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
 
 

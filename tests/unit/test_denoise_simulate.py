@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import binary_erosion
 
 from denoise import phantoms, simulate
 from denoise.checkpoints import load_checkpoint
@@ -45,6 +46,24 @@ def test_phantom_extras_reach_past_the_field_of_view():
         crossing += bool((hu[outside] > -500).any())
     assert crossing >= 1  # anatomy (or a head holder) where the scan does not measure, as in real images
     assert not (plain[outside] > -500).any()
+
+
+def test_phantom_variety_adds_texture_through_tissue_and_varies_the_edges():
+    plain = phantoms.random_slice(np.random.default_rng(9), 96)
+    assert np.array_equal(plain, phantoms.random_slice(np.random.default_rng(9), 96, variety=False))
+    air_kept = 0
+    texture = []
+    for seed in range(6):
+        plain = phantoms.random_slice(np.random.default_rng([9, seed]), 128)
+        varied = phantoms.random_slice(np.random.default_rng([9, seed]), 128, variety=True)
+        assert varied.min() >= -1024 and varied.max() <= 3071
+        air_kept += bool((varied[plain <= -1000] <= -990).mean() > 0.9)  # the texture stays out of the air
+        # the same anatomy (drawn first), now with a texture of 5-50 HU in the tissue; away from edges,
+        # where only the other blur would differ (about 2 HU without the texture)
+        inside = binary_erosion((plain > -200) & (plain < 300), iterations=6)
+        texture.append(float((varied - plain)[inside].std()))
+    assert air_kept == 6
+    assert 8.0 < np.median(texture) < 60.0
 
 
 def test_noiseless_fbp_reproduces_the_phantom():
@@ -106,6 +125,10 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(grain_fraction=1.5)
     with pytest.raises(ValueError, match="extras_fraction"):
         SimulationConfig(extras_fraction=-0.1)
+    with pytest.raises(ValueError, match="variety_fraction"):
+        SimulationConfig(variety_fraction=2.0)
+    assert plain.key(3) == SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, variety_fraction=0.0).key(3)
+    assert SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, variety_fraction=0.5).key(3) != plain.key(3)
 
 
 def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
