@@ -91,6 +91,9 @@ def train_command(
     variety_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Fraction of training phantoms with a power-law texture through all tissue and "
                                "edge blur from 0 to 2 px (0: the generator's usual texture and edges).")] = 0.0,
+    dead_leaves_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of training slices that are 'dead leaves' images (random occluding "
+                               "shapes of every size, in CT values) instead of anatomy-like phantoms.")] = 0.0,
     simulation_workers: Annotated[int, typer.Option(
         min=1, help="Processes simulating the missing training slices in parallel (one per core).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
@@ -132,7 +135,8 @@ def train_command(
             model=UNetConfig(width=width, depth=depth, norm=norm, residual=residual, space_to_depth=space_to_depth,
                              noise_level_input=noise_level_input),
             simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction,
-                                        extras_fraction=extras_fraction, variety_fraction=variety_fraction),
+                                        extras_fraction=extras_fraction, variety_fraction=variety_fraction,
+                                        dead_leaves_fraction=dead_leaves_fraction),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),

@@ -8,7 +8,7 @@ set, so training, validation and test never share a slice) is stored as
 * ``quarter``   - the quarter-dose FBP (projection-domain Poisson, binomial thinning of I0 = 5e5),
 * ``sparse``    - a sparse-view FBP (``sparse_views`` views, full-dose noise), and ``sparse_views``.
 
-Four options widen the training distribution beyond one dose of textureless
+Five options widen the training distribution beyond one dose of textureless
 phantoms (all off by default, so the benchmark's test set stays what it
 was):
 
@@ -28,7 +28,10 @@ was):
   view, a head holder, denser bone with sharper edges, fine texture;
 * ``variety_fraction``: that fraction of the phantoms are drawn with
   ``random_slice(variety=True)``: a power-law texture through all tissue
-  and edges from sharp to 2 pixels of blur.
+  and edges from sharp to 2 pixels of blur;
+* ``dead_leaves_fraction``: that fraction of the slices are
+  ``phantoms.dead_leaves_slice`` images (random occluding shapes of every
+  size in CT values) instead of anatomy-like phantoms.
 
 The FBP is the expensive part (~4 s a slice on one core), so a slice is
 simulated once and every epoch re-uses it.  A set is built incrementally: an
@@ -56,7 +59,8 @@ TASKS = ("quarter", "sparse", "gaussian")
 GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
-_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction")
+_KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction",
+                        "dead_leaves_fraction")
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,14 @@ class SimulationConfig:
     grain_fraction: float = 0.0
     extras_fraction: float = 0.0
     variety_fraction: float = 0.0
+    dead_leaves_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"dose_range: expected factors 0 < lo <= hi, got {self.dose_range}")
         object.__setattr__(self, "dose_range", (lo, hi))  # a list, when read back from JSON
-        for name in ("grain_fraction", "extras_fraction", "variety_fraction"):
+        for name in ("grain_fraction", "extras_fraction", "variety_fraction", "dead_leaves_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
 
@@ -141,8 +146,13 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     rng = np.random.default_rng([seed, index])
     extras = bool(config.extras_fraction) and rng.random() < config.extras_fraction
     variety = bool(config.variety_fraction) and rng.random() < config.variety_fraction
-    hu = (phantoms.shepp_logan_hu(config.size_px) if shepp_logan
-          else phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety))
+    leaves = bool(config.dead_leaves_fraction) and rng.random() < config.dead_leaves_fraction
+    if shepp_logan:
+        hu = phantoms.shepp_logan_hu(config.size_px)
+    elif leaves:
+        hu = phantoms.dead_leaves_slice(rng, config.size_px)
+    else:
+        hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety)
     data = simulate_slice(hu, config, rng)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)

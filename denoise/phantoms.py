@@ -271,6 +271,62 @@ def _add_extras(hu: np.ndarray, x: np.ndarray, y: np.ndarray, rng: np.random.Gen
         hu[soft] += fine[soft]
 
 
+def dead_leaves_slice(rng: np.random.Generator, size: int = 512) -> np.ndarray:
+    """A slice of random occluding shapes ("dead leaves") inside a body outline, HU ``[size, size]`` float32.
+
+    Ellipses and rectangles of every size, their radii drawn from a power
+    law (density ~ r**-3, from 1.5 pixels to a third of the body), painted
+    front to back until the body is covered: images with the scale-free
+    statistics of natural images (Lee, Mumford & Huang 2001), which teach a
+    denoiser edges, corners and textures of every shape rather than those
+    of one family of phantoms (Achddou et al. 2021).  Values are those of
+    CT: mostly soft tissue and fat, some bone, some lung or gas; then the
+    usual smooth texture and an edge blur of 0 to 1 pixel.
+    """
+    if size < 16:
+        raise ValueError(f"size: expected at least 16 pixels, got {size}")
+    s = 2
+    n = size * s
+    u = rng.uniform
+    x, y = _grid(size, s)
+    body = _ellipse(x, y, u(-0.05, 0.05), u(-0.05, 0.05), u(0.45, 0.9), u(0.4, 0.85), u(-20, 20))
+    leaves = np.full((n, n), np.nan)
+    uncovered = body.copy()
+    r_min, r_max = 1.5 * s, n * u(0.1, 0.3)
+    kinds = (((-20.0, 90.0), 0.65), ((-120.0, -60.0), 0.2), ((200.0, 1800.0), 0.07), ((-950.0, -500.0), 0.08))
+    ranges, weights = zip(*kinds)
+    bound = np.argwhere(body)
+    for _ in range(60_000):
+        if not uncovered.any():
+            break
+        # r ~ r**-3 on [r_min, r_max], by inverting its distribution function
+        r = (r_min ** -2 - u() * (r_min ** -2 - r_max ** -2)) ** -0.5
+        cy, cx = bound[int(rng.integers(len(bound)))] + rng.uniform(-0.5, 0.5, 2)
+        half = int(math.ceil(r)) + 1
+        y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, n)
+        x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, n)
+        if not uncovered[y0:y1, x0:x1].any():
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dy, dx = yy + 0.5 - cy, xx + 0.5 - cx
+        t = u(0, math.pi)
+        c, sn = math.cos(t), math.sin(t)
+        along, across = (c * dx + sn * dy) / r, (-sn * dx + c * dy) / (r * u(0.3, 1.0))
+        if rng.random() < 0.25:  # rectangles: corners and straight edges
+            shape = (np.abs(along) <= 1.0) & (np.abs(across) <= 1.0)
+        else:
+            shape = along * along + across * across <= 1.0
+        fill = shape & uncovered[y0:y1, x0:x1]
+        lo, hi = ranges[int(rng.choice(len(ranges), p=weights))]
+        leaves[y0:y1, x0:x1][fill] = u(lo, hi)
+        uncovered[y0:y1, x0:x1] &= ~fill
+    hu = np.where(body, np.nan_to_num(leaves, nan=u(-20.0, 90.0)), -1000.0)
+    soft = (hu > -200) & (hu < 300)
+    hu = np.where(soft, hu + _smooth_noise(rng, n, u(1.5, 8.0) * s) * u(3, 15), hu)
+    hu = _blur(_downsample(hu, s), u(0.0, 1.0))
+    return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
+
+
 def random_slices(count: int, seed: int, size: int = 512) -> np.ndarray:
     """``count`` random slices ``[count, size, size]`` float32 HU from one seed.
 

@@ -66,6 +66,20 @@ def test_phantom_variety_adds_texture_through_tissue_and_varies_the_edges():
     assert 8.0 < np.median(texture) < 60.0
 
 
+def test_dead_leaves_fill_a_body_with_shapes_of_every_size():
+    a = phantoms.dead_leaves_slice(np.random.default_rng(4), 128)
+    assert np.array_equal(a, phantoms.dead_leaves_slice(np.random.default_rng(4), 128))
+    assert a.shape == (128, 128) and a.dtype == np.float32 and a.min() >= -1024 and a.max() <= 3071
+    assert (a[:4] <= -990).all() and (a[:, :4] <= -990).all()  # air around the body
+    inside = a[48:80, 48:80]
+    assert (inside > -200).mean() > 0.5  # mostly tissue
+    # many shapes: many distinct plateaus, and edges at every scale (large flat areas and single-pixel detail)
+    assert len(np.unique(np.round(inside, -1))) > 20
+    assert np.abs(np.diff(inside, axis=0)).max() > 200
+    with pytest.raises(ValueError, match="size"):
+        phantoms.dead_leaves_slice(np.random.default_rng(0), 8)
+
+
 def test_noiseless_fbp_reproduces_the_phantom():
     hu = phantoms.shepp_logan_hu(128)
     scan = simulate.ParallelBeam(128, pixel_mm=2.8, n_views=192)
@@ -129,6 +143,12 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(variety_fraction=2.0)
     assert plain.key(3) == SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, variety_fraction=0.0).key(3)
     assert SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, variety_fraction=0.5).key(3) != plain.key(3)
+    with pytest.raises(ValueError, match="dead_leaves_fraction"):
+        SimulationConfig(dead_leaves_fraction=-1.0)
+    leaves = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dead_leaves_fraction=1.0)
+    assert leaves.key(3) != plain.key(3)
+    other = build_pair_set(tmp_path, seed=3, count=1, config=leaves)
+    assert not np.array_equal(other.reference[0], a.reference[0])  # a dead-leaves slice, not the phantom
 
 
 def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
