@@ -294,12 +294,19 @@ class PacsCluster(Pacs):
             if not devstack.reachable(url):
                 raise RuntimeError(f"{what} is not reachable at {url}: start it with deploy/ (see --cluster help)")
         self.hdfs_url, self.pg_url = devstack.HDFS_URL, devstack.PG_URL
+        self.hdfs_roots: list[str] = []
 
     def new_data_dir(self, tag: str) -> Path:
         d = super().new_data_dir(tag)
         devstack.empty_database(self.pg_url)
         self.hdfs_root = f"/bench/{d.name}-{os.getpid()}"
+        self.hdfs_roots.append(self.hdfs_root)
         return d
+
+    def discard(self) -> None:
+        """Delete what this run stored on HDFS (gigabytes, three replicas each)."""
+        for root in self.hdfs_roots:
+            devstack.remove_hdfs_tree(root)
 
     @property
     def env(self) -> dict[str, str]:
@@ -566,7 +573,7 @@ def table(data: dict, results: dict, quick: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,000 small instances, 200 studies")
-    parser.add_argument("--keep", action="store_true", help="keep the temp folder (data, logs)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (data, logs) and what was stored on HDFS")
     parser.add_argument("--only", choices=["pacs", "Orthanc"], help="run one server only")
     parser.add_argument("--cluster", action="store_true",
                         help="also pacs on HDFS + Postgres (start them first: bash deploy/hdfs.sh up; "
@@ -577,9 +584,9 @@ def main() -> int:
     procs = Procs()
     results: dict = {}
     errors: list[str] = []
+    servers: list = []
     try:
         data = make_data(tmp, args.quick)
-        servers = []
         if args.only in (None, "pacs"):
             servers.append(Pacs(procs, tmp))
             if args.cluster:
@@ -621,6 +628,9 @@ def main() -> int:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+            for server in servers:
+                if isinstance(server, PacsCluster):
+                    server.discard()
     return 1 if errors else 0
 
 

@@ -25,7 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pacs.devstack import HDFS_URL, PG_URL, empty_database, forget_shell_settings, reachable  # noqa: E402
+from pacs.devstack import (  # noqa: E402
+    HDFS_URL,
+    PG_URL,
+    empty_database,
+    forget_shell_settings,
+    reachable,
+    remove_hdfs_tree,
+)
 
 forget_shell_settings()  # "local + SQLite" means that, whatever the shell exports
 from pacs.services import build_services  # noqa: E402
@@ -84,7 +91,11 @@ def main() -> int:
                 storage=dict(backend="hdfs", hdfs_url=HDFS_URL, hdfs_root=root, replication=3),
                 index=dict(url=PG_URL),
             )
-            results.append(run("HDFS (r=3) + Postgres", settings, instances, threads))
+            try:
+                results.append(run("HDFS (r=3) + Postgres", settings, instances, threads))
+            finally:
+                remove_hdfs_tree(root)
+                shutil.rmtree(settings.data_dir, ignore_errors=True)
         else:
             print(f"HDFS ({HDFS_URL}) or Postgres ({PG_URL}) not reachable: cluster run skipped "
                   "(start them with deploy/hdfs.sh up and deploy/postgres.sh up)")

@@ -64,3 +64,13 @@ tail_log() {
     printf -- '(no log file %s)\n' "$f" >&2
   fi
 }
+
+# require_free_disk DIR GIB WHAT: die, naming the free space, if the file
+# system holding DIR has less than GIB GiB free.  WHAT says what needs it.
+require_free_disk() {
+  local dir="$1" need_gib="$2" what="$3" free_kib
+  free_kib="$(df -Pk "$dir" | awk 'NR == 2 {print $4}')"
+  if ((free_kib < need_gib * 1024 * 1024)); then
+    die "$what needs ${need_gib} GiB free on the file system of $dir; it has $((free_kib / 1024 / 1024)) GiB ($(df -Ph "$dir" | awk 'NR == 2 {print $6}')). Free some space (old HDFS data under ${PACS_STACK_DIR}/hdfs, pip caches) and run again."
+  fi
+}

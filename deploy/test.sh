@@ -10,7 +10,13 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
+LOG_TAG=test
+source deploy/lib.sh # require_free_disk, die
 log() { printf '\n== %s\n' "$*"; }
+
+# A fresh .venv (torch with its CUDA libraries) is ~7 GiB; the stack and the
+# test data a few more.  Failing here beats "No space left on device" in pip.
+if [[ -x .venv/bin/python ]]; then require_free_disk . 4 "the test suite"; else require_free_disk . 12 "a fresh .venv and the test suite"; fi
 
 log "system packages (Java, Maven, Postgres, dcmtk)"
 need=()

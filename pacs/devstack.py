@@ -45,3 +45,14 @@ def empty_database(url: str) -> None:
         conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
+
+
+def remove_hdfs_tree(path: str, url: str = WEBHDFS_URL) -> None:
+    """Delete ``path`` and everything under it on the stack's HDFS (no trash).
+
+    Benchmarks store gigabytes per run, times the replication factor; left
+    behind, a few runs fill the disk of a small machine.
+    """
+    import hdfs  # HdfsCLI over WebHDFS: plain HTTP, nothing to tear down
+
+    hdfs.InsecureClient(url, user=os.environ.get("USER", "root")).delete(path, recursive=True)
