@@ -31,7 +31,9 @@ was):
   and edges from sharp to 2 pixels of blur;
 * ``dead_leaves_fraction``: that fraction of the slices are
   ``phantoms.dead_leaves_slice`` images (random occluding shapes of every
-  size in CT values) instead of anatomy-like phantoms.
+  size in CT values) instead of anatomy-like phantoms;
+  ``dead_leaves_edge_px`` > 0 gives each leaf an edge ramp up to that wide
+  (the partial volume of thick slices).
 
 The FBP is the expensive part (~4 s a slice on one core), so a slice is
 simulated once and every epoch re-uses it.  A set is built incrementally: an
@@ -60,7 +62,7 @@ GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
 _KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction",
-                        "dead_leaves_fraction")
+                        "dead_leaves_fraction", "dead_leaves_edge_px")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class SimulationConfig:
     extras_fraction: float = 0.0
     variety_fraction: float = 0.0
     dead_leaves_fraction: float = 0.0
+    dead_leaves_edge_px: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
@@ -90,6 +93,9 @@ class SimulationConfig:
         for name in ("grain_fraction", "extras_fraction", "variety_fraction", "dead_leaves_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.dead_leaves_edge_px <= self.size_px / 8:
+            raise ValueError(f"dead_leaves_edge_px: expected 0 to {self.size_px / 8:g} pixels, "
+                             f"got {self.dead_leaves_edge_px}")
 
     def key(self, seed: int) -> str:
         defaults = {f.name: f.default for f in fields(self)}
@@ -150,7 +156,7 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     if shepp_logan:
         hu = phantoms.shepp_logan_hu(config.size_px)
     elif leaves:
-        hu = phantoms.dead_leaves_slice(rng, config.size_px)
+        hu = phantoms.dead_leaves_slice(rng, config.size_px, edge_px=config.dead_leaves_edge_px)
     else:
         hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety)
     data = simulate_slice(hu, config, rng)

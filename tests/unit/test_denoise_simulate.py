@@ -80,6 +80,26 @@ def test_dead_leaves_fill_a_body_with_shapes_of_every_size():
         phantoms.dead_leaves_slice(np.random.default_rng(0), 8)
 
 
+def test_soft_dead_leaves_rise_over_several_pixels_where_sharp_ones_step():
+    def steps(a: np.ndarray) -> float:
+        """Of the edges in the body, the share whose rise is mostly in one pixel."""
+        inner = a[40:88, 40:88].astype(np.float64)
+        d1 = np.abs(np.diff(inner, axis=1))[:, 1:-1]  # one-pixel rise
+        d3 = np.abs(inner[:, 3:] - inner[:, :-3])  # three-pixel rise centred on it
+        edges = d3 > 150
+        return float((d1[edges] > 0.6 * d3[edges]).mean())
+
+    sharp = [steps(phantoms.dead_leaves_slice(np.random.default_rng(i), 128)) for i in range(3)]
+    soft = [steps(phantoms.dead_leaves_slice(np.random.default_rng(i), 128, edge_px=6.0)) for i in range(3)]
+    assert np.mean(soft) < 0.7 * np.mean(sharp), (soft, sharp)
+    a = phantoms.dead_leaves_slice(np.random.default_rng(5), 128, edge_px=6.0)
+    assert np.array_equal(a, phantoms.dead_leaves_slice(np.random.default_rng(5), 128, edge_px=6.0))
+    assert np.isfinite(a).all() and a.min() >= -1024 and a.max() <= 3071
+    assert (a[:4] <= -990).all()  # still air around the body
+    with pytest.raises(ValueError, match="edge_px"):
+        phantoms.dead_leaves_slice(np.random.default_rng(0), 128, edge_px=-1.0)
+
+
 def test_noiseless_fbp_reproduces_the_phantom():
     hu = phantoms.shepp_logan_hu(128)
     scan = simulate.ParallelBeam(128, pixel_mm=2.8, n_views=192)
@@ -147,6 +167,10 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(dead_leaves_fraction=-1.0)
     leaves = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dead_leaves_fraction=1.0)
     assert leaves.key(3) != plain.key(3)
+    assert SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, dead_leaves_fraction=1.0,
+                            dead_leaves_edge_px=2.0).key(3) != leaves.key(3)
+    with pytest.raises(ValueError, match="dead_leaves_edge_px"):
+        SimulationConfig(dead_leaves_edge_px=-1.0)
     other = build_pair_set(tmp_path, seed=3, count=1, config=leaves)
     assert not np.array_equal(other.reference[0], a.reference[0])  # a dead-leaves slice, not the phantom
 
