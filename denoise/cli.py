@@ -103,8 +103,10 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
     init_from: Annotated[Optional[Path], typer.Option(
-        help="Fine-tune: start from this checkpoint's weights (its network must match --width, --depth, "
-             "--space-to-depth, --norm, --residual) with a fresh optimiser and learning-rate schedule.",
+        help="Fine-tune: start from this checkpoint's weights (its network must match --depth, "
+             "--space-to-depth, --norm, --residual; a narrower one is widened to --width and a blind one given "
+             "the noise-level input, both computing what the checkpoint did until trained) with a fresh "
+             "optimiser and learning-rate schedule.",
         show_default=False)] = None,
     spark_processes: Annotated[Optional[int], typer.Option(
         "--spark-processes", min=1, show_default=False,

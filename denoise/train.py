@@ -167,10 +167,12 @@ def initial_weights(config: TrainConfig) -> UNet:
     from .checkpoints import CheckpointError, load_checkpoint
 
     net, meta = load_checkpoint(config.init_from)
+    if not net.config.noise_level_input and config.model.noise_level_input:
+        net = with_noise_level_input(net)
+    if net.config.width < config.model.width:
+        net = widened(net, config.model.width)
     if net.config == config.model:
         return net
-    if dataclasses.replace(net.config, noise_level_input=True) == config.model:
-        return with_noise_level_input(net)
     raise CheckpointError(f"init_from {Path(config.init_from).name}: expected a U-Net {config.model}, "
                           f"got {net.config}")
 
@@ -188,6 +190,44 @@ def with_noise_level_input(net: UNet) -> UNet:
             state[name] = torch.cat((state[name], torch.zeros_like(target[:, state[name].shape[1]:])), dim=1)
     grown.load_state_dict(state)
     return grown
+
+
+def widened(net: UNet, width: int) -> UNet:
+    """The same network with ``width`` channels at its first level (and twice as many at each next one).
+
+    Each layer keeps its channels first and gets new ones after them; a new
+    channel's incoming weights are freshly initialised and every weight
+    reading it starts at zero, so the wider network computes exactly what
+    ``net`` computes until training puts the new channels to use (Chen et
+    al.'s Net2Net, with zero-initialised outgoing weights instead of split
+    copies).  Fine-tuning a trained network into a wider one costs far less
+    than training the wider one from scratch.
+    """
+    if width < net.config.width:
+        raise ValueError(f"width: expected at least the network's {net.config.width}, got {width}")
+    wide = UNet(dataclasses.replace(net.config, width=width))
+    old, state = net.state_dict(), wide.state_dict()
+    for name, target in state.items():
+        source = old[name]
+        if source.shape == target.shape:
+            state[name] = source
+            continue
+        if source.ndim == 4:
+            c_in, t_in = source.shape[1], target.shape[1]
+            if ".fuse.0." in name:  # reads concat(skip, reduced): each half widens on its own
+                kept = [*range(c_in // 2), *range(t_in // 2, t_in // 2 + c_in // 2)]
+            else:
+                kept = list(range(c_in))
+            reading_new = torch.ones(t_in, dtype=torch.bool)
+            reading_new[kept] = False
+            target[:, reading_new] = 0.0
+            block = target[: source.shape[0]]
+            block[:, kept] = source
+        else:  # biases and normalisation parameters of the kept channels
+            target[: source.shape[0]] = source
+        state[name] = target
+    wide.load_state_dict(state)
+    return wide
 
 
 def load_resume_state(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TrainConfig, dict[str, Any]]:

@@ -121,6 +121,29 @@ def test_a_blind_checkpoint_grows_a_noise_level_input_that_changes_nothing_yet()
     assert torch.allclose(grown(x, torch.tensor([3.0, 30.0])), blind(x), atol=1e-6)
 
 
+def test_a_network_widens_into_one_that_computes_the_same_and_learns_with_its_new_channels():
+    from denoise.train import widened
+
+    narrow = _random_net(width=4, depth=2)
+    for p in narrow.head.parameters():  # a residual head starts at zero: make the output depend on everything
+        torch.nn.init.normal_(p, std=0.1)
+    wide = widened(narrow, 6)
+    assert wide.config.width == 6 and wide.parameter_count() > narrow.parameter_count()
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(wide(x), narrow(x), atol=1e-6)
+    # level 1 had 8 channels and now has 12: the weights reading the 4 new ones learn first, then those feeding them
+    optimiser = torch.optim.SGD(wide.parameters(), lr=0.1)
+    for step in range(2):
+        optimiser.zero_grad()
+        (wide(x) - x).square().mean().backward()
+        assert wide.encoders[1][2].weight.grad[:, 8:].abs().sum() > 0
+        feeding = wide.encoders[1][0].weight.grad[8:].abs().sum()
+        assert feeding == 0 if step == 0 else feeding > 0
+        optimiser.step()
+    with pytest.raises(ValueError, match="width"):
+        widened(narrow, 2)
+
+
 def test_tile_starts_cover_and_align():
     starts = tile_starts(304, 96, 16, 8)
     assert starts[0] == 0 and starts[-1] == 304 - 96
