@@ -28,7 +28,7 @@ __all__ = ["CheckpointError", "CHECKPOINT_DIR", "DEFAULT_VERSION", "default_chec
 FORMAT = "pacs-denoise-unet"
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-DEFAULT_VERSION = "1.3"
+DEFAULT_VERSION = "1.4"
 
 
 class CheckpointError(ValueError):

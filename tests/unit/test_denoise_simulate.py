@@ -210,4 +210,13 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(tmp_path):
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"].endswith("unet-b.pt")
     with pytest.raises(ValueError, match="expected a U-Net"):
         train(TrainConfig(out_dir=tmp_path / "x", cache_dir=tmp_path / "cache", epochs=1,
-                          init_from=tmp_path / "base" / "unet-b.pt", **{**small, "model": UNetConfig(width=8, depth=2)}))
+                          init_from=tmp_path / "base" / "unet-b.pt", **{**small, "model": UNetConfig(width=4, depth=3)}))
+    # a wider network starts from the checkpoint widened: the same output at first
+    wide = TrainConfig(out_dir=tmp_path / "wide", cache_dir=tmp_path / "cache", version="w", epochs=1, lr=1e-12,
+                       lr_min=1e-12, init_from=tmp_path / "base" / "unet-b.pt",
+                       **{**small, "model": UNetConfig(width=8, depth=2)})
+    train(wide)
+    widened_net, _ = load_checkpoint(tmp_path / "wide" / "unet-w.pt")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert widened_net.config.width == 8 and torch.allclose(widened_net(x), start(x), atol=1e-5)
