@@ -299,12 +299,9 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
     u = rng.uniform
     x, y = _grid(size, s)
     body = _ellipse(x, y, u(-0.05, 0.05), u(-0.05, 0.05), u(0.45, 0.9), u(0.4, 0.85), u(-20, 20))
-    if edge_px:
-        leaves, cover = np.zeros((n, n)), np.zeros((n, n))  # sum of alpha-weighted values, and of alphas
-        uncovered = body.astype(np.float64)  # what the leaves above let through, 1 to 0
-    else:
-        leaves = np.full((n, n), np.nan)
-        uncovered = body.copy()
+    # front to back: each leaf takes what the leaves above it let through ("uncovered", 1 to 0) times its alpha
+    leaves, cover = np.zeros((n, n)), np.zeros((n, n))  # sums of alpha-weighted values and of alphas
+    uncovered = body.astype(np.float64)
     r_min, r_max = 1.5 * s, n * u(0.1, 0.3)
     kinds = (((-20.0, 90.0), 0.65), ((-120.0, -60.0), 0.2), ((200.0, 1800.0), 0.07), ((-950.0, -500.0), 0.08))
     ranges, weights = zip(*kinds)
@@ -319,7 +316,8 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
         half = int(math.ceil(r + ramp / 2)) + 1
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, n)
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, n)
-        if not (uncovered[y0:y1, x0:x1] > 0.01).any():
+        window = (slice(y0, y1), slice(x0, x1))
+        if not (uncovered[window] > 0.01).any():
             continue
         yy, xx = np.mgrid[y0:y1, x0:x1]
         dy, dx = yy + 0.5 - cy, xx + 0.5 - cx
@@ -327,28 +325,22 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
         c, sn = math.cos(t), math.sin(t)
         aspect = u(0.3, 1.0)
         along, across = (c * dx + sn * dy) / r, (-sn * dx + c * dy) / (r * aspect)
-        rect = rng.random() < 0.25  # rectangles: corners and straight edges
+        # rectangles (a quarter of the leaves) give corners and straight edges; rho is 1 on the outline
+        rho = np.maximum(np.abs(along), np.abs(across)) if rng.random() < 0.25 else np.sqrt(along * along + across * across)
         lo, hi = ranges[int(rng.choice(len(ranges), p=weights))]
         value = u(lo, hi)
-        window = (slice(y0, y1), slice(x0, x1))
-        if not edge_px:
-            shape = (np.abs(along) <= 1.0) & (np.abs(across) <= 1.0) if rect else along * along + across * across <= 1.0
-            fill = shape & uncovered[window]
-            leaves[window][fill] = value
-            uncovered[window] &= ~fill
-            continue
-        # outline coordinate (1 on the outline) times the short radius: about the distance inside, in pixels
-        rho = np.maximum(np.abs(along), np.abs(across)) if rect else np.sqrt(along * along + across * across)
-        alpha = np.clip(0.5 + (1.0 - rho) * r * aspect / max(ramp, 1e-6), 0.0, 1.0)
+        if ramp:  # (1 - rho) times the short radius: about the distance inside the outline, in pixels
+            alpha = np.clip(0.5 + (1.0 - rho) * r * aspect / ramp, 0.0, 1.0)
+        else:
+            alpha = (rho <= 1.0).astype(np.float64)
         seen = alpha * uncovered[window]
         leaves[window] += seen * value
         cover[window] += seen
         uncovered[window] *= 1.0 - alpha
+    background = u(-20.0, 90.0)  # where no leaf covers the body
     if edge_px:
-        background = u(-20.0, 90.0)
-        leaves = np.where(cover > 0, (leaves + uncovered * background) / np.maximum(cover + uncovered, 1e-9),
-                          background)
-    hu = np.where(body, np.nan_to_num(leaves, nan=u(-20.0, 90.0)), -1000.0)
+        u()  # a draw soft-edged slices have always made here: the sets simulated before stay reproducible
+    hu = np.where(body, (leaves + uncovered * background) / np.maximum(cover + uncovered, 1e-9), -1000.0)
     soft = (hu > -200) & (hu < 300)
     hu = np.where(soft, hu + _smooth_noise(rng, n, u(1.5, 8.0) * s) * u(3, 15), hu)
     hu = _blur(_downsample(hu, s), u(0.0, 1.0))
