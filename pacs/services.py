@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pacs.errors import IndexUnavailable
 from pacs.index.database import Database
 from pacs.index.repository import record_open_pack, record_sealed_pack
+from pacs.ingest.recovery import recover_open_packs
 from pacs.ingest.service import IngestService
 from pacs.settings import Settings
 from pacs.storage import ObjectStore, open_blob_store
+from pacs.storage.local import LocalBlobStore
 from pacs.storage.packs import PackPool
 from pacs.storage.compaction import Compactor
 
@@ -67,8 +69,18 @@ def build_services(settings: Settings, *, migrate: bool = True) -> Services:
         raise IndexUnavailable(f"cannot open the index at {db.describe()}: {exc}") from exc
     objects = ObjectStore(open_blob_store(settings))
     objects.packs = _pack_pool(settings, objects, db)
+    # Local packs can be walked for what the index lost in a crash of the machine
+    # (a writer's lock tells an abandoned pack), so ingest need not flush SQLite's log.
+    recoverable = objects.packs is not None and isinstance(objects.blobs, LocalBlobStore)
+    if recoverable:
+        try:
+            recover_open_packs(objects, db)
+        except BaseException:
+            objects.blobs.close()
+            db.dispose()
+            raise
     compactor = Compactor(objects, db, settings.storage)
-    ingest = IngestService(objects, db, settings.storage, compactor)
+    ingest = IngestService(objects, db, settings.storage, compactor, recoverable_appends=recoverable)
     return Services(settings=settings, db=db, objects=objects, compactor=compactor, ingest=ingest)
 
 

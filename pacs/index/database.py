@@ -17,17 +17,24 @@ from pacs.settings import Settings
 PING_IDLE_S = 1.0  # a pooled connection idle this long is pinged before use
 
 
-def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, echo: bool = False, flush_commits: bool = True) -> Engine:
+    """An engine for the index at ``url``.
+
+    ``flush_commits=False`` (SQLite only) commits without flushing the log:
+    see :meth:`Database.transaction`.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"timeout": 60})
+        synchronous = "FULL" if flush_commits else "NORMAL"
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
-            # WAL lets readers run beside the one writer; NORMAL is durable in WAL
-            # mode against process crashes, FULL also against power loss.
+            # WAL lets readers run beside the one writer.  In WAL mode FULL
+            # flushes the log at every commit; NORMAL only at checkpoints, so a
+            # commit survives a crash of the process but not of the machine.
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             # DICOM matching is case-sensitive (PS3.4 C.2.2.2.1), and so an index serves LIKE.
@@ -86,6 +93,10 @@ class Database:
         self.url = url
         self.engine = make_engine(url, pool_size=pool_size, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # commits that need not be flushed: a second pool, its connections at synchronous=NORMAL
+        self._unflushed = (
+            make_engine(url, echo=echo, flush_commits=False) if url.startswith("sqlite") else self.engine
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -119,14 +130,24 @@ class Database:
             session.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, *, flush_commit: bool = True) -> Iterator[Connection]:
         """A Core connection in a transaction: commits on success, rolls back on error.
 
         The lighter sibling of :meth:`session` for hot paths that run prebuilt
         statements; failures are mapped the same way.
+
+        ``flush_commit=False`` lets the commit return before it is on disk
+        (SQLite in WAL mode with ``synchronous=NORMAL``: it survives a crash
+        of the process, and may be lost with a crash of the machine, as a
+        whole transaction, never half of one; the log is a sequence, so what
+        is lost is the last transactions).  Only for what can be redone from
+        storage after such a crash: the indexing of an object appended to a
+        local pack (:mod:`pacs.ingest.recovery`).  Ignored on other
+        databases, whose commits are always flushed.
         """
+        engine = self.engine if flush_commit else self._unflushed
         try:
-            with self.engine.begin() as conn:
+            with engine.begin() as conn:
                 yield conn
         except (OperationalError, DBAPIError) as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
@@ -138,6 +159,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._unflushed is not self.engine:
+            self._unflushed.dispose()
 
 
 def _quiet_rollback(session: Session) -> None:

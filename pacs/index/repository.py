@@ -401,3 +401,23 @@ def record_sealed_pack(session: Session, path: str, size_bytes: int, object_coun
         .where(Container.path == path)
         .values(state=ContainerState.SEALED, size_bytes=size_bytes, object_count=object_count, sealed_at=utcnow())
     )
+
+
+def open_packs(session: Session) -> list[str]:
+    """Paths of the packs still recorded as appended to, oldest first."""
+    return list(
+        session.scalars(
+            select(Container.path).where(Container.state == ContainerState.OPEN).order_by(Container.id)
+        )
+    )
+
+
+def pack_is_open(session: Session, path: str) -> bool:
+    return session.scalar(select(Container.state).where(Container.path == path)) == ContainerState.OPEN
+
+
+def referenced_offsets(session: Session, container: str) -> set[int]:
+    """Offsets of the records of ``container`` that an instance (current or superseded) points at."""
+    current = select(Instance.offset).where(Instance.container == container)
+    superseded = select(SupersededObject.offset).where(SupersededObject.container == container)
+    return set(session.scalars(current.union(superseded)))

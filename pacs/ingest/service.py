@@ -142,12 +142,18 @@ class IngestService:
         db: Database,
         settings: StorageSettings,
         compactor: Compactor | None = None,
+        *,
+        recoverable_appends: bool = False,
     ) -> None:
+        """``recoverable_appends``: what is appended to packs can be indexed
+        again from them after a crash (:mod:`pacs.ingest.recovery`), so the
+        commit of a new instance need not wait for the index's log flush."""
         self.objects = objects
         self.db = db
         self.settings = settings
         self.compactor = compactor
         self.max_bytes = settings.max_object_mb << 20
+        self.flush_commits = not (recoverable_appends and objects.packs is not None)
 
     def store(self, source: Source, *, source_ae: str = "") -> StoreResult:
         """Store one Part 10 object from bytes, a path or a seekable binary file."""
@@ -198,12 +204,13 @@ class IngestService:
         transaction commits only once the bytes are durable: the flush (an
         HDFS hsync takes milliseconds) overlaps the index round trips instead
         of adding to them, and nothing ever points at bytes that are not
-        durable.
+        durable.  With recoverable appends the commit does not flush the
+        index's log: the flushed record in the pack is the durable copy.
         """
         uid = attrs.sop_instance_uid
         pending: PendingPut | None = None
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(flush_commit=self.flush_commits) as conn:
                 existing = find_location(conn, uid)
                 if existing is None:
                     pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)

@@ -12,6 +12,8 @@ import logging
 import socket
 import ssl
 import threading
+import time
+from collections import Counter
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -39,7 +41,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     calling_ae = event.assoc.requestor.ae_title
+    tally = _store_tally(event.assoc)
     if not may(event, STORE):
+        tally["refused"] += 1
         return status_dataset(int(Status.NOT_AUTHORIZED), f"{calling_ae} may not store")
     try:
         # The object as received, without copying pynetdicom's dataset buffer:
@@ -51,9 +55,38 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
+        tally["failed"] += 1
         return store_failure(exc)
-    log.info("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
+    tally[result.outcome.value] += 1
+    log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return int(Status.SUCCESS)  # a plain status: pynetdicom builds no dataset for it
+
+
+def _store_tally(assoc) -> Counter:  # noqa: ANN001 - pynetdicom's Association
+    tally = getattr(assoc, "pacs_stores", None)
+    if tally is None:
+        tally = assoc.pacs_stores = Counter()
+        assoc.pacs_stores_since = time.monotonic()
+    return tally
+
+
+def handle_connection_close(event: evt.Event) -> None:
+    """One line per association that stored anything: what it stored, how fast.
+
+    Each instance is logged at DEBUG only: a scanner sends thousands per
+    study, and a line per association is what an operator reads.
+    """
+    tally = getattr(event.assoc, "pacs_stores", None)
+    if not tally:
+        return
+    seconds = time.monotonic() - event.assoc.pacs_stores_since
+    total = sum(tally.values())
+    outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items()))
+    log.info(
+        "association from %s (%s:%s) ended: %d C-STORE (%s) in %.1f s, %.0f/s",
+        event.assoc.requestor.ae_title, event.assoc.requestor.address, event.assoc.requestor.port,
+        total, outcomes, seconds, total / seconds if seconds > 0 else 0.0,
+    )
 
 
 # pynetdicom accepts, per presentation context, the first syntax of *this*
@@ -144,6 +177,7 @@ def start_scp(services: Services, *, block: bool = False, listening: socket.sock
     requested = [(evt.EVT_REQUESTED, handle_requested, [allow_list, unknown])] if allow_list or unknown else []
     handlers = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
+        (evt.EVT_CONN_CLOSE, handle_connection_close),
         *requested,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingest]),

@@ -246,3 +246,25 @@ def test_get_sends_every_object_and_thins_pending_responses(scp):
     pending = [s for s in responses if s.Status == 0xFF00]
     assert 1 <= len(pending) <= 1 + elapsed / PENDING_INTERVAL_S
     assert all(0 <= s.NumberOfRemainingSuboperations < 40 for s in pending)
+
+
+def test_an_association_that_stored_is_summed_up_in_one_log_line(scp, caplog):
+    services, accepted = scp
+    blobs = list(make_series(SeriesSpec(study_key="tally", series_key="t1", rows=16, columns=16, count=4)))
+    assoc = _associate(services, CTImageStorage)
+    with caplog.at_level("DEBUG", logger="pacs.net.scp"):
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).get("Status") for data in blobs[:3]]
+            statuses.append(assoc.send_c_store(pydicom.dcmread(io.BytesIO(blobs[0]))).get("Status"))
+        finally:
+            assoc.release()
+        deadline = time.monotonic() + 5
+        while accepted[0].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert statuses == [0] * 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "pacs.net.scp"]
+    summary = [line for line in lines if "ended:" in line]
+    assert len(summary) == 1, lines
+    assert "from TESTSCU" in summary[0] and "4 C-STORE (1 duplicate, 3 stored)" in summary[0]
+    per_instance = [r for r in caplog.records if r.name == "pacs.net.scp" and r.levelname == "DEBUG"]
+    assert len(per_instance) == 4
