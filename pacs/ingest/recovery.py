@@ -13,7 +13,9 @@ machine can lose the last commits, and this module makes them again:
 * a record that no instance points at, whose bytes match their checksum and
   whose SOP Instance UID is not indexed, is indexed where it lies (one
   transaction each, flushed);
-* the pack is recorded ``sealed``: nothing appends to it again.
+* the pack is cut after its last whole record (what follows is zeros its
+  writer wrote ahead, or a torn record) and recorded ``sealed``: nothing
+  appends to it again.
 
 It runs when the services are built (``pacs serve``, ``pacs import``, ...),
 before anything is stored.  Packs whose writer is alive are left alone, so it
@@ -82,19 +84,19 @@ def recover_open_packs(objects: ObjectStore, db: Database) -> Recovery:
                 if not pack_is_open(session, path):
                     continue  # sealed by its writer, or by another recovery, since the listing
                 referenced = referenced_offsets(session, path)
-            count = 0
+            count = end = 0
             for record in read_pack_records(blobs, path):
                 count += 1
+                end = record.offset + record.length
                 if record.offset not in referenced:
                     uid = _index_record(objects, db, record)
                     if uid is None:
                         done.skipped += 1
                     else:
                         done.indexed.append(uid)
-            claim.sync()
-            size = claim.size
+            claim.truncate(end)
             with db.session() as session:
-                record_sealed_pack(session, path, size, count)
+                record_sealed_pack(session, path, end, count)
         done.packs_sealed.append(path)
         log.info("recovered pack %s: %d records, sealed", path, count)
     if done.indexed:

@@ -122,7 +122,16 @@ class LocalAppendFile(AppendFile):
     ``fdatasync`` (data and size, no directory update), run on a helper
     thread so that the caller can index the object meanwhile.  A crash during
     an append can leave a torn last record; what was appended before is
-    intact.  The writer holds an exclusive ``flock`` on the file until it is
+    intact.
+
+    Small appends go into zeros written ahead: after an append under
+    ``ZERO_AHEAD_BELOW`` bytes that leaves less than that before the end of
+    the file, ``ZERO_AHEAD`` bytes of zeros are written after it, flushed
+    with it.  An ``fdatasync`` of bytes that overwrite flushed zeros changes
+    no metadata (the size and the extents stay), so it skips the
+    filesystem's journal: 0.15 ms instead of 0.28 for a 9 KB record here.
+    Until the file is closed (and truncated to its records) its tail is
+    zeros, which ``read_pack_records`` takes for the end.  The writer holds an exclusive ``flock`` on the file until it is
     closed (or its process dies), which is how :func:`claim_abandoned` tells
     a pack whose writer is gone from one still being appended to.
     Not thread-safe: one writer at a time (see ``pacs.storage.packs``).
@@ -146,7 +155,8 @@ class LocalAppendFile(AppendFile):
         except OSError as exc:
             os.close(self._fd)
             raise StorageUnavailable(f"cannot lock {full_path}: {exc}") from exc
-        self._size = 0
+        self._size = 0  # where the next record goes
+        self._end = 0  # the file's size: zeros from _size to _end
 
     @property
     def size(self) -> int:
@@ -160,9 +170,12 @@ class LocalAppendFile(AppendFile):
             for chunk in chunks:
                 view = memoryview(chunk)
                 while view:
-                    n = os.write(self._fd, view)
+                    n = os.pwrite(self._fd, view, self._size)
                     view = view[n:]
                     self._size += n
+            self._end = max(self._end, self._size)
+            if self._size - start < ZERO_AHEAD_BELOW and self._end - self._size < ZERO_AHEAD_BELOW:
+                self._end += _write_zeros(self._fd, self._end, self._size + ZERO_AHEAD - self._end)
         except OSError as exc:
             # The bytes after ``start`` may be partly written: they are never
             # referenced, and later appends go after them.
@@ -175,10 +188,26 @@ class LocalAppendFile(AppendFile):
     def close(self) -> None:
         if self._fd >= 0:
             try:
+                if self._end > self._size:
+                    os.ftruncate(self._fd, self._size)
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)  # releases the lock
                 self._fd = -1
+
+
+ZERO_AHEAD = 1 << 20
+ZERO_AHEAD_BELOW = 64 << 10
+_ZEROS = bytes(ZERO_AHEAD)
+
+
+def _write_zeros(fd: int, offset: int, count: int) -> int:
+    view = memoryview(_ZEROS)[:count]
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+    return count
 
 
 class _Fdatasync(Flush):
@@ -220,7 +249,10 @@ class AbandonedFile:
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
-    def sync(self) -> None:
+    def truncate(self, size: int) -> None:
+        """Cut what follows the last whole record (zeros written ahead, a torn record) and flush."""
+        if self.size > size:
+            os.ftruncate(self._fd, size)
         os.fsync(self._fd)
 
     def close(self) -> None:

@@ -317,17 +317,21 @@ def read_pack_records(blobs: BlobStore, path: str) -> Iterator[Location]:
     """Walk a pack's record headers (to rebuild or check an index from the pack alone).
 
     A record cut short at the end of the pack — an append that a crash
-    interrupted, which nothing references — ends the walk.
+    interrupted, which nothing references — ends the walk, and so do zeros
+    where a header would start: the space a local pack that was still being
+    appended to had written ahead (``pacs.storage.local.LocalAppendFile``).
     """
     size = blobs.size(path)
     offset = 0
     while offset < size:
         if offset + RECORD_HEADER.size > size:
-            log.warning("%s: torn record header at %d (pack ends at %d), ignored", path, offset, size)
+            if any(blobs.read(path, offset, size - offset)):
+                log.warning("%s: torn record header at %d (pack ends at %d), ignored", path, offset, size)
             return
-        magic, length, digest = RECORD_HEADER.unpack(
-            blobs.read(path, offset, RECORD_HEADER.size)
-        )
+        header = blobs.read(path, offset, RECORD_HEADER.size)
+        if not any(header):
+            return  # zeros written ahead of the next record
+        magic, length, digest = RECORD_HEADER.unpack(header)
         if magic != RECORD_MAGIC:
             raise ChecksumMismatch(f"{path}@{offset}: bad record magic {magic!r}")
         offset += RECORD_HEADER.size
