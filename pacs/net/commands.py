@@ -38,7 +38,7 @@ from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES
 
-__all__ = ["command_set", "data_set_of", "part10_head", "store_request"]
+__all__ = ["command_set", "data_set_of", "part10_head", "store_request", "store_response"]
 
 _ELEMENT_HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
 _US = struct.Struct("<H")
@@ -112,6 +112,32 @@ def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | N
             value = getattr(primitive, keyword, None)
             if value is None:
                 continue
+        encoded = _value(vr, value)
+        if encoded is None:
+            return None
+        body.append(_ELEMENT_HEADER.pack(0, element, len(encoded)))
+        body.append(encoded)
+    content = b"".join(body)
+    return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(content)) + content
+
+
+def store_response(message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int) -> bytes | None:
+    """The command set of a C-STORE-RSP with ``status`` and nothing else (no Error Comment), or None.
+
+    What :func:`command_set` gives for the response primitive pynetdicom's
+    Storage SCP builds, without building it; None for a value this module
+    leaves to pynetdicom (a UID that is not ASCII).
+    """
+    values = {
+        "AffectedSOPClassUID": sop_class_uid, "MessageIDBeingRespondedTo": message_id, "Status": status,
+        "AffectedSOPInstanceUID": sop_instance_uid, "CommandField": _COMMAND_FIELD["C-STORE-RSP"],
+        "CommandDataSetType": _NO_DATA_SET,
+    }
+    body = []
+    for keyword, element, vr in _LAYOUTS["C-STORE-RSP"]:
+        value = values.get(keyword)
+        if value is None:
+            continue
         encoded = _value(vr, value)
         if encoded is None:
             return None

@@ -58,7 +58,10 @@ def test_two_workers_share_the_port(tmp_path):
     with services.db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 36
     services.close()
-    pids = set(re.findall(r"\[(\d+)\] pacs\.net\.scp: C-STORE", log_path.read_text()))
+    ended = re.findall(r"\[(\d+)\] pacs\.net\.scp: association from STORESCU .* ended: 3 C-STORE \(3 stored\)",
+                       log_path.read_text())
+    assert len(ended) == 12  # one line per association
+    pids = set(ended)
     assert len(pids) == 2, f"associations were served by {len(pids)} process(es)"
 
 

@@ -230,3 +230,12 @@ def test_the_receiver_leaves_a_message_pynetdicom_has_begun_to_pynetdicom():
     values = [[3, b"\x00" + b"data"]]
     receive(_p_data(*values))
     assert dimse.by_pynetdicom == [values] and dimse.msg_queue.empty()
+
+
+@pytest.mark.parametrize("instance, status", [(INSTANCE, 0x0000), ("1.2.3.4", 0xB007), (INSTANCE, 0xA700)])
+def test_a_store_response_is_what_pynetdicom_sends_for_the_primitive_its_scp_builds(instance, status):
+    rsp = C_STORE()  # as pynetdicom's StorageServiceClass.SCP fills it
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID, rsp.Status = instance, CT, status
+    assert commands.store_response(7, CT, instance, status) == pynetdicom_bytes(rsp)
+    assert commands.store_response(7, CT, "1.2.3.\u00e9", status) is None
