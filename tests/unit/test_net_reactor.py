@@ -268,3 +268,29 @@ def test_an_association_that_stored_is_summed_up_in_one_log_line(scp, caplog):
     assert "from TESTSCU" in summary[0] and "4 C-STORE (1 duplicate, 3 stored)" in summary[0]
     per_instance = [r for r in caplog.records if r.name == "pacs.net.scp" and r.levelname == "DEBUG"]
     assert len(per_instance) == 4
+
+
+def test_stores_are_served_without_pynetdicoms_storage_scp_and_failures_keep_their_status(scp, monkeypatch):
+    from pydicom.dataset import Dataset
+    from pynetdicom.service_class import StorageServiceClass
+
+    services, _ = scp
+
+    def not_here(*_args, **_kwargs):
+        raise AssertionError("pynetdicom's Storage SCP served a request the reactor decodes")
+
+    monkeypatch.setattr(StorageServiceClass, "SCP", not_here)
+    blobs = list(make_series(SeriesSpec(study_key="direct", series_key="d1", rows=16, columns=16, count=3)))
+    broken = Dataset()  # no Study/Series UID: ingest refuses it with 0xC000 and a comment
+    broken.SOPClassUID, broken.SOPInstanceUID = CTImageStorage, "1.2.3.999"
+    broken.file_meta = pydicom.dataset.FileMetaDataset()
+    broken.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    assoc = _associate(services, CTImageStorage)
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))) for data in blobs]
+        failure = assoc.send_c_store(broken)
+        after = assoc.send_c_store(pydicom.dcmread(io.BytesIO(blobs[0])))
+    finally:
+        assoc.release()
+    assert [s.Status for s in statuses] == [0, 0, 0] and after.Status == 0
+    assert failure.Status == 0xC000 and "StudyInstanceUID" in failure.ErrorComment
