@@ -94,9 +94,8 @@ class Database:
         self.engine = make_engine(url, pool_size=pool_size, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # commits that need not be flushed: a second pool, its connections at synchronous=NORMAL
-        self._unflushed = (
-            make_engine(url, echo=echo, flush_commits=False) if url.startswith("sqlite") else self.engine
-        )
+        on_disk_sqlite = url.startswith("sqlite") and url.split("?")[0] not in ("sqlite://", "sqlite:///:memory:")
+        self._unflushed = make_engine(url, echo=echo, flush_commits=False) if on_disk_sqlite else self.engine
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:

@@ -34,7 +34,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 
-from pacs.errors import ChecksumMismatch, InvalidObject, NotFound
+from pacs.errors import ChecksumMismatch, InvalidObject, NotFound, StorageUnavailable
 from pacs.index.database import Database
 from pacs.index.repository import (
     add_instance,
@@ -45,7 +45,7 @@ from pacs.index.repository import (
     referenced_offsets,
 )
 from pacs.ingest.parse import read_attributes
-from pacs.storage.local import LocalBlobStore
+from pacs.storage.local import AbandonedFile, LocalBlobStore
 from pacs.storage.objects import Location, ObjectStore, read_pack_records
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Recovery:
     packs_in_use: int = 0
     indexed: list[str] = field(default_factory=list)  # SOP Instance UIDs
     skipped: int = 0  # unreferenced records left alone (UID indexed elsewhere, bad checksum)
+    damaged: list[str] = field(default_factory=list)  # packs whose walk stopped at damage, left open
 
 
 def recover_open_packs(objects: ObjectStore, db: Database) -> Recovery:
@@ -80,31 +81,41 @@ def recover_open_packs(objects: ObjectStore, db: Database) -> Recovery:
             done.packs_in_use += 1
             continue
         with claim:
-            with db.session() as session:
-                if not pack_is_open(session, path):
-                    continue  # sealed by its writer, or by another recovery, since the listing
-                referenced = referenced_offsets(session, path)
-            count = end = 0
-            for record in read_pack_records(blobs, path):
-                count += 1
-                end = record.offset + record.length
-                if record.offset not in referenced:
-                    uid = _index_record(objects, db, record)
-                    if uid is None:
-                        done.skipped += 1
-                    else:
-                        done.indexed.append(uid)
-            claim.truncate(end)
-            with db.session() as session:
-                record_sealed_pack(session, path, end, count)
-        done.packs_sealed.append(path)
-        log.info("recovered pack %s: %d records, sealed", path, count)
+            try:
+                _recover(objects, db, path, claim, done)
+            except (ChecksumMismatch, StorageUnavailable) as exc:
+                # What was indexed before the damage stays indexed; the pack stays
+                # open, so the next start walks it again (and an operator can look).
+                done.damaged.append(path)
+                log.error("could not walk open pack %s to the end, left open: %s", path, exc)
     if done.indexed:
         log.warning(
             "indexed %d stored instance(s) whose index rows a crash had lost, from %d pack(s)",
             len(done.indexed), len(done.packs_sealed),
         )
     return done
+
+
+def _recover(objects: ObjectStore, db: Database, path: str, claim: AbandonedFile, done: Recovery) -> None:
+    with db.session() as session:
+        if not pack_is_open(session, path):
+            return  # sealed by its writer, or by another recovery, since the listing
+        referenced = referenced_offsets(session, path)
+    count = end = 0
+    for record in read_pack_records(objects.blobs, path):
+        count += 1
+        end = record.offset + record.length
+        if record.offset not in referenced:
+            uid = _index_record(objects, db, record)
+            if uid is None:
+                done.skipped += 1
+            else:
+                done.indexed.append(uid)
+    claim.truncate(end)
+    with db.session() as session:
+        record_sealed_pack(session, path, end, count)
+    done.packs_sealed.append(path)
+    log.info("recovered pack %s: %d records, sealed", path, count)
 
 
 def _index_record(objects: ObjectStore, db: Database, record: Location) -> str | None:

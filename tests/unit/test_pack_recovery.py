@@ -144,3 +144,24 @@ def test_only_ingest_into_local_packs_commits_without_flushing(tmp_path):
     finally:
         services.close()
         landing.close()
+
+
+def test_a_pack_damaged_in_the_middle_does_not_stop_the_archive_from_starting(tmp_path, caplog):
+    sent = series("damaged", 4)
+    pack = crash_after(tmp_path, sent[:1], sent[1:])
+    root = Settings(data_dir=tmp_path).local_store_root
+    records = list(read_pack_records(LocalBlobStore(root), pack))
+    with open(root / pack, "r+b") as f:  # the third record's header overwritten
+        f.seek(records[2].offset - RECORD_HEADER.size)
+        f.write(b"garbage!")
+    services = build_services(Settings(data_dir=tmp_path))
+    try:
+        # what lies before the damage is indexed; the pack stays open for another look
+        assert indexed_uids(services) == [uid_of(d) for d in sent[:2]]
+        with services.db.session() as session:
+            state = session.scalars(select(Container.state).where(Container.path == pack)).one()
+        assert state is ContainerState.OPEN
+        assert any("left open" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        assert services.ingest.store(sent[3]).outcome.value == "stored"  # and it stores
+    finally:
+        services.close()
