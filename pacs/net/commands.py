@@ -31,6 +31,7 @@ puts before every received object (``Event.file_meta`` encoded by
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -102,16 +103,18 @@ def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | N
     message_name = name.replace("_", "-")
     if has_data is None:
         has_data = bool(data_set_of(primitive))
+    fixed = {"CommandField": _COMMAND_FIELD[message_name], "CommandDataSetType": _DATA_SET if has_data else _NO_DATA_SET}
+    return _encoded(message_name, lambda keyword: fixed[keyword] if keyword in fixed
+                    else getattr(primitive, keyword, None))
+
+
+def _encoded(message_name: str, value_of: Callable[[str], object]) -> bytes | None:
+    """The message's command set with ``value_of(keyword)`` for each element (None: left out), or None."""
     body = []
     for keyword, element, vr in _LAYOUTS[message_name]:
-        if keyword == "CommandField":
-            value: object = _COMMAND_FIELD[message_name]
-        elif keyword == "CommandDataSetType":
-            value = _DATA_SET if has_data else _NO_DATA_SET
-        else:
-            value = getattr(primitive, keyword, None)
-            if value is None:
-                continue
+        value = value_of(keyword)
+        if value is None:
+            continue
         encoded = _value(vr, value)
         if encoded is None:
             return None
@@ -133,18 +136,7 @@ def store_response(message_id: int, sop_class_uid: str, sop_instance_uid: str, s
         "AffectedSOPInstanceUID": sop_instance_uid, "CommandField": _COMMAND_FIELD["C-STORE-RSP"],
         "CommandDataSetType": _NO_DATA_SET,
     }
-    body = []
-    for keyword, element, vr in _LAYOUTS["C-STORE-RSP"]:
-        value = values.get(keyword)
-        if value is None:
-            continue
-        encoded = _value(vr, value)
-        if encoded is None:
-            return None
-        body.append(_ELEMENT_HEADER.pack(0, element, len(encoded)))
-        body.append(encoded)
-    content = b"".join(body)
-    return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(content)) + content
+    return _encoded("C-STORE-RSP", values.get)
 
 
 _C_STORE_RQ = 0x0001
