@@ -97,6 +97,9 @@ def train_command(
     dead_leaves_edge_px: Annotated[float, typer.Option(
         min=0.0, help="Give each dead leaf an edge ramp from 0 to this many pixels wide, as thick slices "
                       "cutting oblique surfaces make (0: sharp leaves).")] = 0.0,
+    phantom_edge_blur_px: Annotated[float, typer.Option(
+        min=0.0, help="Draw the anatomy phantoms' edge blur (partial volume) from 0.3 to this many pixels "
+                      "instead of 0.3-0.7 (0: their own).")] = 0.0,
     simulation_workers: Annotated[int, typer.Option(
         min=1, help="Processes simulating the missing training slices in parallel (one per core).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
@@ -142,7 +145,8 @@ def train_command(
             simulation=SimulationConfig(dose_range=_dose_range(dose_range), grain_fraction=grain_fraction,
                                         extras_fraction=extras_fraction, variety_fraction=variety_fraction,
                                         dead_leaves_fraction=dead_leaves_fraction,
-                                        dead_leaves_edge_px=dead_leaves_edge_px),
+                                        dead_leaves_edge_px=dead_leaves_edge_px,
+                                        phantom_edge_blur_px=phantom_edge_blur_px),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),

@@ -33,7 +33,9 @@ was):
   ``phantoms.dead_leaves_slice`` images (random occluding shapes of every
   size in CT values) instead of anatomy-like phantoms;
   ``dead_leaves_edge_px`` > 0 gives each leaf an edge ramp up to that wide
-  (the partial volume of thick slices).
+  (the partial volume of thick slices);
+* ``phantom_edge_blur_px`` > 0: the phantoms' edge blur is drawn from 0.3 to
+  that many pixels instead of 0.3-0.7 (0.0-0.7 with extras, 0-2 with variety).
 
 The FBP is the expensive part (~4 s a slice on one core), so a slice is
 simulated once and every epoch re-uses it.  A set is built incrementally: an
@@ -62,7 +64,7 @@ GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
 _KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction",
-                        "dead_leaves_fraction", "dead_leaves_edge_px")
+                        "dead_leaves_fraction", "dead_leaves_edge_px", "phantom_edge_blur_px")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class SimulationConfig:
     variety_fraction: float = 0.0
     dead_leaves_fraction: float = 0.0
     dead_leaves_edge_px: float = 0.0
+    phantom_edge_blur_px: float = 0.0  # 0: the phantoms' own edge blur (0.3-0.7 px)
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
@@ -96,6 +99,9 @@ class SimulationConfig:
         if not 0.0 <= self.dead_leaves_edge_px <= self.size_px / 8:
             raise ValueError(f"dead_leaves_edge_px: expected 0 to {self.size_px / 8:g} pixels, "
                              f"got {self.dead_leaves_edge_px}")
+        if self.phantom_edge_blur_px and not 0.3 <= self.phantom_edge_blur_px <= self.size_px / 16:
+            raise ValueError(f"phantom_edge_blur_px: expected 0 (the phantoms' own) or 0.3 to "
+                             f"{self.size_px / 16:g} pixels, got {self.phantom_edge_blur_px}")
 
     def key(self, seed: int) -> str:
         defaults = {f.name: f.default for f in fields(self)}
@@ -158,7 +164,8 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     elif leaves:
         hu = phantoms.dead_leaves_slice(rng, config.size_px, edge_px=config.dead_leaves_edge_px)
     else:
-        hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety)
+        hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety,
+                                   edge_blur_px=config.phantom_edge_blur_px or None)
     data = simulate_slice(hu, config, rng)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)

@@ -125,7 +125,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None,
-                 extras: bool = False, variety: bool = False) -> np.ndarray:
+                 extras: bool = False, variety: bool = False, edge_blur_px: float | None = None) -> np.ndarray:
     """One random CT-like slice in HU, ``[size, size]`` float32.
 
     ``body_type`` is one of ``BODY_TYPES`` or None (drawn at random).
@@ -139,12 +139,17 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
     texture of 5-50 HU through all tissue, bone included, at every scale
     from a pixel to the whole body, and an edge blur (partial volume) drawn
     from 0 to 2 pixels instead of 0.3-0.7.
+    ``edge_blur_px`` draws the edge blur from 0.3 to that many pixels instead
+    (the partial volume of a thick slice, or a soft reconstruction kernel:
+    a real skull rises over 3-4 pixels), whatever ``extras`` and ``variety``.
     Without these the generator draws exactly what it always drew.
     Coordinates are fractions of the half field of view, so the anatomy
     scales with ``size``.
     """
     if size < 16:
         raise ValueError(f"size: expected at least 16 pixels, got {size}")
+    if edge_blur_px is not None and not 0.3 <= edge_blur_px <= size / 16:
+        raise ValueError(f"edge_blur_px: expected 0.3 to {size / 16:g} pixels, got {edge_blur_px}")
     kind = body_type if body_type is not None else BODY_TYPES[int(rng.integers(len(BODY_TYPES)))]
     if kind not in BODY_TYPES:
         raise ValueError(f"body_type: expected one of {', '.join(BODY_TYPES)} or None, got {kind!r}")
@@ -244,7 +249,10 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
         tissue = hu > -950
         hu = np.where(tissue, hu + _power_law_noise(rng, n, u(1.5, 3.0)) * u(5, 50), hu)
     hu = _downsample(hu, s)
-    hu = _blur(hu, u(0.0, 2.0) if variety else u(0.0, 0.7) if extras else u(0.3, 0.7))
+    blur = u(0.0, 2.0) if variety else u(0.0, 0.7) if extras else u(0.3, 0.7)
+    if edge_blur_px is not None:  # drawn after the usual one, so the rest of the slice is the same
+        blur = u(0.3, edge_blur_px)
+    hu = _blur(hu, blur)
     return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
 
 

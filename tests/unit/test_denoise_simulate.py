@@ -100,6 +100,21 @@ def test_soft_dead_leaves_rise_over_several_pixels_where_sharp_ones_step():
         phantoms.dead_leaves_slice(np.random.default_rng(0), 128, edge_px=-1.0)
 
 
+def test_phantoms_with_a_wider_edge_blur_have_softer_edges_and_the_same_anatomy():
+    def gradient(a: np.ndarray) -> float:
+        """Mean one-pixel rise over the steepest 1 % of the body's pixels."""
+        g = np.hypot(*np.gradient(a.astype(np.float64)))
+        return float(np.sort(g[a > -900])[-len(g[a > -900]) // 100:].mean())
+
+    for seed in range(3):
+        usual = phantoms.random_slice(np.random.default_rng(seed), 128)
+        soft = phantoms.random_slice(np.random.default_rng(seed), 128, edge_blur_px=3.0)
+        assert gradient(soft) < gradient(usual), seed
+        assert abs(float((soft > 300).mean()) - float((usual > 300).mean())) < 0.01  # the same bones, softer
+    with pytest.raises(ValueError, match="edge_blur_px"):
+        phantoms.random_slice(np.random.default_rng(0), 128, edge_blur_px=0.1)
+
+
 def test_noiseless_fbp_reproduces_the_phantom():
     hu = phantoms.shepp_logan_hu(128)
     scan = simulate.ParallelBeam(128, pixel_mm=2.8, n_views=192)
@@ -171,6 +186,9 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
                             dead_leaves_edge_px=2.0).key(3) != leaves.key(3)
     with pytest.raises(ValueError, match="dead_leaves_edge_px"):
         SimulationConfig(dead_leaves_edge_px=-1.0)
+    assert SimulationConfig(phantom_edge_blur_px=2.0).key(3) != SimulationConfig().key(3)
+    with pytest.raises(ValueError, match="phantom_edge_blur_px"):
+        SimulationConfig(phantom_edge_blur_px=0.2)
     other = build_pair_set(tmp_path, seed=3, count=1, config=leaves)
     assert not np.array_equal(other.reference[0], a.reference[0])  # a dead-leaves slice, not the phantom
 
