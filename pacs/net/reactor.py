@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 # never waits for it: bytes, outgoing primitives and DIMSE messages wake the
 # threads at once.
 IDLE_WAIT_S = 0.005
+# How long a sender waits for the reactor of its association to pause.
+_HOLD_TIMEOUT_S = 5.0
 # A C-GET/C-MOVE Pending response (a progress report) at most this often per request.
 PENDING_INTERVAL_S = 0.25
 PENDING = 0xFF00
@@ -308,11 +310,42 @@ class _WakingCheckpoint(threading.Event):
     def __init__(self, messages: queue.Queue) -> None:
         super().__init__()
         self._messages = messages
+        self._parking = threading.Condition()
+        self._parked = False  # the reactor is blocked in wait(): cleared only by set()
 
     def clear(self) -> None:
         super().clear()
         with self._messages.not_empty:
             self._messages.not_empty.notify_all()
+
+    def set(self) -> None:
+        with self._parking:
+            self._parked = False
+        super().set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._parking:
+            if self.is_set():
+                return True
+            self._parked = True
+            self._parking.notify_all()
+        return super().wait(timeout)
+
+    def hold(self, alive: Callable[[], bool], timeout: float) -> bool:
+        """After :meth:`clear`: return once the reactor is blocked here (False: it stopped, or ``timeout``).
+
+        A sender that holds the reactor this way is woken by the reactor
+        itself, instead of polling its ``_is_paused`` flag (a sleep of 0.1 ms
+        and a thread switch per C-STORE sub-operation).
+        """
+        deadline = time.monotonic() + timeout
+        with self._parking:
+            while not self._parked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not alive():
+                    return False
+                self._parking.wait(min(remaining, IDLE_WAIT_S))
+        return True
 
 
 class _WakingQueue(queue.Queue):
@@ -465,6 +498,19 @@ def _served_store(assoc: Association, request: object, context_id: int) -> bool:
     rsp = StorageServiceClass(assoc).validate_status(status, rsp)
     assoc.dimse.send_msg(rsp, context_id)
     return True
+
+
+def hold_reactor(assoc: Association) -> None:
+    """Return once the association's reactor is blocked at its checkpoint (or has stopped)."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    if isinstance(checkpoint, _WakingCheckpoint):  # an event-driven association: the reactor says when
+        checkpoint.hold(assoc.is_alive, _HOLD_TIMEOUT_S)
+        return
+    assoc._is_paused = False
+    deadline = time.monotonic() + _HOLD_TIMEOUT_S
+    while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 def _recv_exactly(sock: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -632,4 +678,5 @@ class EventDrivenRequestHandler(RequestHandler):
         return assoc
 
 
-__all__ = ["EventDrivenAE", "EventDrivenDUL", "EventDrivenRequestHandler", "IDLE_WAIT_S", "make_event_driven"]
+__all__ = ["EventDrivenAE", "EventDrivenDUL", "EventDrivenRequestHandler", "IDLE_WAIT_S", "hold_reactor",
+           "make_event_driven"]

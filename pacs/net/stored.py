@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 from collections.abc import Callable
 
 from pydicom import dcmread
@@ -34,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.net.commands import command_set
+from pacs.net.reactor import hold_reactor
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 # A Part 10 file: 128-byte preamble, "DICM", then (0002,0000) UL with its 4-byte value.
@@ -92,9 +92,7 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     request.AffectedSOPInstanceUID = obj.SOPInstanceUID
     dataset = obj.dataset_bytes()
     # As send_c_store: pause the reactor so that it cannot take the response.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    hold_reactor(assoc)
     try:
         _send_message(assoc, request, context.context_id, dataset)
         _, response = assoc.dimse.get_msg(block=True)

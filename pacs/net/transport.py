@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import functools
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 
+from pacs.net.reactor import hold_reactor
 from pacs.net.stored import sending_stored
 
-_HOLD_TIMEOUT_S = 5.0
 
 
 def handle_connection_open(event: evt.Event) -> None:
@@ -51,15 +50,6 @@ def _holding_reactor(assoc: Association, send: Callable[..., Any]) -> Callable[.
         return send(*args, **kwargs)
 
     return guarded
-
-
-def hold_reactor(assoc: Association) -> None:
-    """Return once the association's reactor is blocked at its checkpoint (or has stopped)."""
-    assoc._reactor_checkpoint.clear()
-    assoc._is_paused = False
-    deadline = time.monotonic() + _HOLD_TIMEOUT_S
-    while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
 
 
 def configure_pynetdicom_logging(log_level: str) -> None:
