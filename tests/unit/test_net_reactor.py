@@ -294,3 +294,35 @@ def test_stores_are_served_without_pynetdicoms_storage_scp_and_failures_keep_the
         assoc.release()
     assert [s.Status for s in statuses] == [0, 0, 0] and after.Status == 0
     assert failure.Status == 0xC000 and "StudyInstanceUID" in failure.ErrorComment
+
+
+def test_a_held_checkpoint_reports_the_reactor_parked_and_gives_up_on_a_dead_one():
+    import queue
+
+    from pacs.net.reactor import _WakingCheckpoint
+
+    checkpoint = _WakingCheckpoint(queue.Queue())
+    checkpoint.set()
+    first, proceed, second = threading.Event(), threading.Event(), threading.Event()
+
+    def reactor() -> None:
+        checkpoint.wait()
+        first.set()
+        proceed.wait(5)
+        checkpoint.wait()
+        second.set()
+
+    thread = threading.Thread(target=reactor)
+    thread.start()
+    assert first.wait(5)  # the checkpoint was open: the first wait returned at once
+    checkpoint.clear()
+    proceed.set()
+    assert checkpoint.hold(thread.is_alive, 5.0)  # the second wait parks, and says so
+    assert not second.is_set()
+    checkpoint.set()
+    thread.join(5)
+    assert second.is_set() and not thread.is_alive()
+    checkpoint.clear()
+    started = time.monotonic()
+    assert not checkpoint.hold(thread.is_alive, 5.0) and time.monotonic() - started < 1  # nobody will park
+    assert not checkpoint.hold(lambda: True, 0.05)  # and a live one that does not, within the timeout
