@@ -501,9 +501,16 @@ def _served_store(assoc: Association, request: object, context_id: int) -> bool:
 
 
 def hold_reactor(assoc: Association) -> None:
-    """Return once the association's reactor is blocked at its checkpoint (or has stopped)."""
+    """Return once the association's reactor is blocked at its checkpoint (or has stopped).
+
+    Called from the reactor itself — a C-GET's sub-operations go out on the
+    association whose request the reactor is serving — it returns at once:
+    a reactor serving a request takes no message off the queue.
+    """
     checkpoint = assoc._reactor_checkpoint
     checkpoint.clear()
+    if threading.current_thread() is assoc:
+        return
     if isinstance(checkpoint, _WakingCheckpoint):  # an event-driven association: the reactor says when
         checkpoint.hold(assoc.is_alive, _HOLD_TIMEOUT_S)
         return

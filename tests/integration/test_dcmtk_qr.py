@@ -63,6 +63,11 @@ def backend_settings(kind: str, root) -> Settings:
 def archive(request, tmp_path_factory):
     """An SCP on a free port holding the study set, stored by storescu; yields (services, sent)."""
     root = tmp_path_factory.mktemp("qr")
+    # A sender waits at most this long for a reactor to pause; past a tool's run timeout, a retrieve that
+    # waited on a reactor that can never pause (its own, serving the C-GET) fails instead of crawling.
+    hold = pytest.MonkeyPatch()
+    hold.setattr("pacs.net.reactor._HOLD_TIMEOUT_S", 600.0)
+    request.addfinalizer(hold.undo)
     services = build_services(backend_settings(request.param, root))
     server = start_scp(services)
     inbox = root / "inbox"
