@@ -88,10 +88,12 @@ def recover_open_packs(objects: ObjectStore, db: Database) -> Recovery:
                 # open, so the next start walks it again (and an operator can look).
                 done.damaged.append(path)
                 log.error("could not walk open pack %s to the end, left open: %s", path, exc)
-    if done.indexed:
-        log.warning(
-            "indexed %d stored instance(s) whose index rows a crash had lost, from %d pack(s)",
-            len(done.indexed), len(done.packs_sealed),
+    if done.indexed or done.packs_sealed or done.damaged:
+        log.log(
+            logging.WARNING if done.indexed or done.damaged else logging.INFO,
+            "open packs of stopped writers: %d sealed, %d damaged (left open), %d still in use; "
+            "indexed %d stored instance(s) whose rows a crash had lost, left %d unreferenced record(s) alone",
+            len(done.packs_sealed), len(done.damaged), done.packs_in_use, len(done.indexed), done.skipped,
         )
     return done
 

@@ -103,7 +103,8 @@ def command_set(primitive: object, *, has_data: bool | None = None) -> bytes | N
     message_name = name.replace("_", "-")
     if has_data is None:
         has_data = bool(data_set_of(primitive))
-    fixed = {"CommandField": _COMMAND_FIELD[message_name], "CommandDataSetType": _DATA_SET if has_data else _NO_DATA_SET}
+    fixed = {"CommandField": _COMMAND_FIELD[message_name],
+             "CommandDataSetType": _DATA_SET if has_data else _NO_DATA_SET}
     return _encoded(message_name, lambda keyword: fixed[keyword] if keyword in fixed
                     else getattr(primitive, keyword, None))
 

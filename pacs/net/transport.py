@@ -30,7 +30,6 @@ from pacs.net.reactor import hold_reactor
 from pacs.net.stored import sending_stored
 
 
-
 def handle_connection_open(event: evt.Event) -> None:
     assoc = event.assoc
     sock = assoc.dul.socket.socket if assoc.dul.socket else None

@@ -131,9 +131,11 @@ class LocalAppendFile(AppendFile):
     no metadata (the size and the extents stay), so it skips the
     filesystem's journal: 0.15 ms instead of 0.28 for a 9 KB record here.
     Until the file is closed (and truncated to its records) its tail is
-    zeros, which ``read_pack_records`` takes for the end.  The writer holds an exclusive ``flock`` on the file until it is
-    closed (or its process dies), which is how :func:`claim_abandoned` tells
-    a pack whose writer is gone from one still being appended to.
+    zeros, which ``read_pack_records`` takes for the end.
+
+    The writer holds an exclusive ``flock`` on the file until it is closed
+    (or its process dies), which is how :func:`claim_abandoned` tells a pack
+    whose writer is gone from one still being appended to.
     Not thread-safe: one writer at a time (see ``pacs.storage.packs``).
     """
 
@@ -168,14 +170,11 @@ class LocalAppendFile(AppendFile):
         start = self._size
         try:
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.pwrite(self._fd, view, self._size)
-                    view = view[n:]
-                    self._size += n
+                self._size = _pwrite_all(self._fd, memoryview(chunk), self._size)
             self._end = max(self._end, self._size)
             if self._size - start < ZERO_AHEAD_BELOW and self._end - self._size < ZERO_AHEAD_BELOW:
-                self._end += _write_zeros(self._fd, self._end, self._size + ZERO_AHEAD - self._end)
+                zeros = memoryview(_ZEROS)[:self._size + ZERO_AHEAD - self._end]
+                self._end = _pwrite_all(self._fd, zeros, self._end)
         except OSError as exc:
             # The bytes after ``start`` may be partly written: they are never
             # referenced, and later appends go after them.
@@ -201,13 +200,13 @@ ZERO_AHEAD_BELOW = 64 << 10
 _ZEROS = bytes(ZERO_AHEAD)
 
 
-def _write_zeros(fd: int, offset: int, count: int) -> int:
-    view = memoryview(_ZEROS)[:count]
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+    """Write all of ``view`` at ``offset``; the offset after it."""
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-    return count
+    return offset
 
 
 class _Fdatasync(Flush):
@@ -223,19 +222,25 @@ class _Fdatasync(Flush):
 
 
 _flusher_lock = threading.Lock()
-_flusher_pool: tuple[int, ThreadPoolExecutor] | None = None
+_flusher_pool: ThreadPoolExecutor | None = None
 
 
 def _flusher() -> ThreadPoolExecutor:
-    """This process's flush threads (made again in a forked child, which has none of its parent's)."""
+    """This process's flush threads, started on first use."""
     global _flusher_pool
-    pool = _flusher_pool
-    if pool is None or pool[0] != os.getpid():
-        with _flusher_lock:
-            pool = _flusher_pool
-            if pool is None or pool[0] != os.getpid():
-                pool = _flusher_pool = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="fdatasync"))
-    return pool[1]
+    with _flusher_lock:
+        if _flusher_pool is None:
+            _flusher_pool = ThreadPoolExecutor(4, thread_name_prefix="fdatasync")
+        return _flusher_pool
+
+
+def _forget_flusher() -> None:
+    """In a forked child, which has none of its parent's threads (nor its lock's holder)."""
+    global _flusher_lock, _flusher_pool
+    _flusher_lock, _flusher_pool = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_flusher)
 
 
 class AbandonedFile:

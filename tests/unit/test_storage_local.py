@@ -53,3 +53,19 @@ def test_small_appends_go_into_zeros_written_ahead_and_closing_cuts_them(tmp_pat
         large.append([RECORD_HEADER.pack(RECORD_MAGIC, len(big), b"\2" * 32), big])
         assert (tmp_path / "packs/q.pack").stat().st_size == large.size
     large.close()
+
+
+def test_a_forked_child_flushes_on_threads_of_its_own(tmp_path):
+    import multiprocessing
+
+    store = LocalBlobStore(tmp_path)
+    store.open_append("packs/parent.pack").append([b"x" * 100])  # the parent's flush threads exist now
+
+    def child() -> None:
+        store.open_append("packs/child.pack").append([b"y" * 100])  # would wait forever on the parent's threads
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
+    assert (tmp_path / "packs/child.pack").read_bytes()[:100] == b"y" * 100
