@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -159,22 +160,26 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
         ]
 
 
-# Objects read (and checksummed) ahead of the one being sent: the reads overlap
-# the network exchange, at the cost of this many objects more in memory.
+# Spans (ObjectStore.plan_spans: objects read together, one each on the
+# local store, a few MB of a pack on HDFS) are read and checksummed up to
+# READ_AHEAD spans ahead of the one being sent, by as many threads: the reads
+# overlap the network exchange, and one read's latency (a NameNode call, an
+# HTTP exchange) overlaps another's transfer.
 READ_AHEAD = 2
 
 
-def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, Future]]:
-    """Each match with a future of its bytes, up to READ_AHEAD reads running ahead in a thread."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-read") as reader:
-        queued: deque[tuple[_ToSend, Future]] = deque()
-        upcoming = iter(matches)
-        for item in upcoming:
-            queued.append((item, reader.submit(objects.get, item.location)))
-            if len(queued) > READ_AHEAD:
-                yield queued.popleft()
+def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, bytes | PacsError]]:
+    """Each match with its bytes (or the error reading them), in order, read a span at a time ahead of use."""
+    items = iter(matches)
+    spans = objects.plan_spans(item.location for item in matches)
+    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="retrieve-read") as reader:
+        queued: deque[Future] = deque(reader.submit(objects.read_span, span) for span in islice(spans, READ_AHEAD))
         while queued:
-            yield queued.popleft()
+            sending = queued.popleft()
+            for span in islice(spans, 1):
+                queued.append(reader.submit(objects.read_span, span))
+            for data in sending.result():
+                yield next(items), data
 
 
 def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event) -> Iterator:
@@ -186,7 +191,7 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
     decoded and pynetdicom converts.  The next objects are read while one is
     sent (``READ_AHEAD``).
     """
-    for item, read in _read_ahead(objects, matches):
+    for item, data in _read_ahead(objects, matches):
         if event.is_cancelled:
             yield int(Status.CANCEL), None
             return
@@ -194,15 +199,13 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
         # sub-association: without this the network timeout of the request's
         # association expires during a long move and pynetdicom aborts it.
         event.assoc.dul._idle_timer.restart()
-        try:
-            dataset = StoredObject(read.result(), sop_class_uid=item.sop_class_uid,
-                                   sop_instance_uid=item.sop_instance_uid,
-                                   transfer_syntax_uid=item.transfer_syntax_uid)
-        except PacsError as exc:
-            log.error("retrieve: cannot read SOP instance %s: %s", item.sop_instance_uid, exc)
+        if isinstance(data, PacsError):
+            log.error("retrieve: cannot read SOP instance %s: %s", item.sop_instance_uid, data)
             yield int(Status.UNABLE_TO_PROCESS), None  # counts as a failed sub-operation
             continue
-        yield int(Status.PENDING), dataset
+        yield int(Status.PENDING), StoredObject(data, sop_class_uid=item.sop_class_uid,
+                                                sop_instance_uid=item.sop_instance_uid,
+                                                transfer_syntax_uid=item.transfer_syntax_uid)
 
 
 def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:

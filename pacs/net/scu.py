@@ -83,9 +83,12 @@ def push(
         raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
     report = PushReport()
     try:
-        for number, row in enumerate(rows, 1):
+        reads = services.objects.read_many(location_of(row) for row in rows)
+        for number, (row, data) in enumerate(zip(rows, reads), 1):
             try:
-                stored = StoredObject(services.objects.get(location_of(row)), sop_class_uid=row.sop_class_uid,
+                if isinstance(data, PacsError):
+                    raise data
+                stored = StoredObject(data, sop_class_uid=row.sop_class_uid,
                                       sop_instance_uid=row.sop_instance_uid,
                                       transfer_syntax_uid=row.transfer_syntax_uid)
                 status = assoc.send_c_store(stored)

@@ -85,6 +85,10 @@ class BlobStore(abc.ABC):
 
     #: Human-readable description (backend and root), for logs and ``pacs info``.
     description: str = ""
+    #: Objects lying one after the other in a file are read with one range
+    #: read of up to this many bytes (:func:`pacs.storage.objects.plan_spans`)
+    #: where each read costs a round trip; 0: one read per object.
+    span_bytes: int = 0
 
     @abc.abstractmethod
     def write(self, path: str, chunks: Iterable[bytes]) -> int:

@@ -116,6 +116,9 @@ class _Pending(Generic[T]):
 
 
 OPEN_READ_AHEAD = 8 << 20  # bytes read at once from a file still being written
+# Objects next to each other are read together up to this size: each read is
+# a NameNode call and a DataNode connection (WebHDFS: two HTTP exchanges).
+SPAN_BYTES = 8 << 20
 
 
 class _RecentRanges:
@@ -148,6 +151,8 @@ class _RecentRanges:
 
 
 class NativeHdfsBlobStore(BlobStore):
+    span_bytes = SPAN_BYTES
+
     def __init__(
         self,
         url: str,
@@ -442,6 +447,8 @@ class _Hsync(Flush):
 
 
 class WebHdfsBlobStore(BlobStore):
+    span_bytes = SPAN_BYTES
+
     def __init__(
         self,
         url: str,

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pacs.errors import ChecksumMismatch, NotFound, StorageUnavailable
+from pacs.errors import ChecksumMismatch, NotFound, PacsError, StorageUnavailable
 from pacs.storage.base import BlobStore
 from pacs.storage.packs import PackPool, PendingAppend, new_pack_path
 
@@ -76,6 +76,62 @@ def landed_at(path: str) -> datetime | None:
     except ValueError:
         return None
     return stamp.replace(tzinfo=timezone.utc)
+
+
+def _verify(location: Location, data: bytes) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != location.sha256:
+        raise ChecksumMismatch(
+            f"{location.container}@{location.offset}+{location.length}: "
+            f"expected sha256 {location.sha256}, got {digest}"
+        )
+
+
+# The largest gap between two objects still read as one span: the record
+# header between them, or a few objects of another series.
+SPAN_GAP = 64 << 10
+
+
+@dataclass(frozen=True)
+class Span:
+    """Objects read with one range read: ``[start, end)`` of ``container`` holds them all."""
+
+    container: str
+    start: int
+    end: int
+    locations: tuple[Location, ...]
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_spans(locations: Iterable[Location], *, max_bytes: int, max_gap: int = SPAN_GAP) -> Iterator[Span]:
+    """Group locations, kept in their order, into spans of consecutive objects close together in one container.
+
+    A span grows while the next object starts at most ``max_gap`` bytes after
+    the span's end and the span stays within ``max_bytes``; an object larger
+    than ``max_bytes`` is a span of its own (with ``max_bytes=0``, every object).
+    """
+    group: list[Location] = []
+    for location in locations:
+        if group:
+            first, last = group[0], group[-1]
+            end = last.offset + last.length
+            if (location.container == last.container
+                    and 0 <= location.offset - end <= max_gap
+                    and location.offset + location.length - first.offset <= max_bytes):
+                group.append(location)
+                continue
+            yield _span(group)
+        group = [location]
+    if group:
+        yield _span(group)
+
+
+def _span(group: list[Location]) -> Span:
+    last = group[-1]
+    return Span(group[0].container, group[0].offset, last.offset + last.length, tuple(group))
 
 
 class _Hashing:
@@ -216,22 +272,66 @@ class ObjectStore:
         A read that fails on the store is tried again (three times in all): a
         DataNode that just died can fail a read until its replicas are avoided.
         """
+        data = self._read(location.container, location.offset, location.length)
+        if verify:
+            _verify(location, data)
+        return data
+
+    def _read(self, container: str, offset: int, length: int) -> bytes:
         for attempt in range(READ_ATTEMPTS):
             try:
-                data = self.blobs.read(location.container, location.offset, location.length)
-                break
+                return self.blobs.read(container, offset, length)
             except StorageUnavailable:
                 if attempt == READ_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-        if verify:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != location.sha256:
-                raise ChecksumMismatch(
-                    f"{location.container}@{location.offset}+{location.length}: "
-                    f"expected sha256 {location.sha256}, got {digest}"
-                )
-        return data
+        raise AssertionError("unreachable")
+
+    def plan_spans(self, locations: Iterable[Location]) -> Iterator[Span]:
+        """:func:`plan_spans` with the blob store's span size (``BlobStore.span_bytes``)."""
+        return plan_spans(locations, max_bytes=self.blobs.span_bytes)
+
+    def read_span(self, span: Span) -> list[bytes | PacsError]:
+        """The verified bytes of each object of ``span``, in its order, or the error that object met.
+
+        One range read for the whole span; if that fails, each object is read
+        on its own, so that an unreadable object fails alone.
+        """
+        if len(span.locations) > 1:
+            try:
+                data = memoryview(self._read(span.container, span.start, span.end - span.start))
+            except PacsError:
+                pass
+            else:
+                results: list[bytes | PacsError] = []
+                for location in span.locations:
+                    piece = bytes(data[location.offset - span.start:location.offset - span.start + location.length])
+                    try:
+                        _verify(location, piece)
+                    except ChecksumMismatch as exc:
+                        results.append(exc)
+                    else:
+                        results.append(piece)
+                return results
+        results = []
+        for location in span.locations:
+            try:
+                results.append(self.get(location))
+            except PacsError as exc:
+                results.append(exc)
+        return results
+
+    def read_many(self, locations: Iterable[Location]) -> Iterator[bytes | PacsError]:
+        """Each object's verified bytes, or the error reading it, in order; read a span at a time."""
+        for span in self.plan_spans(locations):
+            yield from self.read_span(span)
+
+    def get_many(self, locations: Iterable[Location]) -> Iterator[bytes]:
+        """:meth:`read_many`, raising at the first object that cannot be read."""
+        for result in self.read_many(locations):
+            if isinstance(result, PacsError):
+                raise result
+            yield result
 
     def iter_get(self, location: Location, *, chunk_size: int = 4 << 20) -> Iterator[bytes]:
         """Stream the object; the checksum is verified when the last chunk has been read."""

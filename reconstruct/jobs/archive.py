@@ -71,7 +71,7 @@ def load_series(services: Services, series_instance_uid: str) -> list[pydicom.Da
         rows = session.execute(query).all()
     if not rows:
         raise NotFound(f"no stored series {series_instance_uid}")
-    return [pydicom.dcmread(io.BytesIO(services.objects.get(location_of(row)))) for row in rows]
+    return [pydicom.dcmread(io.BytesIO(data)) for data in services.objects.get_many(location_of(row) for row in rows)]
 
 
 def read_projection_series(services: Services, series_instance_uid: str) -> ProjectionSeries:

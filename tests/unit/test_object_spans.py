@@ -1,0 +1,135 @@
+"""Reading many objects at once: objects lying together in a pack are read with one range read per span."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from pacs.errors import ChecksumMismatch, StorageUnavailable
+from pacs.index.models import Instance
+from pacs.index.repository import location_of
+from pacs.net import qr
+from pacs.services import build_services
+from pacs.settings import Settings
+from pacs.storage.objects import RECORD_HEADER, Location, plan_spans
+from pacs.synthetic import SeriesSpec, make_series
+
+
+def loc(offset: int, length: int, container: str = "packs/a.pack") -> Location:
+    return Location(container, offset, length, "0" * 64)
+
+
+def test_objects_next_to_each_other_form_one_span_in_their_order():
+    h = RECORD_HEADER.size
+    objects = [loc(h, 100), loc(2 * h + 100, 100), loc(3 * h + 200, 100)]
+    (span,) = plan_spans(objects, max_bytes=1 << 20)
+    assert span.locations == tuple(objects)
+    assert (span.start, span.end, span.size) == (h, 3 * h + 300, 2 * h + 300)
+
+
+@pytest.mark.parametrize("second, why", [
+    (loc(148, 100, "packs/b.pack"), "another container"),
+    (loc(0, 100), "lies before the first"),
+    (loc(100 + 48 + (64 << 10) + 1, 100), "gap over 64 KiB"),
+    (loc(148, 1000), "span over max_bytes"),
+])
+def test_a_span_ends_where_the_next_object_is_not_close_behind(second, why):
+    first = loc(0, 100)
+    spans = list(plan_spans([first, second], max_bytes=1000))
+    assert [s.locations for s in spans] == [(first,), (second,)], why
+
+
+def test_an_object_larger_than_a_span_is_read_alone_and_zero_means_one_read_each():
+    big, small = loc(0, 5000), loc(5048, 10)
+    assert [s.locations for s in plan_spans([big, small], max_bytes=1000)] == [(big,), (small,)]
+    objects = [loc(i * 148, 100) for i in range(5)]
+    assert [s.locations for s in plan_spans(objects, max_bytes=0)] == [(o,) for o in objects]
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """An embedded archive holding one 40-instance series in one pack, its span size set to 64 KiB."""
+    services = build_services(Settings(data_dir=tmp_path / "data"))
+    sent = list(make_series(SeriesSpec(study_key="spans", series_key="spans-1", rows=32, columns=32, count=40)))
+    for data in sent:
+        services.ingest.store(data)
+    with services.db.session() as session:
+        locations = [location_of(r) for r in session.scalars(select(Instance).order_by(Instance.id))]
+    services.objects.blobs.span_bytes = 64 << 10
+    reads: list[tuple[str, int, int]] = []
+    read = services.objects.blobs.read
+    services.objects.blobs.read = lambda path, offset=0, length=None: reads.append((path, offset, length)) or read(
+        path, offset, length)
+    yield services, sent, locations, reads
+    services.close()
+
+
+def test_read_many_reads_a_span_at_a_time_and_verifies_each_object(stored):
+    services, sent, locations, reads = stored
+    assert list(services.objects.read_many(locations)) == sent
+    spans = list(services.objects.plan_spans(locations))
+    assert 1 < len(spans) < len(locations) // 5  # 40 objects of ~2.4 kB, 64 KiB spans
+    assert reads == [(s.container, s.start, s.size) for s in spans]
+
+
+def test_an_object_whose_bytes_changed_fails_alone(stored):
+    services, sent, locations, reads = stored
+    victim = locations[3]
+    path = services.objects.blobs.root / victim.container
+    with open(path, "r+b") as f:
+        f.seek(victim.offset + victim.length - 1)
+        last = f.read(1)
+        f.seek(victim.offset + victim.length - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    results = list(services.objects.read_many(locations))
+    assert isinstance(results[3], ChecksumMismatch) and victim.sha256 in str(results[3])
+    assert results[:3] + results[4:] == sent[:3] + sent[4:]
+    with pytest.raises(ChecksumMismatch):
+        list(services.objects.get_many(locations))
+
+
+def test_a_span_that_cannot_be_read_is_read_object_by_object(stored, monkeypatch):
+    services, sent, locations, reads = stored
+    longest = max(location.length for location in locations)
+    read = services.objects.blobs.read
+
+    def no_long_reads(path, offset=0, length=None):  # noqa: ANN001, ANN202 - a store failing large reads only
+        if length > longest:
+            raise StorageUnavailable(f"cannot read {length} bytes of {path}")
+        return read(path, offset, length)
+
+    services.objects.blobs.read = no_long_reads
+    monkeypatch.setattr("pacs.storage.objects.time.sleep", lambda s: None)  # the retries' pauses
+    assert list(services.objects.read_many(locations)) == sent
+    assert [length for _, _, length in reads] == [location.length for location in locations]
+
+
+def test_a_retrieve_reads_ahead_a_bounded_number_of_spans_and_keeps_the_order(stored):
+    services, sent, locations, reads = stored
+    services.objects.blobs.span_bytes = 0  # one object per span: count the spans read ahead
+    released = threading.Event()
+    started: list[Location] = []
+    read_span = services.objects.read_span
+
+    def gated(span):  # noqa: ANN001, ANN202
+        started.append(span.locations[0])
+        if len(started) > 1:
+            released.wait(10)
+        return read_span(span)
+
+    services.objects.read_span = gated
+    items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(locations)]
+    ahead = qr._read_ahead(services.objects, items)
+    first, data = next(ahead)
+    assert (first, data) == (items[0], sent[0])
+    deadline = time.monotonic() + 10
+    while len(started) < 1 + qr.READ_AHEAD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough to start more reads, if it would
+    assert len(started) == 1 + qr.READ_AHEAD  # the one handed out and READ_AHEAD behind it, no more
+    released.set()
+    rest = list(ahead)
+    assert [item for item, _ in rest] == items[1:] and [data for _, data in rest] == sent[1:]
