@@ -40,12 +40,10 @@ def scrub(
             ).all()
         if not rows:
             break
-        for row in rows:
-            location = Location(row.container, row.offset, row.length, row.sha256)
-            try:
-                objects.get(location)
-            except PacsError as exc:
-                report.problems.append((row.sop_instance_uid, str(exc)))
+        locations = (Location(row.container, row.offset, row.length, row.sha256) for row in rows)
+        for row, result in zip(rows, objects.read_many(locations)):  # a span of a pack per read
+            if isinstance(result, PacsError):
+                report.problems.append((row.sop_instance_uid, str(result)))
             report.checked += 1
             last_id = row.id
         if on_progress:
