@@ -33,12 +33,16 @@ pytestmark = [pytest.mark.hdfs, pytest.mark.postgres]
 
 
 def read_back_all(services, sent: dict[str, bytes]) -> None:
+    """Each acknowledged instance read back alone, then all of them a span at a time, as a retrieve reads."""
+    locations = []
     with services.db.session() as session:
         for sop_uid, data in sent.items():
             row = find_instance(session, sop_uid)
             assert row is not None, f"acknowledged instance {sop_uid} is not indexed"
             assert services.objects.get(location_of(row)) == data
             assert row.sha256 == hashlib.sha256(data).hexdigest()
+            locations.append(location_of(row))
+    assert list(services.objects.get_many(locations)) == list(sent.values())
 
 
 @pytest.fixture(params=["append", "landing"])
