@@ -15,7 +15,6 @@ client, hsync'ed first, so every replica in the pipeline fsync'ed the block).
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import posixpath
 import threading
@@ -115,39 +114,9 @@ class _Pending(Generic[T]):
             raise StorageUnavailable(f"{self._what}: HDFS client failed: {exc}") from exc
 
 
-OPEN_READ_AHEAD = 8 << 20  # bytes read at once from a file still being written
 # Objects next to each other are read together up to this size: each read is
 # a NameNode call and a DataNode connection (WebHDFS: two HTTP exchanges).
 SPAN_BYTES = 8 << 20
-
-
-class _RecentRanges:
-    """The last few byte ranges read ahead from files still being written, shared by a process's readers.
-
-    Appended bytes never change (a pack is append-only and its path is never
-    reused), so a cached range stays right; it is only ever a prefix of what
-    the file holds by now.
-    """
-
-    def __init__(self, slots: int = 4) -> None:
-        self._slots = slots
-        self._ranges: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str, offset: int, length: int) -> bytes | None:
-        with self._lock:
-            for (cached_path, start), data in reversed(self._ranges.items()):
-                if cached_path == path and start <= offset and offset + length <= start + len(data):
-                    self._ranges.move_to_end((cached_path, start))
-                    return data[offset - start:offset - start + length]
-        return None
-
-    def put(self, path: str, start: int, data: bytes) -> None:
-        with self._lock:
-            self._ranges[(path, start)] = data
-            self._ranges.move_to_end((path, start))
-            while len(self._ranges) > self._slots:
-                self._ranges.popitem(last=False)
 
 
 class NativeHdfsBlobStore(BlobStore):
@@ -179,7 +148,6 @@ class NativeHdfsBlobStore(BlobStore):
         self.timeout_s = timeout_s
         self.description = f"hdfs-native:{url}{self.root} (replication {replication})"
         self._loop = _Loop.shared()
-        self._read_ahead = _RecentRanges()
         try:
             self.client = self._loop.client(url, lambda: self._run(self._connect(), f"connect to {url}"))
             self._run(self.client.mkdirs(self.root, create_parent=True), f"mkdir {self.root}")
@@ -270,10 +238,6 @@ class NativeHdfsBlobStore(BlobStore):
         return data
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        if length is not None:
-            cached = self._read_ahead.get(path, offset, length)
-            if cached is not None:  # read ahead from a pack still being written: no NameNode call
-                return cached
         full = _join(self.root, path)
         reader = self._reader(full)
         if length is None:
@@ -289,30 +253,18 @@ class NativeHdfsBlobStore(BlobStore):
         which for a file under construction leaves out its last block; the
         bytes hsync'ed to it are there all the same, and a DataNode serves
         them through WebHDFS (``storage.webhdfs_url``).  Packs that ingest
-        appends to are read this way until they are sealed.
+        appends to are read this way until they are sealed; a retrieve reads
+        them a span of objects per request (``span_bytes``).
         """
         if self._webhdfs_url is None:
             raise StorageUnavailable(
                 f"{path} is still being written and hdfs-native cannot read it; "
                 f"set storage.webhdfs_url to read open packs through WebHDFS"
             )
-        cached = self._read_ahead.get(path, offset, length)
-        if cached is not None:
-            return cached
         if self._webhdfs is None:
             self._webhdfs = WebHdfsBlobStore(self._webhdfs_url, self.root, user=self._webhdfs_user,
                                              replication=self.replication, block_size=self.block_size)
-        # A retrieve reads a series in order, and a series lies in order in its pack:
-        # one request brings the next objects too, instead of two HTTP exchanges each.
-        data = self._webhdfs.read_available(path, offset, max(length, OPEN_READ_AHEAD))
-        if len(data) < length:
-            raise StorageUnavailable(
-                f"short read of {path}: expected {length} bytes at offset {offset}, got {len(data)}"
-            )
-        if len(data) > length:
-            self._read_ahead.put(path, offset, data)
-            return data[:length]
-        return data
+        return self._webhdfs.read(path, offset, length)
 
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20
@@ -502,15 +454,6 @@ class WebHdfsBlobStore(BlobStore):
             pass
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = self.read_available(path, offset, length)
-        if length is not None and len(data) != length:
-            raise StorageUnavailable(
-                f"short read of {_join(self.root, path)}: expected {length} bytes at offset {offset}, got {len(data)}"
-            )
-        return data
-
-    def read_available(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        """Up to ``length`` bytes from ``offset``: fewer where the file ends sooner."""
         full = _join(self.root, path)
         try:
             with self.client.read(full, offset=offset, length=length) as reader:
@@ -521,6 +464,10 @@ class WebHdfsBlobStore(BlobStore):
             raise StorageUnavailable(f"cannot read {full} via {self.url}: {exc}") from exc
         except Exception as exc:
             raise StorageUnavailable(f"cannot read {full} via {self.url}: {exc}") from exc
+        if length is not None and len(data) != length:
+            raise StorageUnavailable(
+                f"short read of {full}: expected {length} bytes at offset {offset}, got {len(data)}"
+            )
         return data
 
     def delete(self, path: str) -> bool:

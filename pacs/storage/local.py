@@ -228,10 +228,13 @@ _flusher_pool: ThreadPoolExecutor | None = None
 def _flusher() -> ThreadPoolExecutor:
     """This process's flush threads, started on first use."""
     global _flusher_pool
-    with _flusher_lock:
-        if _flusher_pool is None:
-            _flusher_pool = ThreadPoolExecutor(4, thread_name_prefix="fdatasync")
-        return _flusher_pool
+    pool = _flusher_pool  # set once: no lock on the way of every flush
+    if pool is None:
+        with _flusher_lock:
+            if _flusher_pool is None:
+                _flusher_pool = ThreadPoolExecutor(4, thread_name_prefix="fdatasync")
+            pool = _flusher_pool
+    return pool
 
 
 def _forget_flusher() -> None:
