@@ -5,7 +5,11 @@ One epoch is ``steps_per_epoch`` Adam steps on random patches
 ``lr`` to ``lr_min`` over all steps.  The loss is the L1 distance in scaled
 HU (``HU / 1000``) plus ``window_loss_weight`` times the L1 distance on the
 W400/L40 window mapped to [0, 1], which weights soft-tissue errors as the
-metric does without letting the network ignore air and bone.
+metric does without letting the network ignore air and bone.  ``loss="mse"``
+squares both distances instead: where the input leaves the truth uncertain
+(the exact course of a partial-volume edge), L1 is minimised by the
+conditional median, which sharpens such edges, and the squared error by the
+conditional mean, which is what PSNR scores.
 
 After each epoch the model is validated on whole held-out slices (PSNR and
 SSIM per task, on the soft-tissue window) and the output folder gets:
@@ -58,6 +62,9 @@ __all__ = ["TrainConfig", "EpochRecord", "train", "plot_history", "epoch_rng", "
            "parameters_sha256"]
 
 
+LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+
+
 @dataclass
 class TrainConfig:
     out_dir: Path
@@ -72,6 +79,8 @@ class TrainConfig:
     lr: float = 1e-3
     lr_min: float = 1e-5
     window_loss_weight: float = 1.0
+    # "l1" or "mse": the distance of both loss terms (see the module's docstring).
+    loss: str = "l1"
     train_slices: int = 64
     val_slices: int = 3
     train_seed: int = 1000
@@ -107,6 +116,8 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size", "train_slices", "val_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 < self.lr_min <= self.lr:
             raise ValueError(f"lr_min: expected 0 < lr_min <= lr ({self.lr}), got {self.lr_min}")
 
@@ -127,11 +138,12 @@ class EpochRecord:
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    loss = F.l1_loss(output, target)
+    distance = LOSSES[config.loss]
+    loss = distance(output, target)
     if config.window_loss_weight:
         s = config.model.hu_scale
-        loss = loss + config.window_loss_weight * F.l1_loss(apply_window(output * s, SOFT_TISSUE),
-                                                            apply_window(target * s, SOFT_TISSUE))
+        loss = loss + config.window_loss_weight * distance(apply_window(output * s, SOFT_TISSUE),
+                                                           apply_window(target * s, SOFT_TISSUE))
     return loss
 
 

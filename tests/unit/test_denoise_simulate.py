@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,19 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert widened_net.config.width == 8 and torch.allclose(widened_net(x), start(x), atol=1e-5)
+
+
+def test_the_loss_is_l1_or_the_squared_error_in_both_terms():
+    from denoise.metrics import SOFT_TISSUE, apply_window
+    from denoise.train import _loss
+
+    base = TrainConfig(out_dir=Path("unused"), cache_dir=Path("unused"))
+    output, target = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)  # HU / 1000
+    target[..., 0, 0], output[..., 0, 0] = 0.06, 0.16  # one pixel of 16 off by 100 HU, inside the W400/L40 window
+    window = (apply_window(torch.tensor(160.0), SOFT_TISSUE) - apply_window(torch.tensor(60.0), SOFT_TISSUE)).item()
+    assert window == pytest.approx(0.25)
+    assert _loss(output, target, base).item() == pytest.approx((0.1 + window) / 16)
+    squared = TrainConfig(out_dir=Path("unused"), cache_dir=Path("unused"), loss="mse")
+    assert _loss(output, target, squared).item() == pytest.approx((0.1 ** 2 + window ** 2) / 16)
+    with pytest.raises(ValueError, match="loss: expected one of l1, mse, got 'l2'"):
+        TrainConfig(out_dir=Path("unused"), cache_dir=Path("unused"), loss="l2").check()
