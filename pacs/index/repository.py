@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from pacs.index.models import (
@@ -93,6 +94,60 @@ _BUMP_PATIENT = update(Patient).where(Patient.id == bindparam("b_pk")).values(nu
 _INSERT_IGNORE: dict[tuple[str, str, bool], Any] = {}
 
 
+class _OnSqlite:
+    """A prebuilt statement run on SQLite's own connection, without SQLAlchemy's per-execution work.
+
+    On SQLite the statement itself takes a few microseconds; executing it
+    through ``Connection.execute`` (cache look-up, execution context, result
+    wrapping) took about three quarters of the time ``add_instance`` spent
+    (py-spy of ``pacs serve`` storing 3,000 small instances).  The statement
+    is compiled once, on first use, into its SQL and the ordered bind
+    parameters with SQLAlchemy's own bind processors (dates are stored in the
+    format SQLAlchemy reads back), then executed on the DBAPI connection of
+    the caller's ``Connection``, inside its transaction.  Driver errors are
+    raised as SQLAlchemy's, as ``Connection.execute`` would.
+    """
+
+    def __init__(self, statement: Any, column_keys: list[str] | None = None) -> None:
+        self.statement = statement
+        self.column_keys = column_keys
+        self._sql: str | None = None
+        self._binds: list[tuple[str, Any, Any]] = []
+
+    def _compile(self, conn: Connection) -> str:
+        compiled = self.statement.compile(dialect=conn.dialect, column_keys=self.column_keys)
+        processors = compiled._bind_processors
+        self._binds = [(name, processors.get(name), compiled.binds[name].value) for name in compiled.positiontup]
+        self._sql = str(compiled)
+        return self._sql
+
+    def run(self, conn: Connection, values: dict[str, Any]) -> Any:
+        """The DBAPI cursor of the executed statement."""
+        sql = self._sql or self._compile(conn)
+        args = [values.get(name, literal) for name, _process, literal in self._binds]
+        args = [arg if process is None else process(arg) for arg, (_n, process, _l) in zip(args, self._binds)]
+        dbapi = conn.dialect.loaded_dbapi
+        try:
+            return conn.connection.driver_connection.execute(sql, args)
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(sql, args, exc, dbapi.Error) from exc
+
+
+_SQLITE_LOCATION = _OnSqlite(_LOCATION)
+_SQLITE_PARENTS = _OnSqlite(_PARENTS)
+_SQLITE_BUMP_SERIES = _OnSqlite(_BUMP_SERIES)
+_SQLITE_BUMP_STUDY = _OnSqlite(_BUMP_STUDY)
+_SQLITE_BUMP_PATIENT = _OnSqlite(_BUMP_PATIENT)
+
+
+@functools.cache
+def _sqlite_add_instance() -> _OnSqlite:
+    from sqlalchemy.dialects.sqlite import insert
+
+    return _OnSqlite(insert(Instance).on_conflict_do_nothing().returning(Instance.id),
+                     column_keys=["series_fk", *_INSTANCE_COLUMNS])
+
+
 def _connection(db: Session | Connection) -> Connection:
     return db.connection() if isinstance(db, Session) else db
 
@@ -127,7 +182,11 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
 
 def find_location(db: Session | Connection, sop_instance_uid: str) -> Location | None:
     """Where the bytes of an indexed instance are, or None when the UID is not indexed."""
-    row = _connection(db).execute(_LOCATION, {"b_sop_uid": sop_instance_uid}).one_or_none()
+    conn = _connection(db)
+    if conn.dialect.name == "sqlite":
+        row = _SQLITE_LOCATION.run(conn, {"b_sop_uid": sop_instance_uid}).fetchone()
+        return None if row is None else Location(*row)
+    row = conn.execute(_LOCATION, {"b_sop_uid": sop_instance_uid}).one_or_none()
     return None if row is None else Location(row.container, row.offset, row.length, row.sha256)
 
 
@@ -154,6 +213,18 @@ def add_instance(
         ).one()
         if series_pk is not None:  # the common case, done in that one round trip
             return instance_pk
+    elif conn.dialect.name == "sqlite":
+        parents = _SQLITE_PARENTS.run(conn, {"b_series_uid": attrs.series_instance_uid}).fetchone()
+        if parents is not None:  # the common case: the series is indexed
+            series_pk, study_pk, patient_pk = parents
+            values = dict(series_fk=series_pk, **_instance_values(attrs, location, source_ae, now))
+            row = _sqlite_add_instance().run(conn, values).fetchone()
+            if row is None:
+                return None
+            _SQLITE_BUMP_SERIES.run(conn, {"b_pk": series_pk, "b_now": now})
+            _SQLITE_BUMP_STUDY.run(conn, {"b_pk": study_pk, "b_now": now})
+            _SQLITE_BUMP_PATIENT.run(conn, {"b_pk": patient_pk})
+            return row[0]
     parents = conn.execute(_PARENTS, {"b_series_uid": attrs.series_instance_uid}).one_or_none()
     new_study = new_series = False
     if parents is None:
