@@ -95,57 +95,66 @@ _INSERT_IGNORE: dict[tuple[str, str, bool], Any] = {}
 
 
 class _OnSqlite:
-    """A prebuilt statement run on SQLite's own connection, without SQLAlchemy's per-execution work.
+    """A prebuilt statement compiled once and run on SQLite's own connection.
 
-    On SQLite the statement itself takes a few microseconds; executing it
-    through ``Connection.execute`` (cache look-up, execution context, result
-    wrapping) took about three quarters of the time ``add_instance`` spent
-    (py-spy of ``pacs serve`` storing 3,000 small instances).  The statement
-    is compiled once, on first use, into its SQL and the ordered bind
+    On SQLite an ingest statement itself takes a few microseconds; executing
+    it through ``Connection.execute`` (cache look-up, execution context,
+    result wrapping) took about three quarters of the time ``add_instance``
+    spent (py-spy of ``pacs serve`` storing 3,000 small instances).  The
+    statement is compiled as ``Connection.execute`` compiles it (with the
+    given parameter names as column keys) into its SQL and the ordered bind
     parameters with SQLAlchemy's own bind processors (dates are stored in the
     format SQLAlchemy reads back), then executed on the DBAPI connection of
     the caller's ``Connection``, inside its transaction.  Driver errors are
     raised as SQLAlchemy's, as ``Connection.execute`` would.
     """
 
-    def __init__(self, statement: Any, column_keys: list[str] | None = None) -> None:
-        self.statement = statement
-        self.column_keys = column_keys
-        self._sql: str | None = None
-        self._binds: list[tuple[str, Any, Any]] = []
+    def __init__(self, sql: str, binds: list[tuple[str, Any, Any]]) -> None:
+        self._sql = sql
+        self._binds = binds
 
-    def _compile(self, conn: Connection) -> str:
-        compiled = self.statement.compile(dialect=conn.dialect, column_keys=self.column_keys)
+    @classmethod
+    def compile(cls, statement: Any, keys: tuple[str, ...], conn: Connection) -> _OnSqlite | None:
+        """None for a statement whose missing columns take defaults computed in Python: SQLAlchemy runs those."""
+        compiled = statement.compile(dialect=conn.dialect, column_keys=list(keys))
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            return None
         processors = compiled._bind_processors
-        self._binds = [(name, processors.get(name), compiled.binds[name].value) for name in compiled.positiontup]
-        self._sql = str(compiled)
-        return self._sql
+        return cls(str(compiled),
+                   [(name, processors.get(name), compiled.binds[name].value) for name in compiled.positiontup])
 
     def run(self, conn: Connection, values: dict[str, Any]) -> Any:
         """The DBAPI cursor of the executed statement."""
-        sql = self._sql or self._compile(conn)
-        args = [values.get(name, literal) for name, _process, literal in self._binds]
-        args = [arg if process is None else process(arg) for arg, (_n, process, _l) in zip(args, self._binds)]
+        args = []
+        for name, process, literal in self._binds:
+            value = values.get(name, literal)
+            args.append(value if process is None else process(value))
         dbapi = conn.dialect.loaded_dbapi
         try:
-            return conn.connection.driver_connection.execute(sql, args)
+            return conn.connection.driver_connection.execute(self._sql, args)
         except dbapi.Error as exc:
-            raise DBAPIError.instance(sql, args, exc, dbapi.Error) from exc
+            raise DBAPIError.instance(self._sql, args, exc, dbapi.Error) from exc
 
 
-_SQLITE_LOCATION = _OnSqlite(_LOCATION)
-_SQLITE_PARENTS = _OnSqlite(_PARENTS)
-_SQLITE_BUMP_SERIES = _OnSqlite(_BUMP_SERIES)
-_SQLITE_BUMP_STUDY = _OnSqlite(_BUMP_STUDY)
-_SQLITE_BUMP_PATIENT = _OnSqlite(_BUMP_PATIENT)
+_ON_SQLITE: dict[tuple[Any, tuple[str, ...]], _OnSqlite | None] = {}  # (statement, parameter names)
 
 
-@functools.cache
-def _sqlite_add_instance() -> _OnSqlite:
-    from sqlalchemy.dialects.sqlite import insert
+def _execute(conn: Connection, statement: Any, values: dict[str, Any]) -> Any:
+    """Execute a prebuilt (module-level) statement; the result has ``fetchone()`` and ``rowcount``.
 
-    return _OnSqlite(insert(Instance).on_conflict_do_nothing().returning(Instance.id),
-                     column_keys=["series_fk", *_INSTANCE_COLUMNS])
+    On SQLite it runs on the driver (:class:`_OnSqlite`, compiled once per
+    statement and set of parameter names) unless SQLAlchemy has column
+    defaults to compute for it; elsewhere through SQLAlchemy.
+    """
+    if conn.dialect.name != "sqlite":
+        return conn.execute(statement, values)
+    key = (statement, tuple(values))
+    if key not in _ON_SQLITE:
+        _ON_SQLITE[key] = _OnSqlite.compile(statement, key[1], conn)
+    prepared = _ON_SQLITE[key]
+    if prepared is None:
+        return conn.execute(statement, values)
+    return prepared.run(conn, values)
 
 
 def _connection(db: Session | Connection) -> Connection:
@@ -168,10 +177,11 @@ def _insert_ignore(conn: Connection, model: type, values: dict[str, Any], return
         if returning is not None:
             statement = statement.returning(returning)
         _INSERT_IGNORE[key] = statement
-    result = conn.execute(statement, values)
+    result = _execute(conn, statement, values)
     if returning is None:
         return 1 if result.rowcount == 1 else None
-    return result.scalar_one_or_none()
+    row = result.fetchone()
+    return None if row is None else row[0]
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
@@ -182,12 +192,8 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
 
 def find_location(db: Session | Connection, sop_instance_uid: str) -> Location | None:
     """Where the bytes of an indexed instance are, or None when the UID is not indexed."""
-    conn = _connection(db)
-    if conn.dialect.name == "sqlite":
-        row = _SQLITE_LOCATION.run(conn, {"b_sop_uid": sop_instance_uid}).fetchone()
-        return None if row is None else Location(*row)
-    row = conn.execute(_LOCATION, {"b_sop_uid": sop_instance_uid}).one_or_none()
-    return None if row is None else Location(row.container, row.offset, row.length, row.sha256)
+    row = _execute(_connection(db), _LOCATION, {"b_sop_uid": sop_instance_uid}).fetchone()
+    return None if row is None else Location(*row)
 
 
 def location_of(instance: Instance) -> Location:
@@ -213,19 +219,7 @@ def add_instance(
         ).one()
         if series_pk is not None:  # the common case, done in that one round trip
             return instance_pk
-    elif conn.dialect.name == "sqlite":
-        parents = _SQLITE_PARENTS.run(conn, {"b_series_uid": attrs.series_instance_uid}).fetchone()
-        if parents is not None:  # the common case: the series is indexed
-            series_pk, study_pk, patient_pk = parents
-            values = dict(series_fk=series_pk, **_instance_values(attrs, location, source_ae, now))
-            row = _sqlite_add_instance().run(conn, values).fetchone()
-            if row is None:
-                return None
-            _SQLITE_BUMP_SERIES.run(conn, {"b_pk": series_pk, "b_now": now})
-            _SQLITE_BUMP_STUDY.run(conn, {"b_pk": study_pk, "b_now": now})
-            _SQLITE_BUMP_PATIENT.run(conn, {"b_pk": patient_pk})
-            return row[0]
-    parents = conn.execute(_PARENTS, {"b_series_uid": attrs.series_instance_uid}).one_or_none()
+    parents = _execute(conn, _PARENTS, {"b_series_uid": attrs.series_instance_uid}).fetchone()
     new_study = new_series = False
     if parents is None:
         series_pk, study_pk, patient_pk, new_study, new_series = _add_parents(conn, attrs, now)
@@ -238,7 +232,7 @@ def add_instance(
     if instance_pk is None:
         return None
     # Counters, each bumped only by the transaction that created the row below it.
-    conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
+    _execute(conn, _BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
     if new_series or new_study:
         study_values: dict[str, Any] = dict(num_instances=Study.num_instances + 1, updated_at=now)
         patient_values: dict[str, Any] = dict(num_instances=Patient.num_instances + 1)
@@ -250,8 +244,8 @@ def add_instance(
         conn.execute(update(Study).where(Study.id == study_pk).values(**study_values))
         conn.execute(update(Patient).where(Patient.id == patient_pk).values(**patient_values))
     else:
-        conn.execute(_BUMP_STUDY, {"b_pk": study_pk, "b_now": now})
-        conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk})
+        _execute(conn, _BUMP_STUDY, {"b_pk": study_pk, "b_now": now})
+        _execute(conn, _BUMP_PATIENT, {"b_pk": patient_pk})
     if new_series and attrs.modality:
         _add_modality(conn, study_pk, attrs.modality)
     return instance_pk
