@@ -21,7 +21,9 @@ into the ``C_STORE`` primitive that pynetdicom's ``decode`` of the command
 set and ``message_to_primitive`` would make, through the primitive's own
 validating setters.  Anything else (another message, an element a C-STORE
 request does not have, an empty or multi-valued value) gives None, and
-pynetdicom decodes the message itself.
+pynetdicom decodes the message itself.  :func:`store_response_of` does the
+same for the message a retrieve waits on once per sub-operation: the
+peer's plain C-STORE-RSP (a Status and nothing more to say).
 
 :func:`part10_head` does the same for the file meta group that the archive
 puts before every received object (``Event.file_meta`` encoded by
@@ -39,7 +41,8 @@ from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES
 
-__all__ = ["command_set", "data_set_of", "part10_head", "store_request", "store_response"]
+__all__ = ["command_set", "data_set_of", "part10_head", "store_request", "store_request_command", "store_response",
+           "store_response_of"]
 
 _ELEMENT_HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
 _US = struct.Struct("<H")
@@ -140,9 +143,29 @@ def store_response(message_id: int, sop_class_uid: str, sop_instance_uid: str, s
     return _encoded("C-STORE-RSP", values.get)
 
 
+def store_request_command(message_id: int, priority: int, sop_class_uid: str, sop_instance_uid: str,
+                          originator_aet: str | None = None, originator_id: int | None = None) -> bytes | None:
+    """The command set of a C-STORE-RQ with a data set, as :func:`command_set` encodes the request primitive.
+
+    For a sender that writes the message itself (a retrieve's sub-operation):
+    no primitive is built.  None for a value this module leaves to
+    pynetdicom (one that is not ASCII).
+    """
+    values = {
+        "AffectedSOPClassUID": sop_class_uid, "MessageID": message_id, "Priority": priority,
+        "AffectedSOPInstanceUID": sop_instance_uid, "MoveOriginatorApplicationEntityTitle": originator_aet,
+        "MoveOriginatorMessageID": originator_id, "CommandField": _COMMAND_FIELD["C-STORE-RQ"],
+        "CommandDataSetType": _DATA_SET,
+    }
+    return _encoded("C-STORE-RQ", values.get)
+
+
 _C_STORE_RQ = 0x0001
-# C-STORE-RQ's elements (element number: the primitive's attribute and how pydicom reads the value);
-# the group length, Command Field and Command Data Set Type have no attribute.
+_C_STORE_RSP = 0x8001
+# The elements of a C-STORE request and of a plain C-STORE response (element number: the primitive's
+# attribute and how pydicom reads the value); the group length, Command Field and Command Data Set Type
+# have no attribute.  A response with anything more (an Error Comment, an Offending Element) is left to
+# pynetdicom.
 _STORE_RQ_ELEMENTS = {
     0x0000: None, 0x0100: None, 0x0800: None,
     0x0002: ("AffectedSOPClassUID", "UI"),
@@ -151,6 +174,13 @@ _STORE_RQ_ELEMENTS = {
     0x1000: ("AffectedSOPInstanceUID", "UI"),
     0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),
     0x1031: ("MoveOriginatorMessageID", "US"),
+}
+_STORE_RSP_ELEMENTS = {
+    0x0000: None, 0x0100: None, 0x0800: None,
+    0x0002: ("AffectedSOPClassUID", "UI"),
+    0x0120: ("MessageIDBeingRespondedTo", "US"),
+    0x0900: ("Status", "US"),
+    0x1000: ("AffectedSOPInstanceUID", "UI"),
 }
 
 
@@ -164,15 +194,8 @@ def _decoded(vr: str, raw: bytes) -> object | None:
     return text.rstrip("\0 ") if vr == "UI" else text.strip()
 
 
-def store_request(command: bytes | memoryview) -> C_STORE | None:
-    """The ``C_STORE`` primitive of a C-STORE-RQ command set (Implicit VR Little Endian), or None.
-
-    The primitive has every attribute pynetdicom's decoding gives it except
-    the data set and the presentation context, which the caller adds.  None
-    for any other message, a request without a data set, a truncated or
-    unusual command set, or a value the primitive refuses: pynetdicom then
-    decodes it and reports the problem its own way.
-    """
+def _store_primitive(command: bytes | memoryview, layout: dict, command_field: int, has_data: bool) -> C_STORE | None:
+    """The ``C_STORE`` primitive of a command set holding only ``layout``'s elements, or None."""
     raw = bytes(command)
     values: dict[int, bytes] = {}
     position = 0
@@ -181,16 +204,18 @@ def store_request(command: bytes | memoryview) -> C_STORE | None:
             return None
         group, element, length = _ELEMENT_HEADER.unpack_from(raw, position)
         position += _ELEMENT_HEADER.size
-        if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values or length == 0 \
+        if group != 0 or element not in layout or element in values or length == 0 \
                 or length > len(raw) - position:
             return None
         values[element] = raw[position:position + length]
         position += length
-    if values.get(0x0100) != _US.pack(_C_STORE_RQ) or values.get(0x0800) in (None, _US.pack(_NO_DATA_SET)):
+    data_set_type = values.get(0x0800)
+    if values.get(0x0100) != _US.pack(command_field) or data_set_type is None \
+            or (data_set_type != _US.pack(_NO_DATA_SET)) is not has_data:
         return None
     primitive = C_STORE()
     for element, value in values.items():
-        target = _STORE_RQ_ELEMENTS[element]
+        target = layout[element]
         if target is None:
             continue
         keyword, vr = target
@@ -201,6 +226,35 @@ def store_request(command: bytes | memoryview) -> C_STORE | None:
             setattr(primitive, keyword, decoded)
         except (TypeError, ValueError):
             return None
+    return primitive
+
+
+def store_request(command: bytes | memoryview) -> C_STORE | None:
+    """The ``C_STORE`` primitive of a C-STORE-RQ command set (Implicit VR Little Endian), or None.
+
+    The primitive has every attribute pynetdicom's decoding gives it except
+    the data set and the presentation context, which the caller adds.  None
+    for any other message, a request without a data set, a truncated or
+    unusual command set, or a value the primitive refuses: pynetdicom then
+    decodes it and reports the problem its own way.
+    """
+    return _store_primitive(command, _STORE_RQ_ELEMENTS, _C_STORE_RQ, has_data=True)
+
+
+def store_response_of(command: bytes | memoryview) -> C_STORE | None:
+    """The ``C_STORE`` primitive of a C-STORE-RSP command set, or None.
+
+    What pynetdicom's decoding gives for the response a peer sends to each
+    C-STORE sub-operation of a retrieve (or each object ``pacs push``
+    sends): its Status, the Message ID it answers, and the SOP class and
+    instance.  None for anything else, including a response that carries
+    more (an Error Comment, an Offending Element): pynetdicom decodes those.
+    """
+    if len(command) > 512:  # a plain response is about 100 bytes; a longer one has more to say
+        return None
+    primitive = _store_primitive(command, _STORE_RSP_ELEMENTS, _C_STORE_RSP, has_data=False)
+    if primitive is None or primitive.Status is None or primitive.MessageIDBeingRespondedTo is None:
+        return None
     return primitive
 
 

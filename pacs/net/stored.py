@@ -26,16 +26,20 @@ import io
 import struct
 from collections.abc import Callable
 
-from pydicom import dcmread
+from pydicom import config, dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.utils import set_ae
 
-from pacs.net.commands import command_set
+from pacs.net.commands import store_request_command
 from pacs.net.reactor import hold_reactor
 
 _META_GROUP_LENGTH = struct.Struct("<I")
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+_UID_CHARACTERS = frozenset("0123456789.")
 # A Part 10 file: 128-byte preamble, "DICM", then (0002,0000) UL with its 4-byte value.
 _GROUP_LENGTH_AT = 128 + 4 + 8
 
@@ -50,8 +54,11 @@ class StoredObject(Dataset):
 
     def __init__(self, part10: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
         super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
+        # The UIDs come from the index, which took them from a stored object: set without pydicom's
+        # validation of each value (a regex per UID, a sizeable part of a sub-operation's own time).
+        self[_SOP_CLASS_UID] = DataElement(_SOP_CLASS_UID, "UI", sop_class_uid, validation_mode=config.IGNORE)
+        self[_SOP_INSTANCE_UID] = DataElement(_SOP_INSTANCE_UID, "UI", sop_instance_uid,
+                                              validation_mode=config.IGNORE)
         self.part10 = part10
         self.transfer_syntax_uid = transfer_syntax_uid
 
@@ -79,22 +86,15 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     """
     if not assoc.is_established:
         raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
-    try:
-        context = assoc._get_valid_context(obj.SOPClassUID, obj.transfer_syntax_uid, "scu", allow_conversion=False)
-    except ValueError:
+    context_id = _context_for(assoc, obj.SOPClassUID, obj.transfer_syntax_uid)
+    if context_id is None:
         return None
-    request = C_STORE()
-    request.MessageID = msg_id
-    request.Priority = priority
-    request.MoveOriginatorApplicationEntityTitle = originator_aet
-    request.MoveOriginatorMessageID = originator_id
-    request.AffectedSOPClassUID = obj.SOPClassUID
-    request.AffectedSOPInstanceUID = obj.SOPInstanceUID
     dataset = obj.dataset_bytes()
     # As send_c_store: pause the reactor so that it cannot take the response.
     hold_reactor(assoc)
     try:
-        _send_message(assoc, request, context.context_id, dataset)
+        _send_message(assoc, context_id, dataset, msg_id, priority, obj.SOPClassUID, obj.SOPInstanceUID,
+                      originator_aet, originator_id)
         _, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
@@ -104,18 +104,61 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     return assoc._check_received_status(response)
 
 
-def _send_message(assoc: Association, request: C_STORE, context_id: int, dataset: memoryview) -> None:
+def _context_for(assoc: Association, sop_class_uid: str, transfer_syntax_uid: str) -> int | None:
+    """The ID of the accepted context (this side SCU) for the SOP class in exactly that transfer syntax, or None.
+
+    Looked up once per pair and association (pynetdicom's look-up sorts and
+    filters every context on each call); the accepted contexts do not change
+    once the association is established.
+    """
+    found = assoc.__dict__.setdefault("_pacs_store_contexts", {})
+    key = (sop_class_uid, transfer_syntax_uid)
+    if key not in found:
+        try:
+            context = assoc._get_valid_context(sop_class_uid, transfer_syntax_uid, "scu", allow_conversion=False)
+        except ValueError:
+            found[key] = None
+        else:
+            found[key] = context.context_id
+    return found[key]
+
+
+def _send_message(assoc: Association, context_id: int, dataset: memoryview, msg_id: int, priority: int,
+                  sop_class_uid: str, sop_instance_uid: str, originator_aet: str | None,
+                  originator_id: int | None) -> None:
     """Send the C-STORE request: in one piece where the DUL provider can (pacs.net.reactor), else through DIMSE.
 
-    The data set is the stored bytes themselves, not a copy in the request's ``BytesIO``.
+    The data set is the stored bytes themselves, not a copy in the request's
+    ``BytesIO``.  In one piece, the command set is encoded from the values
+    (the AE title checked as the primitive would) without building pynetdicom's
+    request primitive.
     """
     send_now = getattr(assoc.dul, "send_message_now", None)
-    if send_now is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT):
-        command = command_set(request, has_data=True)
-        if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
-            return
+    if send_now is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT) and _plain_uid(sop_class_uid) \
+            and _plain_uid(sop_instance_uid) and 0 <= msg_id <= 0xFFFF and priority in (0, 1, 2) \
+            and (originator_id is None or 0 <= originator_id <= 0xFFFF):
+        try:
+            aet = None if originator_aet is None else set_ae(originator_aet, "Move Originator AE Title")
+        except ValueError:
+            aet = None  # as the primitive's setter: logged by it below, and the element left out
+        else:
+            command = store_request_command(msg_id, priority, sop_class_uid, sop_instance_uid, aet, originator_id)
+            if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
+                return
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.Priority = priority
+    request.MoveOriginatorApplicationEntityTitle = originator_aet
+    request.MoveOriginatorMessageID = originator_id
+    request.AffectedSOPClassUID = sop_class_uid
+    request.AffectedSOPInstanceUID = sop_instance_uid
     request.DataSet = io.BytesIO(dataset)
     assoc.dimse.send_msg(request, context_id)
+
+
+def _plain_uid(uid: str) -> bool:
+    """A UID the primitive would take as it is: 1 to 64 characters of digits and dots."""
+    return 0 < len(uid) <= 64 and _UID_CHARACTERS.issuperset(uid)
 
 
 def sending_stored(assoc: Association, send_c_store: Callable[..., Dataset]) -> Callable[..., Dataset]:

@@ -239,3 +239,67 @@ def test_a_store_response_is_what_pynetdicom_sends_for_the_primitive_its_scp_bui
     rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID, rsp.Status = instance, CT, status
     assert commands.store_response(7, CT, instance, status) == pynetdicom_bytes(rsp)
     assert commands.store_response(7, CT, "1.2.3.\u00e9", status) is None
+
+
+RESPONSE_ATTRIBUTES = ("MessageIDBeingRespondedTo", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Status")
+
+
+def pynetdicom_decoded_response(command: bytes) -> C_STORE:
+    message = DIMSEMessage()
+    assert message.decode_msg(_p_data([1, b"\x03" + command]))
+    return message.message_to_primitive()
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xC000])
+@pytest.mark.parametrize("instance", [INSTANCE, INSTANCE + "1"])
+def test_a_store_response_decodes_as_pynetdicom_decodes_it(status, instance):
+    response = store_response(status)
+    response.AffectedSOPInstanceUID = instance
+    command = command_set(response)
+    ours, theirs = commands.store_response_of(command), pynetdicom_decoded_response(command)
+    assert type(ours) is C_STORE and ours.MessageIDBeingRespondedTo == 7 and ours.Status == status
+    assert {a: getattr(ours, a) for a in RESPONSE_ATTRIBUTES} == {a: getattr(theirs, a) for a in RESPONSE_ATTRIBUTES}
+
+
+@pytest.mark.parametrize("case", ["request", "error comment", "offending element", "no status", "with data set",
+                                  "truncated", "find response"])
+def test_what_the_response_decoder_leaves_to_pynetdicom(case):
+    command = command_set(store_response(0xC000))
+    if case == "request":
+        command = command_set(store_request())
+    elif case == "error comment":
+        command += _element(0x0902, b"disk full ")
+    elif case == "offending element":
+        command += _element(0x0901, struct.pack("<HH", 0x0010, 0x0010))
+    elif case == "no status":
+        command = command.replace(struct.pack("<HHIH", 0, 0x0900, 2, 0xC000), b"")
+    elif case == "with data set":
+        command = command.replace(struct.pack("<HHIH", 0, 0x0800, 2, 0x0101), struct.pack("<HHIH", 0, 0x0800, 2, 1))
+    elif case == "truncated":
+        command = command[:-3]
+    elif case == "find response":
+        command = command_set(find_response(0x0000, None))
+    assert commands.store_response_of(command) is None
+
+
+def test_the_receiver_queues_store_responses_and_hands_anything_else_on():
+    dimse = _Dimse()
+    receive = _StoreRequestReceiver(dimse)
+    plain, with_comment = command_set(store_response(0x0000)), command_set(store_response(0xC000))
+    with_comment += _element(0x0902, b"disk full ")
+    receive(_p_data([5, b"\x03" + plain], [5, b"\x03" + with_comment]))
+    context_id, response = dimse.msg_queue.get_nowait()
+    assert context_id == 5 and response.Status == 0x0000 and response.AffectedSOPInstanceUID == INSTANCE
+    assert dimse.msg_queue.empty()
+    assert dimse.by_pynetdicom == [[[5, b"\x03" + with_comment]]]
+
+
+@pytest.mark.parametrize("extra", [{}, {"MoveOriginatorApplicationEntityTitle": "MOVESCU", "MoveOriginatorMessageID": 9},
+                                   {"MoveOriginatorApplicationEntityTitle": "ABC", "MoveOriginatorMessageID": 65535},
+                                   {"Priority": 0, "MessageID": 65535}])
+def test_a_store_request_command_from_values_is_the_primitives_command_set(extra):
+    request = store_request(**extra)
+    assert commands.store_request_command(
+        request.MessageID, request.Priority, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID,
+    ) == command_set(request) == pynetdicom_bytes(request)
