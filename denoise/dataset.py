@@ -33,7 +33,9 @@ was):
   ``phantoms.dead_leaves_slice`` images (random occluding shapes of every
   size in CT values) instead of anatomy-like phantoms;
   ``dead_leaves_edge_px`` > 0 gives each leaf an edge ramp up to that wide
-  (the partial volume of thick slices);
+  (the partial volume of thick slices); ``dead_leaves_rim_fraction`` gives
+  that fraction of the leaves a thin layer of another value inside their
+  outline (skin over fat, fluid between skull and brain);
 * ``phantom_edge_blur_px`` > 0: the phantoms' edge blur is drawn from 0.3 to
   that many pixels instead of 0.3-0.7 (0.0-0.7 with extras, 0-2 with variety).
 
@@ -64,7 +66,8 @@ GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
 _KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction",
-                        "dead_leaves_fraction", "dead_leaves_edge_px", "phantom_edge_blur_px")
+                        "dead_leaves_fraction", "dead_leaves_edge_px", "phantom_edge_blur_px",
+                        "dead_leaves_rim_fraction")
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,15 @@ class SimulationConfig:
     dead_leaves_fraction: float = 0.0
     dead_leaves_edge_px: float = 0.0
     phantom_edge_blur_px: float = 0.0  # 0: the phantoms' own edge blur (0.3-0.7 px)
+    dead_leaves_rim_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"dose_range: expected factors 0 < lo <= hi, got {self.dose_range}")
         object.__setattr__(self, "dose_range", (lo, hi))  # a list, when read back from JSON
-        for name in ("grain_fraction", "extras_fraction", "variety_fraction", "dead_leaves_fraction"):
+        for name in ("grain_fraction", "extras_fraction", "variety_fraction", "dead_leaves_fraction",
+                     "dead_leaves_rim_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.dead_leaves_edge_px <= self.size_px / 8:
@@ -162,7 +167,8 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     if shepp_logan:
         hu = phantoms.shepp_logan_hu(config.size_px)
     elif leaves:
-        hu = phantoms.dead_leaves_slice(rng, config.size_px, edge_px=config.dead_leaves_edge_px)
+        hu = phantoms.dead_leaves_slice(rng, config.size_px, edge_px=config.dead_leaves_edge_px,
+                                         rim_fraction=config.dead_leaves_rim_fraction)
     else:
         hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety,
                                    edge_blur_px=config.phantom_edge_blur_px or None)

@@ -70,6 +70,19 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: fl
     return u * u + v * v <= 1.0
 
 
+def _depth_inside(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float,
+                  angle_deg: float) -> np.ndarray:
+    """About the distance from the ellipse's outline, inward (grid units; negative outside): ``(1 - rho) / |grad rho|``."""
+    t = math.radians(angle_deg)
+    c, s = math.cos(t), math.sin(t)
+    dx, dy = x - cx, y - cy
+    u = (c * dx + s * dy) / a
+    v = (-s * dx + c * dy) / b
+    rho = np.maximum(np.sqrt(u * u + v * v), 1e-9)
+    gradient = np.sqrt((u / a) ** 2 + (v / b) ** 2) / rho
+    return (1.0 - rho) / np.maximum(gradient, 1e-9)
+
+
 def _downsample(image: np.ndarray, s: int) -> np.ndarray:
     if s == 1:
         return image
@@ -279,7 +292,8 @@ def _add_extras(hu: np.ndarray, x: np.ndarray, y: np.ndarray, rng: np.random.Gen
         hu[soft] += fine[soft]
 
 
-def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float = 0.0) -> np.ndarray:
+def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float = 0.0,
+                      rim_fraction: float = 0.0) -> np.ndarray:
     """A slice of random occluding shapes ("dead leaves") inside a body outline, HU ``[size, size]`` float32.
 
     Ellipses and rectangles of every size, their radii drawn from a power
@@ -297,16 +311,27 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
     surface makes in real scans: a skull's inner table seen in a 5 mm slice
     rises from brain to bone over several pixels.  At 0 (the default) the
     generator is drawn from exactly as before the option existed.
+
+    ``rim_fraction`` > 0 gives that fraction of the leaves a rim: a layer 0.5
+    to 4 pixels thick just inside the outline, of another value (a small
+    contrast of 10-150 HU either way, or another tissue), as anatomy is
+    layered: skin over fat, the cerebrospinal fluid between the skull's inner
+    table and the cortex, the cortical shell of a bone; the body outline gets, as
+    often, a skin and a layer beneath it.  At 0 (the default)
+    nothing more is drawn.
     """
     if size < 16:
         raise ValueError(f"size: expected at least 16 pixels, got {size}")
     if not 0.0 <= edge_px <= size / 8:
         raise ValueError(f"edge_px: expected 0 to {size / 8:g} pixels, got {edge_px}")
+    if not 0.0 <= rim_fraction <= 1.0:
+        raise ValueError(f"rim_fraction: expected a fraction in [0, 1], got {rim_fraction}")
     s = 2
     n = size * s
     u = rng.uniform
     x, y = _grid(size, s)
-    body = _ellipse(x, y, u(-0.05, 0.05), u(-0.05, 0.05), u(0.45, 0.9), u(0.4, 0.85), u(-20, 20))
+    outline = (u(-0.05, 0.05), u(-0.05, 0.05), u(0.45, 0.9), u(0.4, 0.85), u(-20, 20))
+    body = _ellipse(x, y, *outline)
     # front to back: each leaf takes what the leaves above it let through ("uncovered", 1 to 0) times its alpha
     leaves, cover = np.zeros((n, n)), np.zeros((n, n))  # sums of alpha-weighted values and of alphas
     uncovered = body.astype(np.float64)
@@ -337,6 +362,15 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
         rho = np.maximum(np.abs(along), np.abs(across)) if rng.random() < 0.25 else np.sqrt(along * along + across * across)
         lo, hi = ranges[int(rng.choice(len(ranges), p=weights))]
         value = u(lo, hi)
+        if rim_fraction and rng.random() < rim_fraction:
+            if rng.random() < 0.5:
+                rim_value = value + rng.choice((-1.0, 1.0)) * u(10.0, 150.0)
+            else:
+                rim_lo, rim_hi = ranges[int(rng.choice(len(ranges), p=weights))]
+                rim_value = u(rim_lo, rim_hi)
+            thickness, inner_ramp = u(0.5, 4.0) * s, max(u(0.0, edge_px) * s, 1.0)
+            depth = (1.0 - rho) * r * aspect  # about the distance inside the outline, supersampled pixels
+            value = rim_value + (value - rim_value) * np.clip(0.5 + (depth - thickness) / inner_ramp, 0.0, 1.0)
         if ramp:  # (1 - rho) times the short radius: about the distance inside the outline, in pixels
             alpha = np.clip(0.5 + (1.0 - rho) * r * aspect / ramp, 0.0, 1.0)
         else:
@@ -349,6 +383,13 @@ def dead_leaves_slice(rng: np.random.Generator, size: int = 512, edge_px: float 
     if edge_px:
         u()  # a draw soft-edged slices have always made here: the sets simulated before stay reproducible
     hu = np.where(body, (leaves + uncovered * background) / np.maximum(cover + uncovered, 1e-9), -1000.0)
+    if rim_fraction and rng.random() < rim_fraction:  # the body's own layers: skin, then fat or muscle
+        depth = _depth_inside(x, y, *outline) * (n / 2.0)  # supersampled pixels
+        for lo, hi in ((-20.0, 90.0), (-120.0, 60.0)):
+            thickness = u(0.5, 4.0) * s if lo == -20.0 else u(0.0, 12.0) * s
+            layer = np.clip(0.5 + (thickness - depth) / max(u(0.0, edge_px) * s, 1.0), 0.0, 1.0)
+            hu = np.where(body, hu + layer * (u(lo, hi) - hu), hu)
+            depth = depth - thickness
     soft = (hu > -200) & (hu < 300)
     hu = np.where(soft, hu + _smooth_noise(rng, n, u(1.5, 8.0) * s) * u(3, 15), hu)
     hu = _blur(_downsample(hu, s), u(0.0, 1.0))

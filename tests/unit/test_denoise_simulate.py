@@ -101,6 +101,34 @@ def test_soft_dead_leaves_rise_over_several_pixels_where_sharp_ones_step():
         phantoms.dead_leaves_slice(np.random.default_rng(0), 128, edge_px=-1.0)
 
 
+def test_rimmed_dead_leaves_are_drawn_only_when_asked_and_stay_ct_values():
+    plain = phantoms.dead_leaves_slice(np.random.default_rng(4), 128, edge_px=2.0)
+    assert np.array_equal(plain, phantoms.dead_leaves_slice(np.random.default_rng(4), 128, edge_px=2.0,
+                                                           rim_fraction=0.0))  # 0: nothing more drawn
+    rimmed = phantoms.dead_leaves_slice(np.random.default_rng(4), 128, edge_px=2.0, rim_fraction=1.0)
+    assert not np.array_equal(rimmed, plain)
+    assert np.array_equal(rimmed, phantoms.dead_leaves_slice(np.random.default_rng(4), 128, edge_px=2.0,
+                                                            rim_fraction=1.0))
+    assert np.isfinite(rimmed).all() and rimmed.min() >= -1024 and rimmed.max() <= 3071
+    assert (rimmed[:4] <= -990).all()  # still air around the body
+    with pytest.raises(ValueError, match="rim_fraction"):
+        phantoms.dead_leaves_slice(np.random.default_rng(0), 128, rim_fraction=1.5)
+
+
+def test_the_depth_inside_an_ellipse_is_about_the_distance_to_its_outline():
+    x, y = phantoms._grid(64, 1)
+    depth = phantoms._depth_inside(x, y, 0.0, 0.0, 0.8, 0.4, 30.0)
+    inside = phantoms._ellipse(x, y, 0.0, 0.0, 0.8, 0.4, 30.0)
+    assert (depth[inside] >= -1e-9).all() and (depth[~inside] <= 1e-9).all()
+    # near the outline (where skin and fat are laid), against the distance to a dense sampling of it
+    t, angle = np.linspace(0, 2 * np.pi, 4000), np.radians(30.0)
+    ox = 0.8 * np.cos(t) * np.cos(angle) - 0.4 * np.sin(t) * np.sin(angle)
+    oy = 0.8 * np.cos(t) * np.sin(angle) + 0.4 * np.sin(t) * np.cos(angle)
+    near = inside & (depth < 0.1)
+    true = np.sqrt((x[near][:, None] - ox) ** 2 + (y[near][:, None] - oy) ** 2).min(axis=1)
+    assert near.sum() > 100 and np.abs(depth[near] - true).max() < 0.2 * 2 / 64  # a fifth of a pixel
+
+
 def test_phantoms_with_a_wider_edge_blur_have_softer_edges_and_the_same_anatomy():
     def gradient(a: np.ndarray) -> float:
         """Mean one-pixel rise over the steepest 1 % of the body's pixels."""
@@ -188,6 +216,9 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
     with pytest.raises(ValueError, match="dead_leaves_edge_px"):
         SimulationConfig(dead_leaves_edge_px=-1.0)
     assert SimulationConfig(phantom_edge_blur_px=2.0).key(3) != SimulationConfig().key(3)
+    assert SimulationConfig(dead_leaves_rim_fraction=0.5).key(3) != SimulationConfig().key(3)
+    with pytest.raises(ValueError, match="dead_leaves_rim_fraction"):
+        SimulationConfig(dead_leaves_rim_fraction=-0.5)
     with pytest.raises(ValueError, match="phantom_edge_blur_px"):
         SimulationConfig(phantom_edge_blur_px=0.2)
     other = build_pair_set(tmp_path, seed=3, count=1, config=leaves)
