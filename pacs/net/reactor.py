@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.005
 # How long a sender waits for the reactor of its association to pause.
 _HOLD_TIMEOUT_S = 5.0
+# How long a reactor left paused between a sender's requests waits for the next one (see _WakingCheckpoint).
+LINGER_S = 0.05
 # A C-GET/C-MOVE Pending response (a progress report) at most this often per request.
 PENDING_INTERVAL_S = 0.25
 PENDING = 0xFF00
@@ -305,6 +307,14 @@ class _WakingCheckpoint(threading.Event):
     pynetdicom's ``send_c_*`` methods clear the checkpoint and then wait until
     the reactor reports itself paused; a reactor blocked on the message queue
     must notice at once, or every request the archive sends waits for it.
+
+    A sender of many requests in a row (a C-MOVE's sub-operations, ``pacs
+    push``) may leave the reactor paused between them (:meth:`linger`,
+    :meth:`take_lingering`): pausing and resuming it around every request
+    costs three thread switches each time.  A reactor left paused resumes by
+    itself once the sender has not come back for ``LINGER_S``, so its checks
+    (a release or abort from the peer, the network timeout) wait no longer
+    than that.
     """
 
     def __init__(self, messages: queue.Queue) -> None:
@@ -312,6 +322,9 @@ class _WakingCheckpoint(threading.Event):
         self._messages = messages
         self._parking = threading.Condition()
         self._parked = False  # the reactor is blocked in wait(): cleared only by set()
+        self._lingering = False  # left paused by a sender between its requests
+        self._taken = False  # ... and that sender (or another) is using the pause again
+        self._lingered_at = 0.0
 
     def clear(self) -> None:
         super().clear()
@@ -320,7 +333,7 @@ class _WakingCheckpoint(threading.Event):
 
     def set(self) -> None:
         with self._parking:
-            self._parked = False
+            self._parked = self._lingering = self._taken = False
         super().set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -329,7 +342,32 @@ class _WakingCheckpoint(threading.Event):
                 return True
             self._parked = True
             self._parking.notify_all()
-        return super().wait(timeout)
+        if timeout is not None:
+            return super().wait(timeout)
+        while True:
+            with self._parking:
+                remaining = LINGER_S
+                if self._lingering and not self._taken:
+                    remaining = self._lingered_at + LINGER_S - time.monotonic()
+                    if remaining <= 0:  # the sender has not come back: resume
+                        self._parked = self._lingering = False
+                        super().set()
+                        return True
+            if super().wait(remaining):
+                return True
+
+    def linger(self) -> None:
+        """Instead of :meth:`set` after a request: leave the reactor paused for the sender's next one."""
+        with self._parking:
+            self._lingering, self._taken, self._lingered_at = True, False, time.monotonic()
+
+    def take_lingering(self) -> bool:
+        """Instead of :meth:`clear` and :meth:`hold`: use a pause left by :meth:`linger`, if it still holds."""
+        with self._parking:
+            if self._lingering and self._parked and not self.is_set():
+                self._taken = True
+                return True
+            return False
 
     def hold(self, alive: Callable[[], bool], timeout: float) -> bool:
         """After :meth:`clear`: return once the reactor is blocked here (False: it stopped, or ``timeout``).
@@ -505,9 +543,12 @@ def hold_reactor(assoc: Association) -> None:
 
     Called from the reactor itself — a C-GET's sub-operations go out on the
     association whose request the reactor is serving — it returns at once:
-    a reactor serving a request takes no message off the queue.
+    a reactor serving a request takes no message off the queue.  A reactor
+    that :func:`release_reactor` left paused is taken as it is.
     """
     checkpoint = assoc._reactor_checkpoint
+    if isinstance(checkpoint, _WakingCheckpoint) and checkpoint.take_lingering():
+        return
     checkpoint.clear()
     if threading.current_thread() is assoc:
         return
@@ -518,6 +559,21 @@ def hold_reactor(assoc: Association) -> None:
     deadline = time.monotonic() + _HOLD_TIMEOUT_S
     while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.0001)
+
+
+def release_reactor(assoc: Association, *, more_to_send: bool = False) -> None:
+    """Let the reactor held by :func:`hold_reactor` go on; with ``more_to_send``, only once the sender stops.
+
+    ``more_to_send`` (a sender of requests in a row, after a complete
+    exchange) leaves an event-driven reactor paused for the next request,
+    up to ``LINGER_S``; the reactor's own thread, or any other kind of
+    association, resumes at once.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    if more_to_send and isinstance(checkpoint, _WakingCheckpoint) and threading.current_thread() is not assoc:
+        checkpoint.linger()
+    else:
+        checkpoint.set()
 
 
 def _recv_exactly(sock: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -696,4 +752,4 @@ class EventDrivenRequestHandler(RequestHandler):
 
 
 __all__ = ["EventDrivenAE", "EventDrivenDUL", "EventDrivenRequestHandler", "IDLE_WAIT_S", "hold_reactor",
-           "make_event_driven"]
+           "make_event_driven", "release_reactor"]

@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.utils import set_ae
 
 from pacs.net.commands import store_request_command
-from pacs.net.reactor import hold_reactor
+from pacs.net.reactor import hold_reactor, release_reactor
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
@@ -90,14 +90,16 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     if context_id is None:
         return None
     dataset = obj.dataset_bytes()
-    # As send_c_store: pause the reactor so that it cannot take the response.
+    # As send_c_store: pause the reactor so that it cannot take the response.  After a whole exchange
+    # it is left paused for the next object (a retrieve, a push, sends them one after another).
     hold_reactor(assoc)
+    response = None
     try:
         _send_message(assoc, context_id, dataset, msg_id, priority, obj.SOPClassUID, obj.SOPInstanceUID,
                       originator_aet, originator_id)
         _, response = assoc.dimse.get_msg(block=True)
     finally:
-        assoc._reactor_checkpoint.set()
+        release_reactor(assoc, more_to_send=response is not None)
     if response is None:
         assoc._handle_no_response()
         return Dataset()

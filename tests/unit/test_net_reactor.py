@@ -326,3 +326,48 @@ def test_a_held_checkpoint_reports_the_reactor_parked_and_gives_up_on_a_dead_one
     started = time.monotonic()
     assert not checkpoint.hold(thread.is_alive, 5.0) and time.monotonic() - started < 1  # nobody will park
     assert not checkpoint.hold(lambda: True, 0.05)  # and a live one that does not, within the timeout
+
+
+def test_a_sender_may_leave_the_reactor_paused_between_requests_but_not_for_long():
+    import queue
+
+    from pacs.net.reactor import LINGER_S, _WakingCheckpoint
+
+    checkpoint = _WakingCheckpoint(queue.Queue())
+    resumed = []
+
+    def reactor() -> None:
+        while checkpoint.wait() and not resumed:
+            resumed.append(time.monotonic())
+
+    checkpoint.clear()
+    thread = threading.Thread(target=reactor)
+    thread.start()
+    assert checkpoint.hold(thread.is_alive, 5.0)
+    checkpoint.linger()  # a request answered: paused for the next one
+    assert checkpoint.take_lingering()  # the next one comes at once and takes the pause as it is
+    time.sleep(3 * LINGER_S)
+    assert not resumed  # taken: the reactor stays paused however long that request takes
+    checkpoint.linger()
+    lingered = time.monotonic()
+    thread.join(5)
+    assert resumed and LINGER_S * 0.9 <= resumed[0] - lingered < 1.0  # no next request: it resumed by itself
+    assert checkpoint.is_set() and not checkpoint.take_lingering()  # a later sender must hold it anew
+
+
+def test_a_sender_that_is_done_lets_the_reactor_go_at_once():
+    import queue
+
+    from pacs.net.reactor import _WakingCheckpoint
+
+    checkpoint = _WakingCheckpoint(queue.Queue())
+    checkpoint.clear()
+    passed = threading.Event()
+    thread = threading.Thread(target=lambda: (checkpoint.wait(), passed.set()))
+    thread.start()
+    assert checkpoint.hold(thread.is_alive, 5.0)
+    checkpoint.linger()
+    checkpoint.set()  # a release, an abort, or a sender's last request: not lingering any more
+    assert passed.wait(1.0)
+    assert not checkpoint.take_lingering()
+    thread.join(5)
