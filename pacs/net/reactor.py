@@ -23,11 +23,16 @@ What changes, for the associations the archive accepts
 * a DIMSE message the archive sends has its command set encoded directly
   (``pacs.net.commands``) and goes out whole, and C-GET/C-MOVE Pending
   responses are thinned to a few a second (:func:`_sending_messages_directly`);
+* a C-STORE request, and the plain C-STORE response a retrieve's
+  sub-operation waits for, are decoded with ``struct``
+  (:class:`_StoreRequestReceiver`), not with pydicom;
 * the reactor blocks on the DIMSE message queue, which the DUL thread fills
   as soon as a message is complete, and on nothing else: a ``send_c_*``
   call that pauses it (pynetdicom clears a checkpoint event for that) wakes
   it too, so the archive's own requests — C-MOVE sub-operations, ``pacs
-  push`` — do not wait for it either.
+  push`` — do not wait for it either; a sender of many such requests in a
+  row leaves it paused between them, for up to ``LINGER_S``
+  (:func:`release_reactor`).
 
 Both still wake every ``IDLE_WAIT_S`` to run the checks the polling loops run
 (timers, release and abort requests, a dead peer), so timeouts behave as
