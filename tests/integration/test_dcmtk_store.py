@@ -195,8 +195,8 @@ def test_a_move_longer_than_the_network_timeout_ends_cleanly(embedded, tmp_path)
     from tests.integration.dicom_tools import storescp
 
     embedded.settings.dicom.port = free_port()
-    embedded.settings.dicom.network_timeout_s = 1
-    spec = SeriesSpec(study_key="long-move", series_key="long-move-1", rows=128, columns=128, count=1500)
+    embedded.settings.dicom.network_timeout_s = 0.5
+    spec = SeriesSpec(study_key="long-move", series_key="long-move-1", rows=128, columns=128, count=3000)
     for data in make_series(spec):
         embedded.ingest.store(data)
     server = start_scp(embedded)
@@ -212,9 +212,10 @@ def test_a_move_longer_than_the_network_timeout_ends_cleanly(embedded, tmp_path)
                                    "127.0.0.1", str(embedded.settings.dicom.port)],
                                   env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
             took = time.monotonic() - started
-        assert took > 1.5, "the move must outlast the network timeout for this test to mean anything"
+        # 3.7-4.1 s on dev-2c (2 cores): the margin allows for a machine and an archive several times as fast
+        assert took > 0.75, "the move must outlast the network timeout for this test to mean anything"
         assert done.returncode == 0, done.stderr
         assert "Peer aborted" not in done.stderr
-        assert len(list(out.iterdir())) == 1500
+        assert len(list(out.iterdir())) == 3000
     finally:
         server.shutdown()
