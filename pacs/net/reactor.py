@@ -198,6 +198,47 @@ class EventDrivenDUL(DULServiceProvider):
             self.socket.send(message)
             return True
 
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's read of one PDU, with a P-DATA-TF PDU of an established association handed on directly.
+
+        pynetdicom copies a received PDU three more times (into the PDU
+        buffer, into ``bytes``, into each presentation data value), builds
+        PDU and item objects, queues an event and runs the state machine,
+        whose action in Sta6 for a P-DATA-TF (DT-2) is to hand DIMSE the
+        P-DATA indication.  Here the values are views of the one buffer the
+        PDU was read into, and DIMSE gets them at once: a 0.5 MB image in
+        128 kB PDUs is six PDUs.  Anything else (another PDU type, another
+        state, an event already queued, a handler bound to the PDU, data or
+        state-machine events) goes through pynetdicom, the PDU header it was
+        read by handed back to it.
+        """
+        assoc = self.assoc
+        if (self.state_machine.current_state != "Sta6" or not self.event_queue.empty()
+                or not self._recv_pdu.empty() or self.socket is None
+                or not isinstance(assoc.dimse.receive_primitive, _StoreRequestReceiver)
+                or any(assoc.get_handlers(e) for e in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION))):
+            super()._read_pdu_data()
+            return
+        header = self.socket.recv(6)
+        if len(header) != 6 or header[0] != 0x04:
+            self.socket._pacs_pushed_back = bytes(header)
+            super()._read_pdu_data()
+            return
+        (length,) = _PDU_LENGTH.unpack_from(header, 2)
+        body = self.socket.recv(length)
+        if len(body) != length:
+            log.error("The received PDU is shorter than expected (%d of %d bytes received)", len(body) + 6, length + 6)
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom reports it
+            return
+        values = _presentation_data_values(body)
+        if values is None:
+            log.error("Unable to decode the received PDU data: a malformed P-DATA-TF")
+            self.event_queue.put("Evt19")  # an invalid PDU, as pynetdicom reports it
+            return
+        primitive = P_DATA()
+        primitive._presentation_data_value_list = values  # views: the setter takes only bytes
+        assoc.dimse.receive_primitive(primitive)  # DT-2; the state stays Sta6
+
     def _flush_held(self) -> None:
         if self._held:
             with self._send_lock:
@@ -426,6 +467,25 @@ def _next_message(assoc: Association) -> tuple[int | None, object | None]:
 _PDU_AND_PDV_HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length, context ID, control
 
 
+_PDU_LENGTH = struct.Struct(">L")
+_PDV_HEADER = struct.Struct(">LB")  # item length, presentation context ID
+
+
+def _presentation_data_values(body: bytearray) -> list[list] | None:
+    """``[context ID, view of the control header and fragment]`` of each item of a P-DATA-TF's body, or None if malformed."""
+    values, view, position = [], memoryview(body), 0
+    while position < len(body):
+        if len(body) - position < _PDV_HEADER.size:
+            return None
+        length, context_id = _PDV_HEADER.unpack_from(body, position)
+        end = position + 4 + length
+        if length < 2 or end > len(body):  # at least the context ID and the control header
+            return None
+        values.append([context_id, view[position + 5:end]])
+        position = end
+    return values or None
+
+
 def _fragment(parts: list, context_id: int, data: memoryview, control: int, max_pdu_length: int) -> None:
     """Append P-DATA-TF PDUs carrying ``data`` as PDVs of one kind (control 0x01: command, 0x00: data set)."""
     size = len(data) if max_pdu_length == 0 else max_pdu_length - 6
@@ -592,6 +652,11 @@ def _recv_exactly(sock: AssociationSocket, nr_bytes: int) -> bytearray:
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
     got = 0
+    pushed_back = getattr(sock, "_pacs_pushed_back", b"")  # see EventDrivenDUL._read_pdu_data
+    if pushed_back:
+        got = min(len(pushed_back), nr_bytes)
+        view[:got] = pushed_back[:got]
+        sock._pacs_pushed_back = pushed_back[got:]
     while got < nr_bytes:
         n = sock.socket.recv_into(view[got:], nr_bytes - got)
         if n == 0:
@@ -685,7 +750,7 @@ class _StoreRequestReceiver:
         if self.request is None and (dimse.message is not None or type(primitive) is not P_DATA
                                      or _config.STORE_RECV_CHUNKED_DATASET
                                      or dimse.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
-            self.pynetdicom(primitive)
+            self._to_pynetdicom(primitive)
             return
         values = primitive.presentation_data_value_list
         for index, (context_id, data) in enumerate(values):
@@ -700,7 +765,7 @@ class _StoreRequestReceiver:
                         continue
                     # neither: pynetdicom takes it from here
                     del values[:index]  # this primitive's own list, made for it by the PDU's to_primitive
-                    self.pynetdicom(primitive)
+                    self._to_pynetdicom(primitive)
                     return
                 request._context_id = context_id
                 self.request, self.data_set = request, BytesIO()
@@ -717,6 +782,14 @@ class _StoreRequestReceiver:
                     request.DataSet = self.data_set
                     request._pacs_decoded = True  # see _served_store
                     dimse.msg_queue.put((request._context_id, request))
+
+
+    def _to_pynetdicom(self, primitive: P_DATA) -> None:
+        """pynetdicom's own handling, with values that are views of a received buffer made ``bytes``."""
+        for value in primitive.presentation_data_value_list:
+            if not isinstance(value[1], bytes):
+                value[1] = bytes(value[1])
+        self.pynetdicom(primitive)
 
 
 def make_event_driven(assoc: Association) -> None:

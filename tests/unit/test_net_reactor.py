@@ -371,3 +371,57 @@ def test_a_sender_that_is_done_lets_the_reactor_go_at_once():
     assert passed.wait(1.0)
     assert not checkpoint.take_lingering()
     thread.join(5)
+
+
+def _p_data_tf_body(*values) -> bytes:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [list(v) for v in values]
+    return P_DATA_TF(primitive).encode()[6:]
+
+
+def test_presentation_data_values_are_read_as_pynetdicom_reads_them():
+    from pynetdicom.pdu import P_DATA_TF
+
+    from pacs.net.reactor import _presentation_data_values
+
+    values = [[1, b"\x03" + b"command"], [3, b"\x00" + b"x" * 5000], [3, b"\x02"]]
+    body = _p_data_tf_body(*values)
+    pdu = P_DATA_TF()
+    pdu.decode(b"\x04\x00" + len(body).to_bytes(4, "big") + body)
+    ours = _presentation_data_values(bytearray(body))
+    assert [[c, bytes(v)] for c, v in ours] == [list(v) for v in pdu.to_primitive().presentation_data_value_list]
+    assert [[c, bytes(v)] for c, v in ours] == values
+    assert all(isinstance(v, memoryview) for _, v in ours)  # views of the buffer, not copies
+    for malformed in (body[:-1], body[:3], b"", b"\x00\x00\x00\x01\x01"):  # truncated, short, empty, no control
+        assert _presentation_data_values(bytearray(malformed)) is None
+
+
+def test_data_pdus_of_an_established_association_skip_pynetdicoms_pdu_decoding(scp, monkeypatch):
+    """Stores and their release work as before; pynetdicom decoded no P-DATA-TF on the archive's side."""
+    decoded = []
+    original = EventDrivenDUL._decode_pdu
+
+    def counting(self, bytestream):  # noqa: ANN001, ANN202
+        pdu, event = original(self, bytestream)
+        if self.assoc.is_acceptor:
+            decoded.append(type(pdu).__name__)
+        return pdu, event
+
+    monkeypatch.setattr(EventDrivenDUL, "_decode_pdu", counting)
+    services, _ = scp
+    blobs = list(make_series(SeriesSpec(study_key="pdus", series_key="p1", rows=256, columns=256, count=5)))
+    assoc = _associate(services, CTImageStorage, Verification)
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).get("Status") for data in blobs]
+        echo = assoc.send_c_echo().Status
+    finally:
+        assoc.release()
+    assert statuses == [0] * 5 and echo == 0  # a C-ECHO: a message pynetdicom decodes, from views
+    assert "P_DATA_TF" not in decoded and "A_RELEASE_RQ" in decoded  # the header handed back: the release decoded
+    with services.db.session() as session:
+        for data in blobs:
+            uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+            assert find_instance(session, uid) is not None
