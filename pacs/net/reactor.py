@@ -19,7 +19,10 @@ What changes, for the associations the archive accepts
 * data PDUs of an established association are written by the thread that
   sends the message, as the state machine would write them, instead of being
   handed to the DUL thread one by one;
-* a received PDU is read into one buffer instead of 4 kB pieces;
+* a received PDU is read into one buffer instead of 4 kB pieces, and a
+  P-DATA-TF of an established association goes to DIMSE as views of that
+  buffer, past pynetdicom's PDU objects and state machine
+  (:meth:`EventDrivenDUL._read_pdu_data`);
 * a DIMSE message the archive sends has its command set encoded directly
   (``pacs.net.commands``) and goes out whole, and C-GET/C-MOVE Pending
   responses are thinned to a few a second (:func:`_sending_messages_directly`);
