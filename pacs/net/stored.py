@@ -142,7 +142,7 @@ def _send_message(assoc: Association, context_id: int, dataset: memoryview, msg_
         try:
             aet = None if originator_aet is None else set_ae(originator_aet, "Move Originator AE Title")
         except ValueError:
-            aet = None  # as the primitive's setter: logged by it below, and the element left out
+            pass  # the primitive's setter below logs it and leaves the element out
         else:
             command = store_request_command(msg_id, priority, sop_class_uid, sop_instance_uid, aet, originator_id)
             if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
