@@ -54,9 +54,19 @@ class AppendFile(abc.ABC):
 
     def append(self, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` at the end; return the offset of their first byte once they are durable."""
-        start = self.write(chunks)
-        self.start_flush().wait()
+        start, flush = self.begin_append(chunks)
+        flush.wait()
         return start
+
+    def begin_append(self, chunks: Iterable[bytes]) -> tuple[int, Flush]:
+        """:meth:`write` then :meth:`start_flush`: (offset of the first byte, the flush under way).
+
+        A file whose writes are calls to another thread may do both in one
+        call and return before the bytes are written; the flush's ``wait``
+        then also reports a failed write.
+        """
+        start = self.write(chunks)
+        return start, self.start_flush()
 
     @abc.abstractmethod
     def write(self, chunks: Iterable[bytes]) -> int:

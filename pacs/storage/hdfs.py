@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import posixpath
 import threading
 import uuid
@@ -117,6 +118,8 @@ class _Pending(Generic[T]):
 # Objects next to each other are read together up to this size: each read is
 # a NameNode call and a DataNode connection (WebHDFS: two HTTP exchanges).
 SPAN_BYTES = 8 << 20
+# A record up to this size is handed to the client's loop in one piece (HdfsAppendFile.begin_append).
+GATHER_BYTES = 8 << 20
 
 
 class NativeHdfsBlobStore(BlobStore):
@@ -368,6 +371,39 @@ class HdfsAppendFile(AppendFile):
             raise StorageUnavailable(f"{self._full} can no longer be appended to")
         return _Hsync(self, self._store._loop.submit(self._writer.hsync(), self._store.timeout_s,
                                                      f"hsync {self._full}"))
+
+    def begin_append(self, chunks: Iterable[bytes]) -> tuple[int, Flush]:
+        """Write and hsync as one call on the client's loop, which the caller does not wait for.
+
+        Each write handed to the loop is a round trip between two threads
+        (a record is at least two: its header and the object); together with
+        the hsync's they are one.  Up to ``GATHER_BYTES`` the record is
+        joined into one buffer first, so that the writes happen while the
+        caller goes on; a longer record is written chunk by chunk as
+        :meth:`write` does, not held whole in memory.
+        """
+        if self._broken or self._writer is None:
+            raise StorageUnavailable(f"{self._full} can no longer be appended to")
+        start = self._size
+        gathered: list[bytes | memoryview] = []
+        total = 0
+        chunks = iter(chunks)
+        for chunk in chunks:
+            gathered.append(chunk)
+            total += len(chunk)
+            if total > GATHER_BYTES:
+                self.write(itertools.chain(gathered, chunks))
+                return start, self.start_flush()
+        record = b"".join(gathered)
+        writer = self._writer
+
+        async def write_and_hsync() -> None:
+            await writer.write(record)
+            await writer.hsync()
+
+        self._size += total
+        return start, _Hsync(self, self._store._loop.submit(write_and_hsync(), self._store.timeout_s,
+                                                            f"append to {self._full}"))
 
     def _failed(self, exc: BaseException) -> BaseException:
         """Mark the file broken; the error to raise for ``exc``."""

@@ -157,8 +157,7 @@ class PackPool:
         """Write one record and start its flush (see :class:`PendingAppend`)."""
         pack = self._take()
         try:
-            start = pack.file.write(itertools.chain((header,), chunks))
-            flush = pack.file.start_flush()
+            start, flush = pack.file.begin_append(itertools.chain((header,), chunks))
         except BaseException:
             self._seal(pack)
             raise

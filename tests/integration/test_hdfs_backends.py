@@ -60,3 +60,56 @@ def test_a_pack_still_being_written_is_read_in_few_requests(hdfs_root, monkeypat
         assert len(requests) == 3
     finally:
         pack.close()
+
+
+def test_appends_are_handed_over_whole_or_chunk_by_chunk(hdfs_root, monkeypatch):
+    """A record up to GATHER_BYTES is written and hsync'ed in one call the caller does not wait for;
+    a longer one chunk by chunk.  Both read back where their offsets say, after the flush."""
+    import pacs.storage.hdfs as hdfs
+
+    monkeypatch.setattr(hdfs, "GATHER_BYTES", 1 << 20)
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    pack = blobs.open_append("packs/mixed.pack")
+    calls = []
+    write = type(pack).write
+    monkeypatch.setattr(type(pack), "write", lambda self, chunks: calls.append("write") or write(self, chunks))
+    records = [[b"h" * 40, os.urandom(300_000)], [os.urandom(700_000), os.urandom(700_000)], [os.urandom(5)]]
+    try:
+        placed = []
+        for chunks in records:
+            start, flush = pack.begin_append(iter(chunks))
+            flush.wait()
+            placed.append((start, b"".join(chunks)))
+        assert calls == ["write"]  # only the 1.4 MB record went through write()
+        assert pack.size == sum(len(data) for _, data in placed)
+        for start, data in placed:
+            assert blobs.read("packs/mixed.pack", start, len(data)) == data
+    finally:
+        pack.close()
+
+
+def test_a_failed_handed_over_append_breaks_the_pack(hdfs_root):
+    """The write failing on the loop surfaces at the flush's wait, and nothing more is appended."""
+    from pacs.errors import StorageUnavailable
+
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3)
+    pack = blobs.open_append("packs/broken.pack")
+
+    class Failing:
+        def __init__(self, writer):
+            self._writer = writer
+
+        async def write(self, data):
+            raise OSError("pipeline gone")
+
+        def __getattr__(self, name):
+            return getattr(self._writer, name)
+
+    pack._writer = Failing(pack._writer)
+    _, flush = pack.begin_append([b"record"])
+    with pytest.raises(StorageUnavailable, match="pipeline gone"):
+        flush.wait()
+    with pytest.raises(StorageUnavailable, match="can no longer be appended"):
+        pack.begin_append([b"next"])
+    pack._writer = pack._writer._writer
+    pack.close()  # a broken pack is not waited on
