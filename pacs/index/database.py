@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +18,14 @@ from pacs.settings import Settings
 PING_IDLE_S = 1.0  # a pooled connection idle this long is pinged before use
 
 
-def make_engine(url: str, *, pool_size: int = 5, echo: bool = False, flush_commits: bool = True) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, echo: bool = False, flush_commits: bool = True, autocommit: bool = False
+) -> Engine:
     """An engine for the index at ``url``.
 
     ``flush_commits=False`` (SQLite only) commits without flushing the log:
-    see :meth:`Database.transaction`.
+    see :meth:`Database.transaction`.  ``autocommit`` (not SQLite): every
+    statement is its own transaction, see :meth:`Database.autocommit`.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"timeout": 60})
@@ -45,6 +49,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False, flush_commi
     engine = create_engine(
         url,
         echo=echo,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
@@ -91,11 +96,14 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 5, echo: bool = False) -> None:
         self.url = url
+        self._pool_size = pool_size
         self.engine = make_engine(url, pool_size=pool_size, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # commits that need not be flushed: a second pool, its connections at synchronous=NORMAL
         on_disk_sqlite = url.startswith("sqlite") and url.split("?")[0] not in ("sqlite://", "sqlite:///:memory:")
         self._unflushed = make_engine(url, echo=echo, flush_commits=False) if on_disk_sqlite else self.engine
+        self._autocommit: Engine | None = None
+        self._autocommit_guard = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -145,13 +153,39 @@ class Database:
         databases, whose commits are always flushed.
         """
         engine = self.engine if flush_commit else self._unflushed
-        try:
+        with _unavailable_mapped():
             with engine.begin() as conn:
                 yield conn
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
-            raise
+
+    @property
+    def statements_commit_alone(self) -> bool:
+        """Whether :meth:`autocommit` gives connections whose statements commit one by one (not SQLite)."""
+        return self.dialect != "sqlite"
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A Core connection on which every statement is a transaction of its own, committed (and flushed) as it returns.
+
+        For a hot path whose writes are one statement each: no ``BEGIN``
+        and ``COMMIT`` round trips around them.  Its connections come from a
+        pool of their own, so that the main pool's connections never change
+        mode.  Not on SQLite (:attr:`statements_commit_alone` is False):
+        there a transaction costs no round trip.  Failures are mapped as in
+        :meth:`session`.
+        """
+        engine = self._autocommit_engine()
+        with _unavailable_mapped():
+            with engine.connect() as conn:
+                yield conn
+
+    def _autocommit_engine(self) -> Engine:
+        if not self.statements_commit_alone:
+            raise NotImplementedError("autocommit connections are for client-server index databases")
+        with self._autocommit_guard:
+            if self._autocommit is None:
+                self._autocommit = make_engine(self.url, pool_size=self._pool_size, echo=self.engine.echo,
+                                               autocommit=True)
+            return self._autocommit
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -160,6 +194,19 @@ class Database:
         self.engine.dispose()
         if self._unflushed is not self.engine:
             self._unflushed.dispose()
+        if self._autocommit is not None:
+            self._autocommit.dispose()
+
+
+@contextmanager
+def _unavailable_mapped() -> Iterator[None]:
+    """Raise a connection-level failure of the index as :class:`IndexUnavailable`."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
+        raise
 
 
 def _quiet_rollback(session: Session) -> None:

@@ -212,12 +212,8 @@ def add_instance(
     conn = _connection(db)
     now = utcnow()
     if conn.dialect.name == "postgresql":
-        values = _instance_values(attrs, location, source_ae, now)
-        instance_pk, series_pk = conn.execute(
-            _pg_add_to_series(), {**{f"b_{k}": v for k, v in values.items()},
-                                  "b_series_uid": attrs.series_instance_uid, "b_now": now}
-        ).one()
-        if series_pk is not None:  # the common case, done in that one round trip
+        instance_pk, series_known = add_to_indexed_series(conn, attrs, location, source_ae=source_ae, now=now)
+        if series_known:  # the common case, done in that one round trip
             return instance_pk
     parents = _execute(conn, _PARENTS, {"b_series_uid": attrs.series_instance_uid}).fetchone()
     new_study = new_series = False
@@ -249,6 +245,26 @@ def add_instance(
     if new_series and attrs.modality:
         _add_modality(conn, study_pk, attrs.modality)
     return instance_pk
+
+
+def add_to_indexed_series(
+    conn: Connection, attrs: InstanceAttributes, location: Location, *, source_ae: str = "",
+    now: datetime | None = None,
+) -> tuple[int | None, bool]:
+    """Postgres: index an instance of a series already indexed, in one statement.
+
+    Returns (the new row's id, or None if the UID is there; whether the
+    series is indexed).  When it is not, nothing was written and
+    :func:`add_instance` must do it.  The statement is safe on its own: on
+    an autocommit connection it is a transaction by itself.
+    """
+    now = now or utcnow()
+    values = _instance_values(attrs, location, source_ae, now)
+    instance_pk, series_pk = conn.execute(
+        _pg_add_to_series(), {**{f"b_{k}": v for k, v in values.items()},
+                              "b_series_uid": attrs.series_instance_uid, "b_now": now}
+    ).one()
+    return instance_pk, series_pk is not None
 
 
 def _instance_values(attrs: InstanceAttributes, location: Location, source_ae: str, now: datetime) -> dict[str, Any]:

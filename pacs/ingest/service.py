@@ -33,6 +33,7 @@ from pacs.index.database import Database
 from pacs.index.repository import (
     InstanceAttributes,
     add_instance,
+    add_to_indexed_series,
     find_instance,
     find_location,
     location_of,
@@ -207,6 +208,8 @@ class IngestService:
         durable.  With recoverable appends the commit does not flush the
         index's log: the flushed record in the pack is the durable copy.
         """
+        if self.db.statements_commit_alone:
+            return self._store_once_autocommit(fp, attrs, sha256, size, source_ae, verify)
         uid = attrs.sop_instance_uid
         pending: PendingPut | None = None
         try:
@@ -232,6 +235,52 @@ class IngestService:
                 return early
             location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
         else:
+            location = pending.location
+        return self._settle(attrs, location, existing, sha256, source_ae)
+
+    def _store_once_autocommit(
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
+    ) -> StoreResult:
+        """One try on a client-server index (Postgres): two statements that commit alone, no transaction.
+
+        The look-up, then the write and its flush, then (once the bytes are
+        durable) the insert of the row into its series with the counters,
+        one statement: two round trips where a transaction around the write
+        takes four (``BEGIN`` and the look-up, the insert, ``COMMIT``).
+        Nothing needs the look-up and the insert in one transaction: the
+        insert does nothing for a UID indexed meanwhile, which is then
+        settled like a re-send.  The first instance of a series not yet
+        indexed takes the general path, in a transaction.
+        """
+        uid = attrs.sop_instance_uid
+        with self.db.autocommit() as conn:
+            existing = find_location(conn, uid)
+            if existing is None:
+                pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+                try:
+                    pending.wait()
+                    instance_pk, series_known = add_to_indexed_series(conn, attrs, pending.location,
+                                                                      source_ae=source_ae)
+                except BaseException:
+                    self._discard(pending.location)
+                    raise
+                finally:
+                    pending.release()
+        if existing is None and not series_known:
+            try:
+                with self.db.transaction() as conn:
+                    instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)
+            except BaseException:
+                self._discard(pending.location)
+                raise
+        if existing is None and instance_pk is not None:
+            return self._result(StoreOutcome.STORED, attrs, pending.location)
+        if existing is not None:
+            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
+            if early is not None:
+                return early
+            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+        else:  # indexed by another process since the look-up
             location = pending.location
         return self._settle(attrs, location, existing, sha256, source_ae)
 

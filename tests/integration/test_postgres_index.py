@@ -83,15 +83,20 @@ def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_pat
 
     services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url}))
     statements = []
-    event.listen(services.db.engine, "before_cursor_execute",
-                 lambda _c, _cur, statement, *_: statements.append(statement.lstrip()[:20]))
+
+    def seen(conn, _cursor, statement, *_):  # noqa: ANN001
+        statements.append((statement.split()[0], conn.connection.driver_connection.autocommit))
+
+    for engine in (services.db.engine, services.db._autocommit_engine()):
+        event.listen(engine, "before_cursor_execute", seen)
     try:
         for key in ("s1", "s2"):  # two series of one study
             for data in make_series(SeriesSpec(study_key="one", series_key=key, rows=16, columns=16, count=3)):
                 statements.clear()
                 services.ingest.store(data)
-        # the last store: the look-up, then one statement for the row and the counters
-        assert [s.split()[0] for s in statements] == ["SELECT", "WITH"]
+        # the last store: the look-up, then one statement for the row and the counters,
+        # each committing alone (no BEGIN or COMMIT round trips)
+        assert statements == [("SELECT", True), ("WITH", True)]
         attrs = read_attributes(io.BytesIO(data), len(data))
         with services.db.transaction() as conn:  # the same UID again: nothing added, nothing counted
             assert add_instance(conn, attrs, Location("packs/x", 0, len(data), "0" * 64)) is None
