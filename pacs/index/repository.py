@@ -326,18 +326,31 @@ def _pg_add_to_series() -> Any:
         .returning(Instance.id)
         .cte("added")
     )
-    went_in = exists(select(literal_column("1")).select_from(added))
-    bumps = [
-        update(Series).where(Series.id == parents.c.series_pk, went_in)
-        .values(num_instances=Series.num_instances + 1, updated_at=bindparam("b_now")).cte("bump_series"),
-        update(Study).where(Study.id == parents.c.study_pk, went_in)
-        .values(num_instances=Study.num_instances + 1, updated_at=bindparam("b_now")).cte("bump_study"),
-        update(Patient).where(Patient.id == parents.c.patient_pk, went_in)
-        .values(num_instances=Patient.num_instances + 1).cte("bump_patient"),
-    ]
+    def after(cte: Any) -> Any:
+        return exists(select(literal_column("1")).select_from(cte))
+
+    # Each bump waits for the one before it (Postgres runs unreferenced
+    # data-modifying CTEs in no documented order; it ran the patient's
+    # first), so that the rows are locked series, study, patient, as the
+    # general path locks them: in another order, concurrent stores into a
+    # series being created deadlocked.
+    bump_series = (
+        update(Series).where(Series.id == parents.c.series_pk, after(added))
+        .values(num_instances=Series.num_instances + 1, updated_at=bindparam("b_now"))
+        .returning(Series.id).cte("bump_series")
+    )
+    bump_study = (
+        update(Study).where(Study.id == parents.c.study_pk, after(bump_series))
+        .values(num_instances=Study.num_instances + 1, updated_at=bindparam("b_now"))
+        .returning(Study.id).cte("bump_study")
+    )
+    bump_patient = (
+        update(Patient).where(Patient.id == parents.c.patient_pk, after(bump_study))
+        .values(num_instances=Patient.num_instances + 1).cte("bump_patient")
+    )
     return select(
         select(added.c.id).scalar_subquery(), select(parents.c.series_pk).scalar_subquery()
-    ).add_cte(*bumps)
+    ).add_cte(bump_series, bump_study, bump_patient)
 
 
 def _add_parents(

@@ -109,3 +109,37 @@ def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_pat
             assert (patient.num_instances, patient.num_series, patient.num_studies) == (6, 2, 1)
     finally:
         services.close()
+
+
+def test_parallel_stores_into_the_same_new_series_never_deadlock(pg_url, tmp_path):
+    """Associations of one scanner start a study at once: the first instances of a series
+    (created in a transaction) and the next ones (one statement) lock the series, study and
+    patient rows in one order, so none of them fails with a deadlock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import select
+
+    from pacs.index.models import Instance, Patient, Series, Study
+    from pacs.synthetic import SeriesSpec, make_series
+
+    empty_database(pg_url)
+    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url, "pool_size": 8}))
+    try:
+        rounds = []
+        for r in range(6):  # each round: a new study of two series, stored by 8 threads at once
+            data = [d for key in ("a", "b") for d in make_series(
+                SeriesSpec(study_key=f"par{r}", series_key=key, rows=8, columns=8, count=16))]
+            rounds.append(data)
+        for data in rounds:
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(services.ingest.store, data))  # raises on a deadlock
+            assert len(outcomes) == 32
+        with services.db.session() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 6 * 32
+            assert set(session.scalars(select(Series.num_instances))) == {16}
+            assert set(session.scalars(select(Study.num_instances))) == {32}
+            assert set(session.scalars(select(Study.num_series))) == {2}
+            patient = session.scalars(select(Patient)).one()
+            assert (patient.num_instances, patient.num_series, patient.num_studies) == (6 * 32, 12, 6)
+    finally:
+        services.close()
