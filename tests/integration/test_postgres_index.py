@@ -145,7 +145,16 @@ def test_parallel_stores_into_the_same_new_series_never_deadlock(pg_url, tmp_pat
         services.close()
 
 
-def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(pg_url, tmp_path, monkeypatch):
+@pytest.fixture
+def services_on_postgres(pg_url, tmp_path):
+    """Local packs with the index on an emptied Postgres."""
+    empty_database(pg_url)
+    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url}))
+    yield services
+    services.close()
+
+
+def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(services_on_postgres, monkeypatch):
     """The statements that commit alone run after the flush, for a new series and a known one."""
     from sqlalchemy import select
 
@@ -153,20 +162,16 @@ def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(pg_url, 
     from pacs.ingest.service import StoreOutcome
     from tests.unit.test_append_packs import _WatchedFlush, series
 
-    empty_database(pg_url)
-    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url}))
-    try:
-        watch = _WatchedFlush(services)
-        watch.install(monkeypatch)
-        assert [services.ingest.store(data).outcome for data in series("pg-order", 4)] == [StoreOutcome.STORED] * 4
-        assert watch.checked == 4
-        with services.db.session() as session:
-            assert session.scalar(select(func.count()).select_from(Instance)) == 4
-    finally:
-        services.close()
+    services = services_on_postgres
+    watch = _WatchedFlush(services)
+    watch.install(monkeypatch)
+    assert [services.ingest.store(data).outcome for data in series("pg-order", 4)] == [StoreOutcome.STORED] * 4
+    assert watch.checked == 4
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
 
 
-def test_on_postgres_a_flush_that_fails_indexes_nothing(pg_url, tmp_path, monkeypatch):
+def test_on_postgres_a_flush_that_fails_indexes_nothing(services_on_postgres, monkeypatch):
     from sqlalchemy import select
 
     import pacs.ingest.service as service
@@ -174,20 +179,16 @@ def test_on_postgres_a_flush_that_fails_indexes_nothing(pg_url, tmp_path, monkey
     from pacs.index.models import Instance, Series
     from tests.unit.test_append_packs import _WatchedFlush, series
 
-    empty_database(pg_url)
-    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url}))
-    try:
-        sent = series("pg-fails", 2)
-        assert services.ingest.store(sent[0]).outcome is service.StoreOutcome.STORED  # the series is known
-        monkeypatch.setattr(service.time, "sleep", lambda _s: None)
-        watch = _WatchedFlush(services, fail=True)
-        watch.durable = 1
-        watch.install(monkeypatch)
-        with pytest.raises(StorageUnavailable, match="disk gone"):
-            services.ingest.store(sent[1])
-        assert watch.checked == service.STORE_ATTEMPTS
-        with services.db.session() as session:
-            assert session.scalar(select(func.count()).select_from(Instance)) == 1
-            assert session.scalars(select(Series.num_instances)).one() == 1
-    finally:
-        services.close()
+    services = services_on_postgres
+    sent = series("pg-fails", 2)
+    assert services.ingest.store(sent[0]).outcome is service.StoreOutcome.STORED  # the series is known
+    monkeypatch.setattr(service.time, "sleep", lambda _s: None)
+    watch = _WatchedFlush(services, fail=True)
+    watch.durable = 1
+    watch.install(monkeypatch)
+    with pytest.raises(StorageUnavailable, match="disk gone"):
+        services.ingest.store(sent[1])
+    assert watch.checked == service.STORE_ATTEMPTS
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        assert session.scalars(select(Series.num_instances)).one() == 1
