@@ -78,10 +78,13 @@ class BufferChain(io.RawIOBase):
     Lets a receiver hand over "file meta + the dataset buffer it already
     holds" without joining them into a new copy.  The buffers must not
     change while the object is stored, so it is hashed only once, like bytes.
+    ``sha256``: the hex SHA-256 of the buffers together, when the receiver
+    computed it as they arrived; ingest then does not hash them again.
     """
 
-    def __init__(self, *parts: bytes | memoryview) -> None:
+    def __init__(self, *parts: bytes | memoryview, sha256: str | None = None) -> None:
         super().__init__()
+        self.sha256 = sha256
         self._parts = [memoryview(p).cast("B") for p in parts]
         self._starts = []
         total = 0
@@ -168,7 +171,8 @@ class IngestService:
                 attrs = read_attributes(fp, size)
             except InvalidObject as exc:
                 raise InvalidObject(f"{name}: {exc}") from None
-            sha256 = _digest(fp)
+            sha256 = getattr(source, "sha256", None) if isinstance(source, BufferChain) else None
+            sha256 = sha256 or _digest(fp)
             # an in-memory source was copied into a private buffer: it cannot change
             # before it is written, so it is hashed once; a file is hashed again as it streams
             verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))

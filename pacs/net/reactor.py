@@ -47,6 +47,7 @@ in ``pyproject.toml``; ``tests/unit/test_net_reactor.py`` checks them).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -70,7 +71,14 @@ from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from pacs.net.commands import command_set, data_set_of, store_request, store_response, store_response_of
+from pacs.net.commands import (
+    command_set,
+    data_set_of,
+    part10_head,
+    store_request,
+    store_response,
+    store_response_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -747,6 +755,7 @@ class _StoreRequestReceiver:
         self.pynetdicom = dimse.receive_primitive
         self.request = None  # the C-STORE-RQ whose data set is arriving
         self.data_set = BytesIO()
+        self.digest = None  # the SHA-256 of its Part 10 object, so far
 
     def __call__(self, primitive: P_DATA) -> None:
         dimse = self.dimse
@@ -772,6 +781,7 @@ class _StoreRequestReceiver:
                     return
                 request._context_id = context_id
                 self.request, self.data_set = request, BytesIO()
+                self.digest = self._start_digest(request, context_id)
             elif control & 0x01:
                 log.error("association with %s: a command fragment arrived before the data set of message %s ended",
                           dimse.assoc.requestor.ae_title, self.request.MessageID)
@@ -779,13 +789,41 @@ class _StoreRequestReceiver:
                 dimse.dul.event_queue.put("Evt19")  # an invalid message, as pynetdicom answers one
                 return
             else:
-                self.data_set.write(memoryview(data)[1:])
+                fragment = memoryview(data)[1:]
+                self.data_set.write(fragment)
+                if self.digest is not None:
+                    self.digest.update(fragment)
                 if control & 0x02:
                     request, self.request = self.request, None
                     request.DataSet = self.data_set
                     request._pacs_decoded = True  # see _served_store
+                    if self.digest is not None:
+                        request._pacs_sha256 = self.digest.hexdigest()
                     dimse.msg_queue.put((request._context_id, request))
 
+
+    def _start_digest(self, request: C_STORE, context_id: int):  # noqa: ANN205 - a hashlib object or None
+        """The SHA-256 of the Part 10 object the handler will store, begun with its file meta.
+
+        The data set is hashed fragment by fragment as it arrives, while the
+        reactor would otherwise wait for the next PDU, so that ingest need not
+        read the whole object again before writing it (0.47 ms per 0.5 MB).
+        The head hashed is kept on the request (``_pacs_head``) for the
+        handler to store, so the digest covers exactly the bytes stored.  None
+        under a context the association did not accept, or with UIDs
+        ``part10_head`` cannot encode: the handler then builds its own head
+        and ingest hashes the object itself.
+        """
+        context = self.dimse.assoc._accepted_cx.get(context_id)
+        if context is None:
+            return None
+        try:
+            head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                               context.transfer_syntax[0])
+        except (UnicodeEncodeError, TypeError):
+            return None
+        request._pacs_head = head
+        return hashlib.sha256(head)
 
     def _to_pynetdicom(self, primitive: P_DATA) -> None:
         """pynetdicom's own handling, with values that are views of a received buffer made ``bytes``."""

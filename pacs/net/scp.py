@@ -49,8 +49,13 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
         # The object as received, without copying pynetdicom's dataset buffer:
         # a large object is held in memory once (see docs/conformance.md).
         request = event.request
-        head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
-        with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset) as received:
+        # the head and digest the reactor made as the data set arrived, if it did
+        sha256 = getattr(request, "_pacs_sha256", None)
+        head = getattr(request, "_pacs_head", None) if sha256 else None
+        if head is None:
+            head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                               event.context.transfer_syntax)
+        with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as received:
             result = ingest.store(received, source_ae=calling_ae)
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import struct
 from io import BytesIO
@@ -19,6 +20,7 @@ from pacs.net.commands import command_set, data_set_of, part10_head
 from pacs.net.reactor import _StoreRequestReceiver
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 INSTANCE = "1.2.826.0.1.3680043.10.1484.1234567890123456789"  # odd length: padded with a NUL
 
@@ -186,7 +188,8 @@ class _Dimse:
         self.message = None
         self.msg_queue: queue.Queue = queue.Queue()
         self.by_pynetdicom: list[list] = []
-        self.assoc = SimpleNamespace(get_handlers=lambda event: [], requestor=SimpleNamespace(ae_title="TESTSCU"))
+        self.assoc = SimpleNamespace(get_handlers=lambda event: [], requestor=SimpleNamespace(ae_title="TESTSCU"),
+                                     _accepted_cx={3: SimpleNamespace(transfer_syntax=[EXPLICIT])})
         self.dul = SimpleNamespace(event_queue=queue.Queue())
 
     def receive_primitive(self, primitive) -> None:
@@ -213,6 +216,18 @@ def test_the_receiver_assembles_a_store_request_and_hands_the_next_message_on():
     assert context_id == 3 and request.DataSet.getvalue() == b"first last"
     assert request.AffectedSOPInstanceUID == INSTANCE and request.MessageID == 7
     assert dimse.by_pynetdicom == [[[1, echo_command]]]
+    # hashed as it arrived: the Part 10 head of the accepted context's transfer syntax, then the data set
+    assert request._pacs_head == part10_head(request.AffectedSOPClassUID, INSTANCE, EXPLICIT)
+    assert request._pacs_sha256 == hashlib.sha256(request._pacs_head + b"first last").hexdigest()
+
+
+def test_a_request_under_a_context_not_accepted_is_not_hashed_by_the_receiver():
+    dimse = _Dimse()
+    receive = _StoreRequestReceiver(dimse)
+    receive(_p_data([5, b"\x03" + command_set(store_request())], [5, b"\x02" + b"data"]))
+    _, request = dimse.msg_queue.get_nowait()
+    assert request.DataSet.getvalue() == b"data"
+    assert not hasattr(request, "_pacs_sha256") and not hasattr(request, "_pacs_head")
 
 
 def test_a_command_fragment_inside_a_data_set_ends_the_association():

@@ -425,3 +425,53 @@ def test_data_pdus_of_an_established_association_skip_pynetdicoms_pdu_decoding(s
         for data in blobs:
             uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
             assert find_instance(session, uid) is not None
+
+
+def test_a_received_object_is_hashed_as_it_arrives_and_stored_with_that_digest(scp, monkeypatch):
+    """The data set of a C-STORE, in many PDUs, is hashed fragment by fragment by the reactor;
+    ingest stores the digest without reading the object again, and it is the digest of what was stored."""
+    import hashlib
+
+    import pacs.ingest.service as service
+    from pacs.index.repository import location_of
+
+    import pacs.net.reactor as reactor
+
+    services, _ = scp
+    hashed_by_ingest = []
+    digest = service._digest
+    monkeypatch.setattr(service, "_digest", lambda fp: hashed_by_ingest.append(fp) or digest(fp))
+    updates = []
+
+    class CountingSha256:
+        def __init__(self, data):
+            self._hash = hashlib.sha256(data)
+
+        def update(self, data):
+            updates.append(len(data))
+            self._hash.update(data)
+
+        def hexdigest(self):
+            return self._hash.hexdigest()
+
+    monkeypatch.setattr(reactor, "hashlib", type("hashlib", (), {"sha256": CountingSha256}))
+    blobs = list(make_series(SeriesSpec(study_key="digest", series_key="g1", rows=256, columns=256, count=4)))
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    # as if the archive took PDUs of 16 KB at most: a data set arrives in many fragments
+    monkeypatch.setattr(DIMSEServiceProvider, "maximum_pdu_size", property(lambda _self: 16384))
+    assoc = _associate(services, CTImageStorage)
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in blobs]
+    finally:
+        assoc.release()
+    assert statuses == [0] * 4
+    assert hashed_by_ingest == []
+    assert len(updates) == 4 * 7 and max(updates) <= 16384  # 106 KB each, in seven fragments
+    with services.db.session() as session:
+        for data in blobs:
+            uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+            row = find_instance(session, uid)
+            stored = services.objects.get(location_of(row))  # verifies the stored checksum
+            assert row.sha256 == hashlib.sha256(stored).hexdigest()
+            assert pydicom.dcmread(io.BytesIO(stored)).PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
