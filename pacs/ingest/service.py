@@ -171,8 +171,7 @@ class IngestService:
                 attrs = read_attributes(fp, size)
             except InvalidObject as exc:
                 raise InvalidObject(f"{name}: {exc}") from None
-            sha256 = getattr(source, "sha256", None) if isinstance(source, BufferChain) else None
-            sha256 = sha256 or _digest(fp)
+            sha256 = (source.sha256 if isinstance(source, BufferChain) else None) or _digest(fp)
             # an in-memory source was copied into a private buffer: it cannot change
             # before it is written, so it is hashed once; a file is hashed again as it streams
             verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))
@@ -270,23 +269,22 @@ class IngestService:
                     raise
                 finally:
                     pending.release()
-        if existing is None and not series_known:
+        if existing is not None:
+            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
+            if early is not None:
+                return early
+            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+            return self._settle(attrs, location, existing, sha256, source_ae)
+        if not series_known:
             try:
                 with self.db.transaction() as conn:
                     instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)
             except BaseException:
                 self._discard(pending.location)
                 raise
-        if existing is None and instance_pk is not None:
+        if instance_pk is not None:
             return self._result(StoreOutcome.STORED, attrs, pending.location)
-        if existing is not None:
-            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
-            if early is not None:
-                return early
-            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
-        else:  # indexed by another process since the look-up
-            location = pending.location
-        return self._settle(attrs, location, existing, sha256, source_ae)
+        return self._settle(attrs, pending.location, None, sha256, source_ae)  # indexed by another process meanwhile
 
     def _settle(
         self, attrs: InstanceAttributes, location: Location, existing: Location | None, sha256: str, source_ae: str

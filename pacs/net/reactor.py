@@ -801,7 +801,6 @@ class _StoreRequestReceiver:
                         request._pacs_sha256 = self.digest.hexdigest()
                     dimse.msg_queue.put((request._context_id, request))
 
-
     def _start_digest(self, request: C_STORE, context_id: int):  # noqa: ANN205 - a hashlib object or None
         """The SHA-256 of the Part 10 object the handler will store, begun with its file meta.
 
