@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,14 +95,14 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 5, echo: bool = False) -> None:
         self.url = url
-        self._pool_size = pool_size
         self.engine = make_engine(url, pool_size=pool_size, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # commits that need not be flushed: a second pool, its connections at synchronous=NORMAL
         on_disk_sqlite = url.startswith("sqlite") and url.split("?")[0] not in ("sqlite://", "sqlite:///:memory:")
         self._unflushed = make_engine(url, echo=echo, flush_commits=False) if on_disk_sqlite else self.engine
-        self._autocommit: Engine | None = None
-        self._autocommit_guard = threading.Lock()
+        # statements that commit alone: a pool of their own (engines connect lazily)
+        self._autocommit = None if url.startswith("sqlite") else make_engine(url, pool_size=pool_size, echo=echo,
+                                                                            autocommit=True)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -160,7 +159,7 @@ class Database:
     @property
     def statements_commit_alone(self) -> bool:
         """Whether :meth:`autocommit` gives connections whose statements commit one by one (not SQLite)."""
-        return self.dialect != "sqlite"
+        return self._autocommit is not None
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
@@ -173,19 +172,11 @@ class Database:
         there a transaction costs no round trip.  Failures are mapped as in
         :meth:`session`.
         """
-        engine = self._autocommit_engine()
-        with _unavailable_mapped():
-            with engine.connect() as conn:
-                yield conn
-
-    def _autocommit_engine(self) -> Engine:
-        if not self.statements_commit_alone:
+        if self._autocommit is None:
             raise NotImplementedError("autocommit connections are for client-server index databases")
-        with self._autocommit_guard:
-            if self._autocommit is None:
-                self._autocommit = make_engine(self.url, pool_size=self._pool_size, echo=self.engine.echo,
-                                               autocommit=True)
-            return self._autocommit
+        with _unavailable_mapped():
+            with self._autocommit.connect() as conn:
+                yield conn
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)

@@ -233,12 +233,18 @@ class IngestService:
             if pending is not None:
                 pending.release()  # after the commit: sealing a full pack writes to the index
         if existing is not None:
-            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
-            if early is not None:
-                return early
-            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
-        else:
-            location = pending.location
+            return self._store_over(fp, attrs, existing, sha256, size, source_ae, verify)
+        return self._settle(attrs, pending.location, None, sha256, source_ae)  # indexed by another process meanwhile
+
+    def _store_over(
+        self, fp: BinaryIO, attrs: InstanceAttributes, existing: Location, sha256: str, size: int, source_ae: str,
+        verify: bool,
+    ) -> StoreResult:
+        """A UID indexed already: the duplicate policy's answer, or (overwrite) the new bytes written and indexed."""
+        early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
+        if early is not None:
+            return early
+        location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
         return self._settle(attrs, location, existing, sha256, source_ae)
 
     def _store_once_autocommit(
@@ -270,11 +276,7 @@ class IngestService:
                 finally:
                     pending.release()
         if existing is not None:
-            early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
-            if early is not None:
-                return early
-            location = self.objects.put(_chunks(fp), sha256=sha256, verify=verify, length=size)
-            return self._settle(attrs, location, existing, sha256, source_ae)
+            return self._store_over(fp, attrs, existing, sha256, size, source_ae, verify)
         if not series_known:
             try:
                 with self.db.transaction() as conn:

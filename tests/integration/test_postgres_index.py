@@ -87,7 +87,7 @@ def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_pat
     def seen(conn, _cursor, statement, *_):  # noqa: ANN001
         statements.append((statement.split()[0], conn.connection.driver_connection.autocommit))
 
-    for engine in (services.db.engine, services.db._autocommit_engine()):
+    for engine in (services.db.engine, services.db._autocommit):
         event.listen(engine, "before_cursor_execute", seen)
     try:
         for key in ("s1", "s2"):  # two series of one study
