@@ -15,6 +15,7 @@ from pacs.errors import IndexUnavailable
 from pacs.settings import Settings
 
 PING_IDLE_S = 1.0  # a pooled connection idle this long is pinged before use
+_IDLE = 0  # libpq's PQTRANS_IDLE: no transaction open (psycopg2 and psycopg report it as this number)
 
 
 def make_engine(
@@ -166,7 +167,8 @@ class Database:
         """A Core connection on which every statement is a transaction of its own, committed (and flushed) as it returns.
 
         For a hot path whose writes are one statement each: no ``BEGIN``
-        and ``COMMIT`` round trips around them.  Its connections come from a
+        and ``COMMIT`` round trips around them; or whose ``COMMIT`` rides
+        with its last statement (:func:`explicit_transaction`).  Its connections come from a
         pool of their own, so that the main pool's connections never change
         mode.  Not on SQLite (:attr:`statements_commit_alone` is False):
         there a transaction costs no round trip.  Failures are mapped as in
@@ -187,6 +189,27 @@ class Database:
             self._unflushed.dispose()
         if self._autocommit is not None:
             self._autocommit.dispose()
+
+
+@contextmanager
+def explicit_transaction(conn: Connection) -> Iterator[Connection]:
+    """A transaction begun by hand on an :meth:`Database.autocommit` connection.
+
+    For a sequence whose last statement carries the ``COMMIT`` in its own
+    round trip (:func:`pacs.index.repository.count_in_and_commit`).  Whatever
+    the body leaves open (it raised, or chose not to commit) is rolled back
+    before the connection goes back to its pool; a connection that cannot
+    roll back is dropped from the pool.
+    """
+    conn.exec_driver_sql("BEGIN")
+    try:
+        yield conn
+    finally:
+        if not conn.invalidated and conn.connection.driver_connection.info.transaction_status != _IDLE:
+            try:
+                conn.exec_driver_sql("ROLLBACK")
+            except Exception:  # the connection is gone; the server ends the transaction with it
+                conn.invalidate()
 
 
 @contextmanager

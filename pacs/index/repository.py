@@ -212,8 +212,10 @@ def add_instance(
     conn = _connection(db)
     now = utcnow()
     if conn.dialect.name == "postgresql":
-        instance_pk, series_known = add_to_indexed_series(conn, attrs, location, source_ae=source_ae, now=now)
-        if series_known:  # the common case, done in that one round trip
+        instance_pk, series = insert_into_indexed_series(conn, attrs, location, source_ae=source_ae, now=now)
+        if series is not None:  # the common case: the row, then the counters
+            if instance_pk is not None:
+                count_in(conn, series, now)
             return instance_pk
     parents = _execute(conn, _PARENTS, {"b_series_uid": attrs.series_instance_uid}).fetchone()
     new_study = new_series = False
@@ -247,24 +249,61 @@ def add_instance(
     return instance_pk
 
 
-def add_to_indexed_series(
-    conn: Connection, attrs: InstanceAttributes, location: Location, *, source_ae: str = "",
-    now: datetime | None = None,
-) -> tuple[int | None, bool]:
-    """Postgres: index an instance of a series already indexed, in one statement.
+@dataclass(frozen=True)
+class IndexedSeries:
+    """The ids of an indexed series and of its study and patient (whose counters an added instance bumps)."""
 
-    Returns (the new row's id, or None if the UID is there; whether the
-    series is indexed).  When it is not, nothing was written and
-    :func:`add_instance` must do it.  The statement is safe on its own: on
-    an autocommit connection it is a transaction by itself.
+    series_pk: int
+    study_pk: int
+    patient_pk: int
+
+
+def insert_into_indexed_series(
+    conn: Connection, attrs: InstanceAttributes, location: Location, *, source_ae: str = "", now: datetime,
+) -> tuple[int | None, IndexedSeries | None]:
+    """Postgres: insert the row of an instance of a series already indexed, in one statement; counters untouched.
+
+    Returns (the new row's id, or None if the UID is there; the series, or
+    None when it is not indexed, and then nothing was written and
+    :func:`add_instance` must do it).  Meant for a transaction whose other
+    work waits for something else (the flush of the instance's bytes):
+    the row takes no lock that a concurrent store into the series waits
+    for.  :func:`count_in_and_commit` then bumps the counters and commits.
     """
-    now = now or utcnow()
     values = _instance_values(attrs, location, source_ae, now)
-    instance_pk, series_pk = conn.execute(
-        _pg_add_to_series(), {**{f"b_{k}": v for k, v in values.items()},
-                              "b_series_uid": attrs.series_instance_uid, "b_now": now}
-    ).one()
-    return instance_pk, series_pk is not None
+    row = conn.execute(
+        _pg_insert_into_series(), {**{f"b_{k}": v for k, v in values.items()}, "b_series_uid": attrs.series_instance_uid}
+    ).one_or_none()
+    if row is None:
+        return None, None
+    instance_pk, *parents = row
+    return instance_pk, IndexedSeries(*parents)
+
+
+def count_in(conn: Connection, series: IndexedSeries, now: datetime, *, commit: bool = False) -> None:
+    """Postgres: bump the counters for one more instance of ``series``, in one round trip.
+
+    The rows are locked series, study, patient, the order of every path that
+    bumps them.  ``commit``: the ``COMMIT`` goes in the same round trip, on a
+    connection in a transaction begun by hand
+    (:func:`pacs.index.database.explicit_transaction`).
+    """
+    conn.exec_driver_sql(_COUNT_IN_AND_COMMIT if commit else _COUNT_IN,
+                         {"now": now, "series": series.series_pk, "study": series.study_pk,
+                          "patient": series.patient_pk})
+
+
+def count_in_and_commit(conn: Connection, series: IndexedSeries, now: datetime) -> None:
+    """:func:`count_in` with the ``COMMIT`` of the transaction begun by hand, in one round trip."""
+    count_in(conn, series, now, commit=True)
+
+
+_COUNT_IN = (
+    "UPDATE series SET num_instances = num_instances + 1, updated_at = %(now)s WHERE id = %(series)s; "
+    "UPDATE studies SET num_instances = num_instances + 1, updated_at = %(now)s WHERE id = %(study)s; "
+    "UPDATE patients SET num_instances = num_instances + 1 WHERE id = %(patient)s"
+)
+_COUNT_IN_AND_COMMIT = _COUNT_IN + "; COMMIT"
 
 
 def _instance_values(attrs: InstanceAttributes, location: Location, source_ae: str, now: datetime) -> dict[str, Any]:
@@ -296,17 +335,13 @@ _INSTANCE_COLUMNS = tuple(
 
 
 @functools.cache
-def _pg_add_to_series() -> Any:
-    """One Postgres statement for an instance of a series already indexed.
+def _pg_insert_into_series() -> Any:
+    """One Postgres statement: the row of an instance of a series already indexed, and the series' parents.
 
-    Data-modifying CTEs insert the row (ON CONFLICT DO NOTHING) and bump the
-    series, study and patient counters when it went in; the result is (new
-    row id or NULL, series id or NULL).  A NULL series means the series is
-    new and nothing was written: the caller takes the general path.  On a
-    database a few hundred microseconds away this is one round trip where
-    the general path takes five.
+    A data-modifying CTE inserts the row (ON CONFLICT DO NOTHING); the result
+    is (new row id or NULL, series id, study id, patient id), or no row when
+    the series is not indexed (nothing was written).
     """
-    from sqlalchemy import exists, literal_column
     from sqlalchemy.dialects.postgresql import insert
 
     parents = (
@@ -326,31 +361,7 @@ def _pg_add_to_series() -> Any:
         .returning(Instance.id)
         .cte("added")
     )
-    def after(cte: Any) -> Any:
-        return exists(select(literal_column("1")).select_from(cte))
-
-    # Each bump waits for the one before it (Postgres runs unreferenced
-    # data-modifying CTEs in no documented order; it ran the patient's
-    # first), so that the rows are locked series, study, patient, as the
-    # general path locks them: in another order, concurrent stores into a
-    # series being created deadlocked.
-    bump_series = (
-        update(Series).where(Series.id == parents.c.series_pk, after(added))
-        .values(num_instances=Series.num_instances + 1, updated_at=bindparam("b_now"))
-        .returning(Series.id).cte("bump_series")
-    )
-    bump_study = (
-        update(Study).where(Study.id == parents.c.study_pk, after(bump_series))
-        .values(num_instances=Study.num_instances + 1, updated_at=bindparam("b_now"))
-        .returning(Study.id).cte("bump_study")
-    )
-    bump_patient = (
-        update(Patient).where(Patient.id == parents.c.patient_pk, after(bump_study))
-        .values(num_instances=Patient.num_instances + 1).cte("bump_patient")
-    )
-    return select(
-        select(added.c.id).scalar_subquery(), select(parents.c.series_pk).scalar_subquery()
-    ).add_cte(bump_series, bump_study, bump_patient)
+    return select(select(added.c.id).scalar_subquery(), parents.c.series_pk, parents.c.study_pk, parents.c.patient_pk)
 
 
 def _add_parents(

@@ -29,13 +29,15 @@ from pacs.errors import (
     ObjectTooLarge,
     StorageUnavailable,
 )
-from pacs.index.database import Database
+from pacs.index.database import Database, explicit_transaction
+from pacs.index.models import utcnow
 from pacs.index.repository import (
     InstanceAttributes,
     add_instance,
-    add_to_indexed_series,
+    count_in_and_commit,
     find_instance,
     find_location,
+    insert_into_indexed_series,
     location_of,
     replace_location,
 )
@@ -250,16 +252,19 @@ class IngestService:
     def _store_once_autocommit(
         self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
     ) -> StoreResult:
-        """One try on a client-server index (Postgres): two statements that commit alone, no transaction.
+        """One try on a client-server index (Postgres): the row goes in while the bytes are flushed.
 
-        The look-up, then the write and its flush, then (once the bytes are
-        durable) the insert of the row into its series with the counters,
-        one statement: two round trips where a transaction around the write
-        takes four (``BEGIN`` and the look-up, the insert, ``COMMIT``).
-        Nothing needs the look-up and the insert in one transaction: the
-        insert does nothing for a UID indexed meanwhile, which is then
-        settled like a re-send.  The first instance of a series not yet
-        indexed takes the general path, in a transaction.
+        The look-up commits alone.  Then the write and its flush start, and
+        on the same connection a transaction begun by hand inserts the row
+        into its series while the flush runs (the round trip and the
+        insert's index updates overlap the flush instead of adding to it).
+        Once the bytes are durable, the counters' updates and the ``COMMIT``
+        go as one round trip.  The counters are bumped only then, so a
+        concurrent store into the series never waits for this flush on
+        their rows.  Nothing needs the look-up and the insert in one
+        transaction: the insert does nothing for a UID indexed meanwhile,
+        which is then settled like a re-send.  The first instance of a
+        series not yet indexed takes the general path, in a transaction.
         """
         uid = attrs.sop_instance_uid
         with self.db.autocommit() as conn:
@@ -267,17 +272,21 @@ class IngestService:
             if existing is None:
                 pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
                 try:
-                    pending.wait()
-                    instance_pk, series_known = add_to_indexed_series(conn, attrs, pending.location,
-                                                                      source_ae=source_ae)
+                    with explicit_transaction(conn):
+                        now = utcnow()
+                        instance_pk, series = insert_into_indexed_series(conn, attrs, pending.location,
+                                                                         source_ae=source_ae, now=now)
+                        pending.wait()  # durable before the row commits
+                        if instance_pk is not None:
+                            count_in_and_commit(conn, series, now)
                 except BaseException:
                     self._discard(pending.location)
                     raise
                 finally:
-                    pending.release()
+                    pending.release()  # after the commit: sealing a full pack writes to the index
         if existing is not None:
             return self._store_over(fp, attrs, existing, sha256, size, source_ae, verify)
-        if not series_known:
+        if series is None:
             try:
                 with self.db.transaction() as conn:
                     instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)

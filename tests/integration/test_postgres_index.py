@@ -71,8 +71,8 @@ def test_wildcard_match_uses_an_index_on_postgres(index):
     assert "ix_patients_patient_name" in plan, plan
 
 
-def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_path):
-    """Postgres's one-statement path (series indexed already) counts like the general path, and once."""
+def test_an_instance_of_a_known_series_commits_with_its_counters_in_one_round_trip(pg_url, tmp_path):
+    """Postgres's path for a series indexed already counts like the general path, and once."""
     from sqlalchemy import event, select
 
     from pacs.index.models import Instance, Patient, Series, Study
@@ -94,9 +94,10 @@ def test_an_instance_of_a_known_series_is_added_in_one_statement(pg_url, tmp_pat
             for data in make_series(SeriesSpec(study_key="one", series_key=key, rows=16, columns=16, count=3)):
                 statements.clear()
                 services.ingest.store(data)
-        # the last store: the look-up, then one statement for the row and the counters,
-        # each committing alone (no BEGIN or COMMIT round trips)
-        assert statements == [("SELECT", True), ("WITH", True)]
+        # the last store: the look-up (committing alone), then on the same connection a
+        # transaction begun by hand: the row (sent while the flush runs), then the counters
+        # and the COMMIT in one round trip
+        assert statements == [("SELECT", True), ("BEGIN", True), ("WITH", True), ("UPDATE", True)]
         attrs = read_attributes(io.BytesIO(data), len(data))
         with services.db.transaction() as conn:  # the same UID again: nothing added, nothing counted
             assert add_instance(conn, attrs, Location("packs/x", 0, len(data), "0" * 64)) is None
@@ -192,3 +193,65 @@ def test_on_postgres_a_flush_that_fails_indexes_nothing(services_on_postgres, mo
     with services.db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 1
         assert session.scalars(select(Series.num_instances)).one() == 1
+        # the transactions begun by hand were rolled back before their connections went back to the pool
+        assert session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND state LIKE 'idle in transaction%'")) == 0
+
+
+def test_on_postgres_a_store_waiting_for_its_flush_holds_up_no_other_store(services_on_postgres, monkeypatch):
+    """While one store of a known series waits for its bytes to be durable, its row is in and
+    uncommitted, and another store into the same series goes through: the series' counters
+    are locked only once the bytes are durable."""
+    import threading
+
+    from sqlalchemy import select
+
+    from pacs.index.models import Instance, Series, Study
+    from pacs.ingest.service import StoreOutcome
+    from pacs.storage.local import LocalAppendFile
+    from tests.unit.test_append_packs import series
+
+    services = services_on_postgres
+    sent = series("pg-overlap", 3)
+    assert services.ingest.store(sent[0]).outcome is StoreOutcome.STORED  # the series is known
+    real = LocalAppendFile.start_flush
+    held, go = threading.Event(), threading.Event()
+
+    class HeldFlush:
+        def __init__(self, file) -> None:
+            self.flush = real(file)
+
+        def wait(self) -> None:
+            if not held.is_set():  # the first flush after this point waits until told
+                held.set()
+                assert go.wait(30)
+            self.flush.wait()
+
+    monkeypatch.setattr(LocalAppendFile, "start_flush", lambda file: HeldFlush(file))
+    first = threading.Thread(target=lambda: services.ingest.store(sent[1]))
+    first.start()
+    try:
+        assert held.wait(30)
+        outcomes = []
+        second = threading.Thread(target=lambda: outcomes.append(services.ingest.store(sent[2]).outcome))
+        second.start()
+        second.join(10)
+        assert not second.is_alive(), "the second store waited for the first one's flush"
+        assert outcomes == [StoreOutcome.STORED]
+        with services.db.session() as session:  # the first's row is not visible yet
+            assert set(session.scalars(select(Instance.sop_instance_uid))) == {
+                read_uid(sent[0]), read_uid(sent[2])}
+            assert session.scalars(select(Series.num_instances)).one() == 2
+    finally:
+        go.set()
+        first.join(30)
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 3
+        assert session.scalars(select(Series.num_instances)).one() == 3
+        assert session.scalars(select(Study.num_instances)).one() == 3
+
+
+def read_uid(data: bytes) -> str:
+    from pydicom import dcmread
+
+    return dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
