@@ -105,6 +105,9 @@ def train_command(
         min=0.0, max=1.0, help="Fraction of the dead leaves with a rim: a layer 0.5-4 px thick of another value "
                                "just inside the outline, as anatomy is layered (skin over fat, fluid between "
                                "skull and brain). 0: no rims.")] = 0.0,
+    head_layers_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of the anatomy phantoms whose heads get fluid (0.5-4 px) and grey "
+                               "matter under the skull. 0: one brain value against the bone.")] = 0.0,
     phantom_edge_blur_px: Annotated[float, typer.Option(
         min=0.0, help="Draw the anatomy phantoms' edge blur (partial volume) from 0.3 to this many pixels "
                       "instead of 0.3-0.7 (0: their own).")] = 0.0,
@@ -155,6 +158,7 @@ def train_command(
                                         dead_leaves_fraction=dead_leaves_fraction,
                                         dead_leaves_edge_px=dead_leaves_edge_px,
                                         dead_leaves_rim_fraction=dead_leaves_rim_fraction,
+                                        head_layers_fraction=head_layers_fraction,
                                         phantom_edge_blur_px=phantom_edge_blur_px),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,

@@ -138,7 +138,8 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | None = None,
-                 extras: bool = False, variety: bool = False, edge_blur_px: float | None = None) -> np.ndarray:
+                 extras: bool = False, variety: bool = False, edge_blur_px: float | None = None,
+                 head_layers: bool = False) -> np.ndarray:
     """One random CT-like slice in HU, ``[size, size]`` float32.
 
     ``body_type`` is one of ``BODY_TYPES`` or None (drawn at random).
@@ -155,6 +156,10 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
     ``edge_blur_px`` draws the edge blur from 0.3 to that many pixels instead
     (the partial volume of a thick slice, or a soft reconstruction kernel:
     a real skull rises over 3-4 pixels), whatever ``extras`` and ``variety``.
+    ``head_layers`` lines a head's skull with what lies under it in a real
+    head: a layer of fluid 0.5-4 pixels thick (0-15 HU), then a cortex of
+    grey matter 2-6 pixels thick (32-45 HU) around the white matter
+    (20-32 HU), where the plain head has one brain value against the bone.
     Without these the generator draws exactly what it always drew.
     Coordinates are fractions of the half field of view, so the anatomy
     scales with ``size``.
@@ -189,6 +194,11 @@ def random_slice(rng: np.random.Generator, size: int = 512, *, body_type: str | 
         brain = ellipse(0, 0, a * 0.96 - thickness, b * 0.96 - thickness, tilt)
         hu[brain] = u(20, 45)
         interior = (a * 0.96 - thickness, b * 0.96 - thickness)
+        if head_layers:  # fluid under the skull, then grey matter around the white
+            fluid, cortex = u(0.5, 4.0) / (size / 2), u(2.0, 6.0) / (size / 2)
+            hu[brain] = u(0, 15)
+            hu[ellipse(0, 0, interior[0] - fluid, interior[1] - fluid, tilt)] = u(32, 45)
+            hu[ellipse(0, 0, interior[0] - fluid - cortex, interior[1] - fluid - cortex, tilt)] = u(20, 32)
         body = brain
     else:
         a, b = u(0.7, 0.95), u(0.45, 0.75)

@@ -115,6 +115,25 @@ def test_rimmed_dead_leaves_are_drawn_only_when_asked_and_stay_ct_values():
         phantoms.dead_leaves_slice(np.random.default_rng(0), 128, rim_fraction=1.5)
 
 
+def test_head_layers_put_fluid_and_grey_matter_under_the_skull_only_when_asked():
+    plain = phantoms.random_slice(np.random.default_rng(7), 512, body_type="head")
+    assert np.array_equal(plain, phantoms.random_slice(np.random.default_rng(7), 512, body_type="head",
+                                                       head_layers=False))
+    layered = phantoms.random_slice(np.random.default_rng(7), 512, body_type="head", head_layers=True)
+    assert np.array_equal(layered, phantoms.random_slice(np.random.default_rng(7), 512, body_type="head",
+                                                         head_layers=True))
+    assert layered.dtype == np.float32 and layered.min() >= -1024 and layered.max() <= 3071
+    # along the middle row, inward from the skull's inner edge: fluid, then grey matter brighter than it
+    for image, has_layers in ((layered, True), (plain, False)):
+        row = image[256]
+        inner_edge = int(np.argmax(row > 500)) + int(np.argmax(row[int(np.argmax(row > 500)):] < 500))
+        under = row[inner_edge + 1:inner_edge + 10]
+        dip = int(np.argmin(under))
+        assert (under[dip] < 20 and under[dip + 1:].max() > under[dip] + 15) == has_layers, under
+    other_body = phantoms.random_slice(np.random.default_rng(7), 512, body_type="thorax", head_layers=True)
+    assert np.array_equal(other_body, phantoms.random_slice(np.random.default_rng(7), 512, body_type="thorax"))
+
+
 def test_the_depth_inside_an_ellipse_is_about_the_distance_to_its_outline():
     x, y = phantoms._grid(64, 1)
     depth = phantoms._depth_inside(x, y, 0.0, 0.0, 0.8, 0.4, 30.0)
@@ -217,6 +236,9 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(dead_leaves_edge_px=-1.0)
     assert SimulationConfig(phantom_edge_blur_px=2.0).key(3) != SimulationConfig().key(3)
     assert SimulationConfig(dead_leaves_rim_fraction=0.5).key(3) != SimulationConfig().key(3)
+    assert SimulationConfig(head_layers_fraction=1.0).key(3) != SimulationConfig().key(3)
+    with pytest.raises(ValueError, match="head_layers_fraction"):
+        SimulationConfig(head_layers_fraction=2.0)
     with pytest.raises(ValueError, match="dead_leaves_rim_fraction"):
         SimulationConfig(dead_leaves_rim_fraction=-0.5)
     with pytest.raises(ValueError, match="phantom_edge_blur_px"):
