@@ -238,6 +238,11 @@ write_config() {
     prop dfs.namenode.avoid.write.stale.datanode "$AVOID_STALE"
     prop dfs.namenode.avoid.read.stale.datanode "$AVOID_STALE"
     prop dfs.datanode.hostname 127.0.0.1
+    # Placement skips a DataNode serving more than twice the average number of
+    # transfers. With three nodes and a handful of open packs that average is
+    # below 1, so a node with one open pack was skipped and new packs were
+    # written (and acknowledged) on two replicas. Every node is needed here.
+    prop dfs.namenode.redundancy.considerLoad false
     prop dfs.datanode.synconclose "$SYNC_ON_CLOSE"
     # Number of last blocks that may still be COMMITTED (acknowledged by the
     # whole pipeline, not yet reported by a DataNode) when a file is closed.

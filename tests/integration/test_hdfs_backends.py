@@ -113,3 +113,32 @@ def test_a_failed_handed_over_append_breaks_the_pack(hdfs_root):
         pack.begin_append([b"next"])
     pack._writer = pack._writer._writer
     pack.close()  # a broken pack is not waited on
+
+
+def _block_hosts(path: str) -> list[list[str]]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{WEBHDFS_URL}/webhdfs/v1{path}?op=GETFILEBLOCKLOCATIONS", timeout=10) as reply:
+        return [block["names"] for block in json.load(reply)["BlockLocations"]["BlockLocation"]]
+
+
+def test_a_new_pack_gets_every_replica_while_one_datanode_is_busier(hdfs_root):
+    """A DataNode holding an open pack serves more transfers than the others; placement must not
+    skip it, or the next pack's appends would be acknowledged on two replicas of three."""
+    import time
+
+    busy = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=1).open_append("packs/busy.pack")
+    packs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3)
+    try:
+        busy.append([b"x" * 1000])
+        time.sleep(2.5)  # the busy node's load reaches the NameNode in a heartbeat (every 1 s)
+        for n in range(3):
+            pack = packs.open_append(f"packs/{n}.pack")
+            try:
+                pack.append([b"y" * 1000])
+                assert [len(hosts) for hosts in _block_hosts(f"{hdfs_root}/packs/{n}.pack")] == [3]
+            finally:
+                pack.close()
+    finally:
+        busy.close()
