@@ -161,8 +161,18 @@ class IngestService:
         self.max_bytes = settings.max_object_mb << 20
         self.flush_commits = not (recoverable_appends and objects.packs is not None)
 
-    def store(self, source: Source, *, source_ae: str = "") -> StoreResult:
-        """Store one Part 10 object from bytes, a path or a seekable binary file."""
+    def store(self, source: Source, *, source_ae: str = "", write_first: bool = False) -> StoreResult:
+        """Store one Part 10 object from bytes, a path or a seekable binary file.
+
+        ``write_first``: the caller expects a new SOP Instance UID (a sender
+        that has sent only new instances so far).  On a client-server index
+        the bytes are then written, and their flush started, before the UID
+        is looked up, so that the look-up's round trip runs beside the flush
+        instead of ahead of it.  A re-send found that way leaves its record
+        unreferenced in the pack, so callers turn this off for a sender once
+        it re-sends anything.  The embedded index looks up in process and
+        ignores it.
+        """
         with _open(source) as (fp, size, name):
             if size > self.max_bytes:
                 raise ObjectTooLarge(
@@ -177,18 +187,19 @@ class IngestService:
             # an in-memory source was copied into a private buffer: it cannot change
             # before it is written, so it is hashed once; a file is hashed again as it streams
             verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))
-            result = self._store_parsed(fp, attrs, sha256, size, source_ae, verify)
+            result = self._store_parsed(fp, attrs, sha256, size, source_ae, verify, write_first)
         if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
             self.compactor.after_store()
         return result
 
     def _store_parsed(
-        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool,
+        write_first: bool,
     ) -> StoreResult:
         delay = 0.5
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
-                return self._store_once(fp, attrs, sha256, size, source_ae, verify)
+                return self._store_once(fp, attrs, sha256, size, source_ae, verify, write_first)
             except StorageUnavailable as exc:  # a write that failed on a dying DataNode gets a new pipeline
                 if attempt == STORE_ATTEMPTS:
                     raise
@@ -201,7 +212,8 @@ class IngestService:
         raise AssertionError("unreachable")
 
     def _store_once(
-        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool,
+        write_first: bool,
     ) -> StoreResult:
         """One try; the common case (a new UID) is one index transaction around the write.
 
@@ -214,14 +226,14 @@ class IngestService:
         index's log: the flushed record in the pack is the durable copy.
         """
         if self.db.statements_commit_alone:
-            return self._store_once_autocommit(fp, attrs, sha256, size, source_ae, verify)
+            return self._store_once_autocommit(fp, attrs, sha256, size, source_ae, verify, write_first)
         uid = attrs.sop_instance_uid
         pending: PendingPut | None = None
         try:
             with self.db.transaction(flush_commit=self.flush_commits) as conn:
                 existing = find_location(conn, uid)
                 if existing is None:
-                    pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
+                    pending = self._begin_put(fp, sha256, verify, size)
                     instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)
                     pending.wait()  # durable before the transaction commits
                     if instance_pk is not None:
@@ -250,7 +262,8 @@ class IngestService:
         return self._settle(attrs, location, existing, sha256, source_ae)
 
     def _store_once_autocommit(
-        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool
+        self, fp: BinaryIO, attrs: InstanceAttributes, sha256: str, size: int, source_ae: str, verify: bool,
+        write_first: bool,
     ) -> StoreResult:
         """One try on a client-server index (Postgres): the row goes in while the bytes are flushed.
 
@@ -265,13 +278,19 @@ class IngestService:
         transaction: the insert does nothing for a UID indexed meanwhile,
         which is then settled like a re-send.  The first instance of a
         series not yet indexed takes the general path, in a transaction.
+
+        With ``write_first`` the write and its flush start before the
+        look-up.  A re-send found then is answered as usual; its record
+        stays in the pack unreferenced, or becomes the instance's bytes when
+        the duplicate policy overwrites.
         """
         uid = attrs.sop_instance_uid
-        with self.db.autocommit() as conn:
-            existing = find_location(conn, uid)
-            if existing is None:
-                pending = self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
-                try:
+        pending = self._begin_put(fp, sha256, verify, size) if write_first else None
+        try:
+            with self.db.autocommit() as conn:
+                existing = find_location(conn, uid)
+                if existing is None:
+                    pending = pending or self._begin_put(fp, sha256, verify, size)
                     with explicit_transaction(conn):
                         now = utcnow()
                         instance_pk, series = insert_into_indexed_series(conn, attrs, pending.location,
@@ -279,23 +298,32 @@ class IngestService:
                         pending.wait()  # durable before the row commits
                         if instance_pk is not None:
                             count_in_and_commit(conn, series, now)
-                except BaseException:
-                    self._discard(pending.location)
-                    raise
-                finally:
-                    pending.release()  # after the commit: sealing a full pack writes to the index
-        if existing is not None:
-            return self._store_over(fp, attrs, existing, sha256, size, source_ae, verify)
-        if series is None:
-            try:
+            if existing is None and series is None:
                 with self.db.transaction() as conn:
                     instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)
-            except BaseException:
+            if existing is not None and pending is not None:  # written before the look-up found the UID
+                early = self._resolve_duplicate(attrs, existing, sha256, source_ae)
+                if early is not None:
+                    self._discard(pending.location)
+                    return early
+                pending.wait()  # the policy overwrites: these bytes replace the stored ones
+        except BaseException:
+            if pending is not None:
                 self._discard(pending.location)
-                raise
+            raise
+        finally:
+            if pending is not None:
+                pending.release()  # last: sealing a full pack writes to the index
+        if existing is not None:
+            if pending is None:
+                return self._store_over(fp, attrs, existing, sha256, size, source_ae, verify)
+            return self._settle(attrs, pending.location, existing, sha256, source_ae)
         if instance_pk is not None:
             return self._result(StoreOutcome.STORED, attrs, pending.location)
         return self._settle(attrs, pending.location, None, sha256, source_ae)  # indexed by another process meanwhile
+
+    def _begin_put(self, fp: BinaryIO, sha256: str, verify: bool, size: int) -> PendingPut:
+        return self.objects.begin_put(_chunks(fp), sha256=sha256, verify=verify, length=size)
 
     def _settle(
         self, attrs: InstanceAttributes, location: Location, existing: Location | None, sha256: str, source_ae: str

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs.ingest.service import BufferChain, IngestService
+from pacs.ingest.service import BufferChain, IngestService, StoreOutcome
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.commands import part10_head
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
@@ -56,7 +56,7 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
             head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
                                event.context.transfer_syntax)
         with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as received:
-            result = ingest.store(received, source_ae=calling_ae)
+            result = ingest.store(received, source_ae=calling_ae, write_first=_sends_new_instances(tally))
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
@@ -65,6 +65,20 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     tally[result.outcome.value] += 1
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return int(Status.SUCCESS)  # a plain status: pynetdicom builds no dataset for it
+
+
+def _sends_new_instances(tally: Counter) -> bool:
+    """Whether this association has stored new instances and re-sent none.
+
+    A scanner sends a study's instances once; its stores are then written
+    before their UIDs are looked up (:meth:`IngestService.store`).  A sender
+    that re-sends anything, from its first store on, is looked up first for
+    the rest of the association, so a re-sent study leaves at most one
+    unreferenced record behind.
+    """
+    return tally[StoreOutcome.STORED.value] > 0 and not any(
+        tally[outcome.value] for outcome in StoreOutcome if outcome is not StoreOutcome.STORED
+    )
 
 
 def _store_tally(assoc) -> Counter:  # noqa: ANN001 - pynetdicom's Association

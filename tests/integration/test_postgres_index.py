@@ -155,7 +155,9 @@ def services_on_postgres(pg_url, tmp_path):
     services.close()
 
 
-def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(services_on_postgres, monkeypatch):
+@pytest.mark.parametrize("write_first", [False, True])
+def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(services_on_postgres, monkeypatch,
+                                                                         write_first):
     """The statements that commit alone run after the flush, for a new series and a known one."""
     from sqlalchemy import select
 
@@ -166,7 +168,8 @@ def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(services
     services = services_on_postgres
     watch = _WatchedFlush(services)
     watch.install(monkeypatch)
-    assert [services.ingest.store(data).outcome for data in series("pg-order", 4)] == [StoreOutcome.STORED] * 4
+    outcomes = [services.ingest.store(data, write_first=write_first).outcome for data in series("pg-order", 4)]
+    assert outcomes == [StoreOutcome.STORED] * 4
     assert watch.checked == 4
     with services.db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 4
@@ -255,3 +258,81 @@ def read_uid(data: bytes) -> str:
     from pydicom import dcmread
 
     return dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+
+
+def _watch_writes(services, events: list) -> None:
+    from sqlalchemy import event
+
+    def seen(conn, _cursor, statement, *_):  # noqa: ANN001
+        events.append(statement.split()[0])
+
+    for engine in (services.db.engine, services.db._autocommit):
+        event.listen(engine, "before_cursor_execute", seen)
+    objects = services.ingest.objects
+    begin_put, put = objects.begin_put, objects.put
+    objects.begin_put = lambda *a, **k: events.append("write") or begin_put(*a, **k)
+    objects.put = lambda *a, **k: events.append("write") or put(*a, **k)
+
+
+def test_on_postgres_a_store_written_first_is_looked_up_while_its_bytes_flush(services_on_postgres):
+    from pacs.ingest.service import StoreOutcome
+    from tests.unit.test_append_packs import series
+
+    services = services_on_postgres
+    sent = series("pg-first", 3)
+    services.ingest.store(sent[0])  # the series is known
+    events = []
+    _watch_writes(services, events)
+    assert services.ingest.store(sent[1]).outcome is StoreOutcome.STORED
+    assert events == ["SELECT", "write", "BEGIN", "WITH", "UPDATE"]
+    events.clear()
+    assert services.ingest.store(sent[2], write_first=True).outcome is StoreOutcome.STORED
+    assert events == ["write", "SELECT", "BEGIN", "WITH", "UPDATE"]
+
+
+@pytest.mark.parametrize("policy", ["keep-first", "overwrite", "reject"])
+def test_on_postgres_a_resend_written_first_is_answered_as_one_looked_up_first(pg_url, tmp_path, policy):
+    """The bytes written before the look-up found the UID are the new bytes under the overwrite
+    policy (written once), and left unreferenced otherwise; the index is what it would have been."""
+    from sqlalchemy import select
+
+    from pacs.errors import DuplicateConflict
+    from pacs.index.models import Instance, Series
+    from pacs.index.repository import find_location
+    from pacs.ingest.service import StoreOutcome
+    from tests.unit.test_append_packs import series
+
+    empty_database(pg_url)
+    services = build_services(Settings(data_dir=tmp_path / "data", index={"url": pg_url},
+                                       storage={"duplicate_policy": policy}))
+    try:
+        sent = series(f"pg-again-{policy}", 3)
+        assert {services.ingest.store(data).outcome for data in sent} == {StoreOutcome.STORED}
+        uid = services.ingest.store(sent[1]).sop_instance_uid  # a plain duplicate, looked up first
+        with services.db.autocommit() as conn:
+            before = find_location(conn, uid)
+        events = []
+        _watch_writes(services, events)
+        same = services.ingest.store(sent[1], write_first=True)
+        assert same.outcome is StoreOutcome.DUPLICATE and same.location == before
+        changed = sent[1][:-1] + bytes([sent[1][-1] ^ 0xFF])  # the last pixel byte: same UID, other bytes
+        if policy == "reject":
+            with pytest.raises(DuplicateConflict):
+                services.ingest.store(changed, write_first=True)
+        else:
+            outcome = services.ingest.store(changed, write_first=True)
+            assert outcome.outcome is {"keep-first": StoreOutcome.KEPT_EXISTING,
+                                       "overwrite": StoreOutcome.OVERWRITTEN}[policy]
+        assert events.count("write") == 2  # each re-send written once, before its look-up
+        with services.db.autocommit() as conn:
+            now = find_location(conn, uid)
+        if policy == "overwrite":
+            assert now != before and services.objects.get(now) == changed
+        else:
+            assert now == before
+        assert services.objects.get(before) == sent[1]
+        with services.db.session() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 3
+            assert session.scalars(select(Series.num_instances)).one() == 3
+    finally:
+        services.close()

@@ -270,6 +270,36 @@ def test_an_association_that_stored_is_summed_up_in_one_log_line(scp, caplog):
     assert len(per_instance) == 4
 
 
+def test_an_association_writes_first_only_while_it_has_sent_nothing_twice(scp, monkeypatch):
+    """The first store is looked up first; then each store of an association that has stored
+    only new instances is written first; once it re-sends anything, never again."""
+    from pacs.ingest.service import IngestService
+
+    services, _ = scp
+    asked = []
+    store = IngestService.store
+
+    def watched(self, source, **kwargs):  # noqa: ANN001
+        asked.append(kwargs.get("write_first"))
+        return store(self, source, **kwargs)
+
+    monkeypatch.setattr(IngestService, "store", watched)
+    blobs = list(make_series(SeriesSpec(study_key="first", series_key="f1", rows=16, columns=16, count=5)))
+    sent = [blobs[0], blobs[1], blobs[2], blobs[1], blobs[3], blobs[4]]  # the fourth is a re-send
+    for round_ in range(2):
+        asked.clear()
+        assoc = _associate(services, CTImageStorage)
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in sent]
+        finally:
+            assoc.release()
+        assert statuses == [0] * 6
+        if round_ == 0:
+            assert asked == [False, True, True, True, False, False]
+        else:  # all re-sends: never written first
+            assert asked == [False] * 6
+
+
 def test_stores_are_served_without_pynetdicoms_storage_scp_and_failures_keep_their_status(scp, monkeypatch):
     from pydicom.dataset import Dataset
     from pynetdicom.service_class import StorageServiceClass
