@@ -260,6 +260,7 @@ class IndexedSeries:
 
 def insert_into_indexed_series(
     conn: Connection, attrs: InstanceAttributes, location: Location, *, source_ae: str = "", now: datetime,
+    begin: bool = False,
 ) -> tuple[int | None, IndexedSeries | None]:
     """Postgres: insert the row of an instance of a series already indexed, in one statement; counters untouched.
 
@@ -269,11 +270,15 @@ def insert_into_indexed_series(
     work waits for something else (the flush of the instance's bytes):
     the row takes no lock that a concurrent store into the series waits
     for.  :func:`count_in_and_commit` then bumps the counters and commits.
+    ``begin``: the ``BEGIN`` of that transaction, begun by hand on an
+    autocommit connection, goes in the same round trip.
     """
     values = _instance_values(attrs, location, source_ae, now)
-    row = conn.execute(
-        _pg_insert_into_series(), {**{f"b_{k}": v for k, v in values.items()}, "b_series_uid": attrs.series_instance_uid}
-    ).one_or_none()
+    params = {**{f"b_{k}": v for k, v in values.items()}, "b_series_uid": attrs.series_instance_uid}
+    if begin:
+        row = _PgBegun.of(_pg_insert_into_series(), conn).run(conn, params).one_or_none()
+    else:
+        row = conn.execute(_pg_insert_into_series(), params).one_or_none()
     if row is None:
         return None, None
     instance_pk, *parents = row
@@ -332,6 +337,34 @@ _INSTANCE_COLUMNS = tuple(
         Location("", 0, 0, ""), "", datetime.min,
     )
 )
+
+
+class _PgBegun:
+    """A prebuilt Postgres statement sent as ``BEGIN; <statement>``: one round trip for both.
+
+    Compiled once for the connection's dialect (psycopg2's named
+    placeholders) with SQLAlchemy's bind processors, and sent as one simple
+    query, whose result is the statement's.
+    """
+
+    _compiled: dict[Any, _PgBegun] = {}
+
+    def __init__(self, sql: str, processors: dict[str, Any]) -> None:
+        self._sql = sql
+        self._processors = processors
+
+    @classmethod
+    def of(cls, statement: Any, conn: Connection) -> _PgBegun:
+        begun = cls._compiled.get(statement)
+        if begun is None:
+            compiled = statement.compile(dialect=conn.dialect)
+            begun = cls._compiled[statement] = cls("BEGIN; " + str(compiled), dict(compiled._bind_processors))
+        return begun
+
+    def run(self, conn: Connection, values: dict[str, Any]) -> Any:
+        processed = {name: (value if (process := self._processors.get(name)) is None else process(value))
+                     for name, value in values.items()}
+        return conn.exec_driver_sql(self._sql, processed)
 
 
 @functools.cache

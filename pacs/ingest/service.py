@@ -279,25 +279,32 @@ class IngestService:
         which is then settled like a re-send.  The first instance of a
         series not yet indexed takes the general path, in a transaction.
 
-        With ``write_first`` the write and its flush start before the
-        look-up.  A re-send found then is answered as usual; its record
-        stays in the pack unreferenced, or becomes the instance's bytes when
-        the duplicate policy overwrites.
+        The ``BEGIN`` goes with the insert, so a store of a known series is
+        three round trips, one of them after the flush.  With ``write_first``
+        the write and its flush start first and there is no look-up: the
+        insert, which does nothing for a UID indexed already, tells, and the
+        store is two round trips.  A re-send found that way is looked up and
+        answered as usual; its record stays in the pack unreferenced, or
+        becomes the instance's bytes when the duplicate policy overwrites.
         """
         uid = attrs.sop_instance_uid
+        existing: Location | None = None
         pending = self._begin_put(fp, sha256, verify, size) if write_first else None
         try:
             with self.db.autocommit() as conn:
-                existing = find_location(conn, uid)
+                if not write_first:
+                    existing = find_location(conn, uid)
                 if existing is None:
                     pending = pending or self._begin_put(fp, sha256, verify, size)
-                    with explicit_transaction(conn):
+                    with explicit_transaction(conn, begin=False):
                         now = utcnow()
                         instance_pk, series = insert_into_indexed_series(conn, attrs, pending.location,
-                                                                         source_ae=source_ae, now=now)
+                                                                         source_ae=source_ae, now=now, begin=True)
                         pending.wait()  # durable before the row commits
                         if instance_pk is not None:
                             count_in_and_commit(conn, series, now)
+                    if write_first and instance_pk is None and series is not None:  # the UID is indexed
+                        existing = find_location(conn, uid)
             if existing is None and series is None:
                 with self.db.transaction() as conn:
                     instance_pk = add_instance(conn, attrs, pending.location, source_ae=source_ae)

@@ -85,7 +85,7 @@ def test_an_instance_of_a_known_series_commits_with_its_counters_in_one_round_tr
     statements = []
 
     def seen(conn, _cursor, statement, *_):  # noqa: ANN001
-        statements.append((statement.split()[0], conn.connection.driver_connection.autocommit))
+        statements.append((" ".join(statement.split()[:2]), conn.connection.driver_connection.autocommit))
 
     for engine in (services.db.engine, services.db._autocommit):
         event.listen(engine, "before_cursor_execute", seen)
@@ -95,9 +95,9 @@ def test_an_instance_of_a_known_series_commits_with_its_counters_in_one_round_tr
                 statements.clear()
                 services.ingest.store(data)
         # the last store: the look-up (committing alone), then on the same connection a
-        # transaction begun by hand: the row (sent while the flush runs), then the counters
-        # and the COMMIT in one round trip
-        assert statements == [("SELECT", True), ("BEGIN", True), ("WITH", True), ("UPDATE", True)]
+        # transaction begun by hand with the row in one round trip (sent while the flush runs),
+        # then the counters and the COMMIT in one round trip
+        assert statements == [("SELECT instances.container,", True), ("BEGIN; WITH", True), ("UPDATE series", True)]
         attrs = read_attributes(io.BytesIO(data), len(data))
         with services.db.transaction() as conn:  # the same UID again: nothing added, nothing counted
             assert add_instance(conn, attrs, Location("packs/x", 0, len(data), "0" * 64)) is None
@@ -264,7 +264,7 @@ def _watch_writes(services, events: list) -> None:
     from sqlalchemy import event
 
     def seen(conn, _cursor, statement, *_):  # noqa: ANN001
-        events.append(statement.split()[0])
+        events.append(" ".join(statement.split()[:2]))
 
     for engine in (services.db.engine, services.db._autocommit):
         event.listen(engine, "before_cursor_execute", seen)
@@ -274,7 +274,8 @@ def _watch_writes(services, events: list) -> None:
     objects.put = lambda *a, **k: events.append("write") or put(*a, **k)
 
 
-def test_on_postgres_a_store_written_first_is_looked_up_while_its_bytes_flush(services_on_postgres):
+def test_on_postgres_a_store_written_first_is_indexed_in_two_round_trips_while_its_bytes_flush(
+        services_on_postgres):
     from pacs.ingest.service import StoreOutcome
     from tests.unit.test_append_packs import series
 
@@ -284,10 +285,10 @@ def test_on_postgres_a_store_written_first_is_looked_up_while_its_bytes_flush(se
     events = []
     _watch_writes(services, events)
     assert services.ingest.store(sent[1]).outcome is StoreOutcome.STORED
-    assert events == ["SELECT", "write", "BEGIN", "WITH", "UPDATE"]
+    assert events == ["SELECT instances.container,", "write", "BEGIN; WITH", "UPDATE series"]
     events.clear()
     assert services.ingest.store(sent[2], write_first=True).outcome is StoreOutcome.STORED
-    assert events == ["write", "SELECT", "BEGIN", "WITH", "UPDATE"]
+    assert events == ["write", "BEGIN; WITH", "UPDATE series"]  # no look-up: the insert tells
 
 
 @pytest.mark.parametrize("policy", ["keep-first", "overwrite", "reject"])
