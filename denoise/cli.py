@@ -108,6 +108,10 @@ def train_command(
     head_layers_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Fraction of the anatomy phantoms whose heads get fluid (0.5-4 px) and grey "
                                "matter under the skull. 0: one brain value against the bone.")] = 0.0,
+    sharp_kernel_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of the training ground truths that ring along every edge as a scanner's "
+                               "sharp reconstruction kernel leaves them (bright and dark bands 0.7-2.5 px wide). "
+                               "0: none.")] = 0.0,
     phantom_edge_blur_px: Annotated[float, typer.Option(
         min=0.0, help="Draw the anatomy phantoms' edge blur (partial volume) from 0.3 to this many pixels "
                       "instead of 0.3-0.7 (0: their own).")] = 0.0,
@@ -159,6 +163,7 @@ def train_command(
                                         dead_leaves_edge_px=dead_leaves_edge_px,
                                         dead_leaves_rim_fraction=dead_leaves_rim_fraction,
                                         head_layers_fraction=head_layers_fraction,
+                                        sharp_kernel_fraction=sharp_kernel_fraction,
                                         phantom_edge_blur_px=phantom_edge_blur_px),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,

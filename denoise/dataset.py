@@ -39,6 +39,11 @@ was):
 * ``head_layers_fraction``: that fraction of the anatomy phantoms have, if
   they are heads, fluid and grey matter under the skull
   (``random_slice(head_layers=True)``);
+* ``sharp_kernel_fraction``: that fraction of the ground truths (anatomy
+  and dead leaves alike) ring along every edge as a scanner's sharp
+  reconstruction kernel leaves them (``phantoms.sharp_kernel``): real
+  slices used as references carry that ringing, bright and dark bands a
+  pixel or two wide along each bone;
 * ``phantom_edge_blur_px`` > 0: the phantoms' edge blur is drawn from 0.3 to
   that many pixels instead of 0.3-0.7 (0.0-0.7 with extras, 0-2 with variety).
 
@@ -70,7 +75,7 @@ GRAIN_I0 = (1e5, 2e6)
 # Options added after sets were cached: left out of the cache key at their defaults, so old caches stay valid.
 _KEYED_ONLY_WHEN_SET = ("dose_range", "grain_fraction", "extras_fraction", "variety_fraction",
                         "dead_leaves_fraction", "dead_leaves_edge_px", "phantom_edge_blur_px",
-                        "dead_leaves_rim_fraction", "head_layers_fraction")
+                        "dead_leaves_rim_fraction", "head_layers_fraction", "sharp_kernel_fraction")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class SimulationConfig:
     phantom_edge_blur_px: float = 0.0  # 0: the phantoms' own edge blur (0.3-0.7 px)
     dead_leaves_rim_fraction: float = 0.0
     head_layers_fraction: float = 0.0
+    sharp_kernel_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.dose_range)
@@ -102,7 +108,7 @@ class SimulationConfig:
             raise ValueError(f"dose_range: expected factors 0 < lo <= hi, got {self.dose_range}")
         object.__setattr__(self, "dose_range", (lo, hi))  # a list, when read back from JSON
         for name in ("grain_fraction", "extras_fraction", "variety_fraction", "dead_leaves_fraction",
-                     "dead_leaves_rim_fraction", "head_layers_fraction"):
+                     "dead_leaves_rim_fraction", "head_layers_fraction", "sharp_kernel_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.dead_leaves_edge_px <= self.size_px / 8:
@@ -169,6 +175,7 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     variety = bool(config.variety_fraction) and rng.random() < config.variety_fraction
     leaves = bool(config.dead_leaves_fraction) and rng.random() < config.dead_leaves_fraction
     layers = bool(config.head_layers_fraction) and rng.random() < config.head_layers_fraction
+    sharp = bool(config.sharp_kernel_fraction) and rng.random() < config.sharp_kernel_fraction
     if shepp_logan:
         hu = phantoms.shepp_logan_hu(config.size_px)
     elif leaves:
@@ -177,6 +184,8 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
     else:
         hu = phantoms.random_slice(rng, config.size_px, extras=extras, variety=variety,
                                    edge_blur_px=config.phantom_edge_blur_px or None, head_layers=layers)
+    if sharp and not shepp_logan:
+        hu = phantoms.sharp_kernel(hu, rng)
     data = simulate_slice(hu, config, rng)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)

@@ -134,6 +134,20 @@ def test_head_layers_put_fluid_and_grey_matter_under_the_skull_only_when_asked()
     assert np.array_equal(other_body, phantoms.random_slice(np.random.default_rng(7), 512, body_type="thorax"))
 
 
+def test_a_sharp_kernel_rings_along_edges_and_leaves_flat_tissue_alone():
+    """Brain against a skull: a dark band inside the bone, a bright one on it; far from edges, no change."""
+    hu = np.full((128, 128), 30.0, dtype=np.float32)  # brain
+    hu[:, :40] = 1000.0  # bone to the left of column 40
+    hu[:, :8] = -1000.0  # air beyond it
+    rings = phantoms.sharp_kernel(hu, np.random.default_rng(3))
+    assert np.array_equal(rings, phantoms.sharp_kernel(hu, np.random.default_rng(3)))
+    assert rings.dtype == np.float32 and rings.min() >= -1000 and rings.max() <= 3071
+    row = rings[64]
+    assert row[40:43].min() < 30 - 20  # undershoot on the brain's side of the inner table
+    assert row[37:40].max() > 1000 + 20  # overshoot on the bone's side
+    assert row[100:] == pytest.approx(30.0, abs=0.5) and row[20:28] == pytest.approx(1000.0, abs=0.5)
+
+
 def test_the_depth_inside_an_ellipse_is_about_the_distance_to_its_outline():
     x, y = phantoms._grid(64, 1)
     depth = phantoms._depth_inside(x, y, 0.0, 0.0, 0.8, 0.4, 30.0)
@@ -237,6 +251,9 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
     assert SimulationConfig(phantom_edge_blur_px=2.0).key(3) != SimulationConfig().key(3)
     assert SimulationConfig(dead_leaves_rim_fraction=0.5).key(3) != SimulationConfig().key(3)
     assert SimulationConfig(head_layers_fraction=1.0).key(3) != SimulationConfig().key(3)
+    assert SimulationConfig(sharp_kernel_fraction=0.5).key(3) != SimulationConfig().key(3)
+    with pytest.raises(ValueError, match="sharp_kernel_fraction"):
+        SimulationConfig(sharp_kernel_fraction=1.5)
     with pytest.raises(ValueError, match="head_layers_fraction"):
         SimulationConfig(head_layers_fraction=2.0)
     with pytest.raises(ValueError, match="dead_leaves_rim_fraction"):
@@ -245,6 +262,12 @@ def test_dose_range_and_grain_widen_the_training_data(tmp_path):
         SimulationConfig(phantom_edge_blur_px=0.2)
     other = build_pair_set(tmp_path, seed=3, count=1, config=leaves)
     assert not np.array_equal(other.reference[0], a.reference[0])  # a dead-leaves slice, not the phantom
+    # the same phantom, its ground truth ringing along the edges (the sharp kernel's), its tissue as it was
+    sharp = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64, sharp_kernel_fraction=1.0)
+    build_pair_set(tmp_path, seed=3, count=1, config=sharp)
+    truth_plain, truth_sharp = (np.load(next((tmp_path / c.key(3)).glob("slice-*.npz")))["truth"] for c in (plain, sharp))
+    changed = np.abs(truth_sharp - truth_plain)
+    assert changed.max() > 50 and np.median(changed) < 5
 
 
 def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
