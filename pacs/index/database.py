@@ -192,19 +192,17 @@ class Database:
 
 
 @contextmanager
-def explicit_transaction(conn: Connection, *, begin: bool = True) -> Iterator[Connection]:
+def explicit_transaction(conn: Connection) -> Iterator[Connection]:
     """A transaction begun by hand on an :meth:`Database.autocommit` connection.
 
-    For a sequence whose last statement carries the ``COMMIT`` in its own
-    round trip (:func:`pacs.index.repository.count_in_and_commit`).  Whatever
-    the body leaves open (it raised, or chose not to commit) is rolled back
-    before the connection goes back to its pool; a connection that cannot
-    roll back is dropped from the pool.  ``begin=False``: the body's first
-    statement carries the ``BEGIN`` in its own round trip
-    (:func:`pacs.index.repository.insert_into_indexed_series` with ``begin``).
+    The body's first statement carries the ``BEGIN`` in its own round trip
+    (:func:`pacs.index.repository.insert_into_indexed_series` with
+    ``begin``), and its last the ``COMMIT``
+    (:func:`pacs.index.repository.count_in_and_commit`).  Whatever the body
+    leaves open (it raised, or chose not to commit) is rolled back before
+    the connection goes back to its pool; a connection that cannot roll
+    back is dropped from the pool.
     """
-    if begin:
-        conn.exec_driver_sql("BEGIN")
     try:
         yield conn
     finally:

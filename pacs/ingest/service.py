@@ -166,12 +166,11 @@ class IngestService:
 
         ``write_first``: the caller expects a new SOP Instance UID (a sender
         that has sent only new instances so far).  On a client-server index
-        the bytes are then written, and their flush started, before the UID
-        is looked up, so that the look-up's round trip runs beside the flush
-        instead of ahead of it.  A re-send found that way leaves its record
-        unreferenced in the pack, so callers turn this off for a sender once
-        it re-sends anything.  The embedded index looks up in process and
-        ignores it.
+        the bytes are then written, and their flush started, with no look-up
+        ahead of them: the row's insert tells a UID indexed already.  A
+        re-send found that way leaves its record unreferenced in the pack,
+        so callers turn this off for a sender once it re-sends anything.
+        The embedded index looks up in process and ignores it.
         """
         with _open(source) as (fp, size, name):
             if size > self.max_bytes:
@@ -296,7 +295,7 @@ class IngestService:
                     existing = find_location(conn, uid)
                 if existing is None:
                     pending = pending or self._begin_put(fp, sha256, verify, size)
-                    with explicit_transaction(conn, begin=False):
+                    with explicit_transaction(conn):
                         now = utcnow()
                         instance_pk, series = insert_into_indexed_series(conn, attrs, pending.location,
                                                                          source_ae=source_ae, now=now, begin=True)

@@ -47,6 +47,15 @@ def _associate(services, *contexts, ae_cls=EventDrivenAE):
     return assoc
 
 
+def _store_each(services, blobs) -> list[int]:
+    """The C-STORE status of each object, sent over one association of its own."""
+    assoc = _associate(services, CTImageStorage)
+    try:
+        return [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in blobs]
+    finally:
+        assoc.release()
+
+
 def test_both_sides_run_the_event_driven_threads(scp):
     services, accepted = scp
     assoc = _associate(services, Verification)
@@ -288,12 +297,7 @@ def test_an_association_writes_first_only_while_it_has_sent_nothing_twice(scp, m
     sent = [blobs[0], blobs[1], blobs[2], blobs[1], blobs[3], blobs[4]]  # the fourth is a re-send
     for round_ in range(2):
         asked.clear()
-        assoc = _associate(services, CTImageStorage)
-        try:
-            statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in sent]
-        finally:
-            assoc.release()
-        assert statuses == [0] * 6
+        assert _store_each(services, sent) == [0] * 6
         if round_ == 0:
             assert asked == [False, True, True, True, False, False]
         else:  # all re-sends: never written first
@@ -490,12 +494,7 @@ def test_a_received_object_is_hashed_as_it_arrives_and_stored_with_that_digest(s
 
     # as if the archive took PDUs of 16 KB at most: a data set arrives in many fragments
     monkeypatch.setattr(DIMSEServiceProvider, "maximum_pdu_size", property(lambda _self: 16384))
-    assoc = _associate(services, CTImageStorage)
-    try:
-        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in blobs]
-    finally:
-        assoc.release()
-    assert statuses == [0] * 4
+    assert _store_each(services, blobs) == [0] * 4
     assert hashed_by_ingest == []
     assert len(updates) == 4 * 7 and max(updates) <= 16384  # 106 KB each, in seven fragments
     with services.db.session() as session:
