@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import posixpath
 import threading
 import uuid
@@ -25,8 +26,10 @@ from typing import Generic, TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
 from pacs.storage.base import AppendFile, BlobInfo, BlobStore, Flush
+from pacs.storage.datanode import DataNodeReadError, OpenFileReader
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _join(root: str, path: str) -> str:
@@ -116,8 +119,11 @@ class _Pending(Generic[T]):
 
 
 # Objects next to each other are read together up to this size: each read is
-# a NameNode call and a DataNode connection (WebHDFS: two HTTP exchanges).
+# a NameNode call and a DataNode connection.
 SPAN_BYTES = 8 << 20
+# Open packs are read from their DataNodes (pacs.storage.datanode) unless that
+# failed this many times in a row where WebHDFS then served the same bytes.
+DIRECT_MISSES_BEFORE_WEBHDFS = 3
 # A record up to this size is handed to the client's loop in one piece (HdfsAppendFile.begin_append).
 GATHER_BYTES = 8 << 20
 
@@ -143,6 +149,8 @@ class NativeHdfsBlobStore(BlobStore):
         self._webhdfs_url = webhdfs_url
         self._webhdfs_user = webhdfs_user
         self._webhdfs: WebHdfsBlobStore | None = None
+        self._open_reader: OpenFileReader | None = None
+        self._direct_misses = 0
         self.url = url
         self.root = root.rstrip("/") or "/"
         self.replication = replication
@@ -254,20 +262,42 @@ class NativeHdfsBlobStore(BlobStore):
 
         hdfs-native 0.14 reads only up to the length the NameNode reports,
         which for a file under construction leaves out its last block; the
-        bytes hsync'ed to it are there all the same, and a DataNode serves
-        them through WebHDFS (``storage.webhdfs_url``).  Packs that ingest
-        appends to are read this way until they are sealed; a retrieve reads
-        them a span of objects per request (``span_bytes``).
+        bytes hsync'ed to it are there all the same.  They are read straight
+        from a DataNode (:mod:`pacs.storage.datanode`, with the block list
+        from WebHDFS, ``storage.webhdfs_url``), or, where a DataNode will not
+        serve them that way, through WebHDFS.  Packs that ingest appends to
+        are read this way until they are sealed; a retrieve reads them a
+        span of objects per request (``span_bytes``).
         """
         if self._webhdfs_url is None:
             raise StorageUnavailable(
                 f"{path} is still being written and hdfs-native cannot read it; "
-                f"set storage.webhdfs_url to read open packs through WebHDFS"
+                f"set storage.webhdfs_url to read open packs from their DataNodes"
             )
+        full = _join(self.root, path)
+        if self._open_reader is None:
+            self._open_reader = OpenFileReader(self._webhdfs_url, self._webhdfs_user, self.timeout_s)
+        failed: DataNodeReadError | None = None
+        if self._direct_misses < DIRECT_MISSES_BEFORE_WEBHDFS:
+            try:
+                data = self._open_reader.read(full, offset, length)
+            except DataNodeReadError as exc:
+                failed = exc
+            else:
+                self._direct_misses = 0
+                return data
         if self._webhdfs is None:
             self._webhdfs = WebHdfsBlobStore(self._webhdfs_url, self.root, user=self._webhdfs_user,
                                              replication=self.replication, block_size=self.block_size)
-        return self._webhdfs.read(path, offset, length)
+        data = self._webhdfs.read(path, offset, length)
+        if failed is not None:
+            # WebHDFS got the bytes from the same DataNodes: they will not serve
+            # this client directly (a protected data-transfer port, say).
+            self._direct_misses += 1
+            log.warning("read %s from DataNodes failed, through WebHDFS it worked%s: %s", full,
+                        "; reading open packs through WebHDFS from now on"
+                        if self._direct_misses == DIRECT_MISSES_BEFORE_WEBHDFS else "", failed)
+        return data
 
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20
@@ -276,13 +306,11 @@ class NativeHdfsBlobStore(BlobStore):
         reader = self._reader(full)
         if length is None:
             length = len(reader) - offset
-        if offset + length > len(reader):
-            yield self._read_open_file(path, offset, length)
-            return
+        still_open = offset + length > len(reader)
         end = offset + length
         while offset < end:
             n = min(chunk_size, end - offset)
-            yield self._read_range(reader, full, offset, n)
+            yield self._read_open_file(path, offset, n) if still_open else self._read_range(reader, full, offset, n)
             offset += n
 
     def delete(self, path: str) -> bool:

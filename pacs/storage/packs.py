@@ -24,8 +24,8 @@ stays ``open``.
 On HDFS an append is a write and an ``hsync`` to an open file (about 7 ms
 for 0.5 MB on the test cluster, against about 24 ms to create, write, hsync
 and close a landing file); hdfs-native cannot read an open file, so reads of
-an open pack go through WebHDFS (``NativeHdfsBlobStore``) until the pack is
-sealed: full, idle for ``idle_seal_s``, or at shutdown.
+an open pack go to its DataNodes directly (``pacs.storage.datanode``) until
+the pack is sealed: full, idle for ``idle_seal_s``, or at shutdown.
 """
 
 from __future__ import annotations

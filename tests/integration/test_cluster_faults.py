@@ -61,7 +61,7 @@ def test_round_trip_of_300_instances(each_write_path):
         result = cluster.ingest.store(data, source_ae="SCANNER")
         assert result.outcome is StoreOutcome.STORED
         sent[result.sop_instance_uid] = data
-    read_back_all(cluster, sent)  # from the open pack (through WebHDFS), or from the landing area
+    read_back_all(cluster, sent)  # from the open pack (from its DataNodes), or from the landing area
     if cluster.objects.packs is not None:
         cluster.objects.packs.close()  # sealed: now hdfs-native reads it
     cluster.compactor.wait()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import socket
 
 import pytest
 
+from pacs.errors import StorageUnavailable
+from pacs.storage import datanode
 from pacs.storage.hdfs import NativeHdfsBlobStore, WebHdfsBlobStore
 from pacs.storage.objects import Location, ObjectStore
 from tests.contracts import BlobStoreContract, IngestContract
@@ -42,22 +46,101 @@ def test_files_are_created_with_the_configured_replication(hdfs_root):
     assert hdfs_native.Client(HDFS_URL).get_file_info(f"{hdfs_root}/r/x.bin").replication == 2
 
 
-def test_a_pack_still_being_written_is_read_in_few_requests(hdfs_root, monkeypatch):
+def test_a_pack_still_being_written_is_read_from_its_datanodes_in_few_requests(hdfs_root, monkeypatch):
     blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
     objects = ObjectStore(blobs)
     pack = blobs.open_append("packs/open.pack")
     records = [os.urandom(300_000) for _ in range(40)]  # 12 MB, all in the block under construction
     locations = [Location("packs/open.pack", pack.append([r]), len(r), hashlib.sha256(r).hexdigest())
                  for r in records]
-    requests = []
-    read = WebHdfsBlobStore.read
-    monkeypatch.setattr(WebHdfsBlobStore, "read", lambda self, *args: requests.append(args) or read(self, *args))
+    lists, reads = [], []
+    monkeypatch.setattr(datanode, "fetch_block_list", counted(datanode.fetch_block_list, lists))
+    monkeypatch.setattr(datanode, "read_block", counted(datanode.read_block, reads))
+    monkeypatch.setattr(WebHdfsBlobStore, "read", refuse)
     try:
         assert list(objects.get_many(locations)) == records
-        assert len(requests) == 2  # 8 MiB spans, not one request per record
-        later = os.urandom(1000)  # appended after the last span read
+        assert (len(lists), len(reads)) == (1, 2)  # one block list; 8 MiB spans, not one read per record
+        later = os.urandom(1000)  # appended after the block list was fetched
         assert blobs.read("packs/open.pack", pack.append([later]), 1000) == later
-        assert len(requests) == 3
+        assert (len(lists), len(reads)) == (2, 3)
+        assert blobs.read("packs/open.pack", 1_234_567, 89) == b"".join(records)[1_234_567:1_234_656]
+    finally:
+        pack.close()
+
+
+def counted(function, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("read through WebHDFS")
+
+
+def test_an_open_pack_is_read_across_its_completed_blocks_and_the_one_being_written(hdfs_root, monkeypatch):
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, block_size=1 << 20, webhdfs_url=WEBHDFS_URL)
+    pack = blobs.open_append("packs/blocks.pack")
+    data = os.urandom(3_500_000)  # three full blocks of 1 MiB, a fourth being written
+    for start in range(0, len(data), 700_000):
+        pack.append([data[start:start + 700_000]])
+    monkeypatch.setattr(WebHdfsBlobStore, "read", refuse)
+    try:
+        assert blobs.read("packs/blocks.pack", 0, len(data)) == data
+        for offset, length in ((1_048_000, 1_000), (3_145_000, 300_000), (2_097_152, 1_048_576), (5, 3_400_000)):
+            assert blobs.read("packs/blocks.pack", offset, length) == data[offset:offset + length]
+        chunks = list(blobs.iter_read("packs/blocks.pack", 5, 3_400_000, chunk_size=1_000_000))
+        assert [len(c) for c in chunks] == [1_000_000] * 3 + [400_000]  # streamed, not held whole
+        assert b"".join(chunks) == data[5:3_400_005]
+        with pytest.raises(StorageUnavailable, match="past|available"):
+            datanode.OpenFileReader(WEBHDFS_URL, timeout_s=10).read(f"{hdfs_root}/packs/blocks.pack", len(data), 10)
+    finally:
+        pack.close()
+
+
+def test_an_open_pack_is_read_from_the_next_datanode_when_one_does_not_answer(hdfs_root, monkeypatch):
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    pack = blobs.open_append("packs/dead.pack")
+    record = os.urandom(200_000)
+    pack.append([record])
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()  # nothing listens there once closed
+    fetch = datanode.fetch_block_list
+
+    def dead_first(*args):
+        blocks = fetch(*args)
+        return dataclasses.replace(blocks, blocks=tuple(
+            dataclasses.replace(b, datanodes=(dead, *b.datanodes)) for b in blocks.blocks))
+
+    monkeypatch.setattr(datanode, "fetch_block_list", dead_first)
+    monkeypatch.setattr(WebHdfsBlobStore, "read", refuse)
+    try:
+        assert blobs.read("packs/dead.pack", 0, len(record)) == record
+    finally:
+        pack.close()
+
+
+def test_open_packs_are_read_through_webhdfs_where_datanodes_will_not_serve_them(hdfs_root, monkeypatch, caplog):
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    pack = blobs.open_append("packs/refused.pack")
+    record = os.urandom(100_000)
+    pack.append([record])
+    attempts = []
+
+    def refused(*args, **kwargs):
+        attempts.append(args)
+        raise datanode.DataNodeReadError("the DataNode asks for SASL")
+
+    monkeypatch.setattr(datanode, "read_block", refused)
+    try:
+        for _ in range(5):
+            assert blobs.read("packs/refused.pack", 0, len(record)) == record
+        tried = len(attempts)
+        assert tried == 3 * 2 * 3  # three reads tried every DataNode, with the list fetched twice
+        assert "reading open packs through WebHDFS from now on" in caplog.text
     finally:
         pack.close()
 

@@ -1,0 +1,423 @@
+"""Reading a file that is still being written, straight from its DataNodes.
+
+hdfs-native reads only up to the length the NameNode gives for a file's
+completed blocks, so a pack that ingest is still appending to looks empty
+past its last full block.  Every byte ``hsync``'ed to it is on the
+DataNodes all the same, and a DataNode serves a block being written up to
+the length its whole pipeline has acknowledged: this is how Hadoop's own
+client reads such files.  This module does the same in two steps:
+
+1. the block list, the last block under construction included, from the
+   NameNode's WebHDFS ``GET_BLOCK_LOCATIONS`` (one small HTTP request,
+   cached per file until a read goes past it);
+2. each block's range from one of its DataNodes over Hadoop's data-transfer
+   protocol (``READ_BLOCK``, protocol version 28, protobuf messages written
+   out by hand below), received straight into the result buffer.
+
+The DataNode is asked not to send its CRCs: every object read from a pack
+is checked against the SHA-256 the index holds (``ObjectStore``), which
+covers the same bytes end to end.  A DataNode that fails (refused, gone
+mid-transfer, an error status such as a stale generation stamp after a
+pipeline recovery) is skipped for the next one holding the block; the
+block list is fetched again once before giving up.
+
+What it does not do: encrypted or SASL-protected data transfer (a
+Kerberos cluster with ``dfs.data.transfer.protection``) and erasure-coded
+files; :class:`OpenFileReader` raises :class:`DataNodeReadError` there and
+its caller falls back to WebHDFS.  ``docs/storage.md`` has the measurements.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pacs.errors import NotFound, StorageUnavailable
+
+DATA_TRANSFER_VERSION = 28
+OP_READ_BLOCK = 81
+# DataTransferProtos' Status
+STATUS_SUCCESS = 0
+# A packet is at most 16 MiB (the DataNode's own limit); its header a few dozen bytes.
+MAX_PACKET_BYTES = 16 << 20
+MAX_PACKET_HEADER_BYTES = 1 << 10
+
+
+class DataNodeReadError(StorageUnavailable):
+    """No DataNode holding the block served the range."""
+
+
+# --- protobuf, the few messages needed -------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_varint(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value)
+
+
+def _field_bytes(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 64 bits")
+
+
+def _fields(data: bytes | memoryview) -> dict[int, list[int | bytes]]:
+    """Decode one message's fields: varints as ints, length-delimited and fixed-width ones as bytes."""
+    fields: dict[int, list[int | bytes]] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        value: int | bytes
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 2:
+            size, pos = _read_varint(data, pos)
+            value = bytes(data[pos:pos + size])
+            pos += size
+        elif wire == 1:
+            value = bytes(data[pos:pos + 8])
+            pos += 8
+        elif wire == 5:
+            value = bytes(data[pos:pos + 4])
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated protobuf message")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _one(fields: dict[int, list[int | bytes]], number: int, default: int | bytes | None = None) -> int | bytes | None:
+    values = fields.get(number)
+    return values[-1] if values else default
+
+
+# --- block locations --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    """A block access token (empty where the cluster does not check them)."""
+
+    identifier: bytes = b""
+    password: bytes = b""
+    kind: str = ""
+    service: str = ""
+
+    @classmethod
+    def from_url_string(cls, text: str) -> Token:
+        """Decode Hadoop's URL-safe base64 of the token's Writable form (vint-prefixed fields)."""
+        if not text:
+            return cls()
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        parts: list[bytes] = []
+        pos = 0
+        for _ in range(4):
+            size, pos = _read_hadoop_vint(raw, pos)
+            parts.append(raw[pos:pos + size])
+            pos += size
+        return cls(parts[0], parts[1], parts[2].decode(), parts[3].decode())
+
+    def encode(self) -> bytes:
+        return (_field_bytes(1, self.identifier) + _field_bytes(2, self.password)
+                + _field_bytes(3, self.kind.encode()) + _field_bytes(4, self.service.encode()))
+
+
+def _read_hadoop_vint(raw: bytes, pos: int) -> tuple[int, int]:
+    """Hadoop's WritableUtils vint: one byte from -112 to 127, else a length byte then big-endian bytes."""
+    first = struct.unpack_from("b", raw, pos)[0]
+    pos += 1
+    if first >= -112:
+        return first, pos
+    negative = first < -120
+    size = (-120 - first) if negative else (-112 - first)
+    value = int.from_bytes(raw[pos:pos + size], "big")
+    return (~value if negative else value), pos + size
+
+
+@dataclass(frozen=True)
+class LocatedBlock:
+    pool_id: str
+    block_id: int
+    generation_stamp: int
+    num_bytes: int
+    start_offset: int  # of the block in the file
+    token: Token
+    datanodes: tuple[tuple[str, int], ...]  # (host, data-transfer port), the NameNode's order
+
+    def header(self, client_name: str) -> bytes:
+        """ClientOperationHeaderProto for this block."""
+        block = (_field_bytes(1, self.pool_id.encode()) + _field_varint(2, self.block_id)
+                 + _field_varint(3, self.generation_stamp) + _field_varint(4, self.num_bytes))
+        base = _field_bytes(1, block) + _field_bytes(2, self.token.encode())
+        return _field_bytes(1, base) + _field_bytes(2, client_name.encode())
+
+
+def _located(item: dict) -> LocatedBlock:
+    block = item["block"]
+    return LocatedBlock(
+        pool_id=block["blockPoolId"],
+        block_id=int(block["blockId"]),
+        generation_stamp=int(block["generationStamp"]),
+        num_bytes=int(block.get("numBytes", 0)),
+        start_offset=int(item["startOffset"]),
+        token=Token.from_url_string((item.get("blockToken") or {}).get("urlString", "")),
+        datanodes=tuple((node.get("ipAddr") or node["hostName"], int(node["xferPort"]))
+                        for node in item.get("locations", ())),
+    )
+
+
+@dataclass(frozen=True)
+class BlockList:
+    blocks: tuple[LocatedBlock, ...]
+
+    @property
+    def known_end(self) -> int:
+        """The end of the last block as the NameNode knew it (an hsync with its length moves it)."""
+        if not self.blocks:
+            return 0
+        last = self.blocks[-1]
+        return last.start_offset + last.num_bytes
+
+    def covering(self, offset: int, length: int) -> list[tuple[LocatedBlock, int, int]]:
+        """(block, offset in block, length) for each block the file range touches.
+
+        The range must end within what the NameNode knew of the file when the
+        list was fetched: the writer's ``hsync`` gives it the length of the
+        block being written.  (A DataNode asked for more than it holds of a
+        block being written waits seconds for it before refusing.)
+        """
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.known_end:
+            raise DataNodeReadError(f"bytes {offset}-{end} are past the {self.known_end} the NameNode knows of")
+        pieces = []
+        for block in self.blocks:
+            lo, hi = max(offset, block.start_offset), min(end, block.start_offset + block.num_bytes)
+            if lo < hi:
+                pieces.append((block, lo - block.start_offset, hi - lo))
+        if sum(piece[2] for piece in pieces) != length:
+            raise DataNodeReadError(f"bytes {offset}-{end}: the block list has a gap")
+        return pieces
+
+
+def fetch_block_list(webhdfs_url: str, full_path: str, user: str, timeout_s: float) -> BlockList:
+    """Every block of ``full_path``, the one being written included, from WebHDFS's GET_BLOCK_LOCATIONS."""
+    query = urllib.parse.urlencode({"op": "GET_BLOCK_LOCATIONS", "user.name": user, "offset": 0,
+                                    "length": 1 << 62})
+    url = f"{webhdfs_url.rstrip('/')}/webhdfs/v1{urllib.parse.quote(full_path)}?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise NotFound(f"no blob at {full_path} via {webhdfs_url}") from None
+        raise DataNodeReadError(f"block locations of {full_path} from {webhdfs_url}: HTTP {exc.code}") from exc
+    except (OSError, ValueError) as exc:
+        raise DataNodeReadError(f"block locations of {full_path} from {webhdfs_url}: {exc}") from exc
+    try:
+        located = answer["LocatedBlocks"]
+        items = list(located.get("locatedBlocks") or [])
+        last = located.get("lastLocatedBlock")
+        if last and (not items or items[-1]["block"]["blockId"] != last["block"]["blockId"]):
+            items.append(last)
+        blocks = tuple(_located(item) for item in items)
+        return BlockList(blocks)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataNodeReadError(f"unexpected block locations of {full_path}: {exc}") from exc
+
+
+# --- READ_BLOCK -------------------------------------------------------------
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        got = sock.recv_into(view)
+        if got == 0:
+            raise ConnectionError("the DataNode closed the connection")
+        view = view[got:]
+
+
+def _recv_bytes(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    _recv_exactly(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _recv_delimited(sock: socket.socket) -> bytes:
+    """A varint-length-prefixed message."""
+    size = shift = 0
+    while True:
+        byte = _recv_bytes(sock, 1)[0]
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 35:
+            raise ValueError("bad message length from the DataNode")
+    if size > MAX_PACKET_HEADER_BYTES * 64:
+        raise ValueError(f"a {size}-byte reply from the DataNode: expected a small message")
+    return _recv_bytes(sock, size)
+
+
+def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: memoryview,
+               *, client_name: str, timeout_s: float) -> None:
+    """Fill ``out`` with the block's bytes from ``offset`` on, from the DataNode at ``address``.
+
+    Raises OSError/ValueError on a broken connection or a malformed reply and
+    DataNodeReadError on an error status (the DataNode's message in it).
+    """
+    length = len(out)
+    request = (_field_bytes(1, block.header(client_name)) + _field_varint(2, offset)
+               + _field_varint(3, length) + _field_varint(4, 0))  # sendChecksums = false
+    with socket.create_connection(address, timeout=timeout_s) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + _varint(len(request)) + request)
+        reply = _fields(_recv_delimited(sock))
+        status = _one(reply, 1, -1)
+        if status != STATUS_SUCCESS:
+            message = _one(reply, 5, b"")
+            raise DataNodeReadError(
+                f"DataNode {address[0]}:{address[1]} refused block {block.block_id} "
+                f"(status {status}): {message.decode(errors='replace') if isinstance(message, bytes) else message}"
+            )
+        checksum_info = _one(reply, 4)
+        chunk_offset = offset
+        if isinstance(checksum_info, bytes):
+            chunk_offset = int(_one(_fields(checksum_info), 2, offset))
+        # Data starts at a checksum-chunk boundary at or before ``offset`` and
+        # ends at one at or after the end asked for.
+        skip = offset - chunk_offset
+        if not 0 <= skip < 1 << 20:
+            raise ValueError(f"DataNode starts at {chunk_offset} for a read at {offset}")
+        filled = 0
+        header = bytearray(6)
+        while True:
+            _recv_exactly(sock, memoryview(header))
+            payload_len, header_len = struct.unpack(">iH", header)
+            if not 4 <= payload_len <= MAX_PACKET_BYTES or header_len > MAX_PACKET_HEADER_BYTES:
+                raise ValueError(f"bad packet from the DataNode: payload {payload_len}, header {header_len}")
+            packet = _fields(_recv_bytes(sock, header_len))
+            data_len = struct.unpack("<i", _one(packet, 4, b"\0\0\0\0"))[0]
+            checksum_len = payload_len - 4 - data_len
+            if data_len < 0 or checksum_len < 0:
+                raise ValueError(f"bad packet from the DataNode: payload {payload_len}, data {data_len}")
+            if checksum_len:
+                _recv_bytes(sock, checksum_len)
+            if data_len:
+                take = min(skip, data_len)
+                if take:
+                    _recv_bytes(sock, take)
+                    skip -= take
+                rest = data_len - take
+                keep = min(rest, length - filled)
+                _recv_exactly(sock, out[filled:filled + keep])
+                filled += keep
+                if rest > keep:  # the end of the last checksum chunk
+                    if rest - keep >= 1 << 20:
+                        raise ValueError(f"the DataNode sent {rest - keep} bytes more than the {length} asked for")
+                    _recv_bytes(sock, rest - keep)
+            if _one(packet, 3, 0):  # lastPacketInBlock
+                break
+        if filled != length:
+            raise ValueError(f"the DataNode sent {filled} of {length} bytes")
+        # ClientReadStatusProto: the bytes arrived (not checksummed here; see the module's docstring).
+        ack = _field_varint(1, STATUS_SUCCESS)
+        sock.sendall(_varint(len(ack)) + ack)
+
+
+class OpenFileReader:
+    """Reads ranges of files being written, from the DataNodes; block lists cached per file."""
+
+    CACHED_FILES = 64
+
+    def __init__(self, webhdfs_url: str, user: str = "pacs", timeout_s: float = 30.0) -> None:
+        self.webhdfs_url = webhdfs_url
+        self.user = user
+        self.timeout_s = timeout_s
+        self.client_name = f"pacs-open-reader-{os.getpid()}"
+        self._lists: OrderedDict[str, BlockList] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _block_list(self, full_path: str, end: int, *, fresh: bool) -> BlockList:
+        with self._lock:
+            cached = None if fresh else self._lists.get(full_path)
+        if cached is not None and end <= cached.known_end:
+            return cached
+        blocks = fetch_block_list(self.webhdfs_url, full_path, self.user, self.timeout_s)
+        with self._lock:
+            self._lists[full_path] = blocks
+            self._lists.move_to_end(full_path)
+            while len(self._lists) > self.CACHED_FILES:
+                self._lists.popitem(last=False)
+        return blocks
+
+    def forget(self, full_path: str) -> None:
+        with self._lock:
+            self._lists.pop(full_path, None)
+
+    def read(self, full_path: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``full_path`` from ``offset``; DataNodeReadError if no DataNode serves them."""
+        out = bytearray(length)
+        errors: list[str] = []
+        for fresh in (False, True):
+            try:
+                pieces = self._block_list(full_path, offset + length, fresh=fresh).covering(offset, length)
+            except DataNodeReadError as exc:
+                errors.append(str(exc))
+                continue
+            if self._read_pieces(pieces, memoryview(out), errors):
+                return bytes(out)
+        self.forget(full_path)
+        raise DataNodeReadError(f"cannot read {length} bytes at {offset} of {full_path} from its DataNodes: "
+                                + "; ".join(errors[-4:]))
+
+    def _read_pieces(self, pieces: list[tuple[LocatedBlock, int, int]], out: memoryview, errors: list[str]) -> bool:
+        filled = 0
+        for block, offset_in_block, size in pieces:
+            for address in block.datanodes:
+                try:
+                    read_block(address, block, offset_in_block, out[filled:filled + size],
+                               client_name=self.client_name, timeout_s=self.timeout_s)
+                except (OSError, ValueError, DataNodeReadError) as exc:
+                    errors.append(f"{address[0]}:{address[1]}: {exc}")
+                    continue
+                break
+            else:
+                return False
+            filled += size
+        return True
