@@ -108,6 +108,15 @@ class BlobStore(abc.ABC):
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes from ``offset`` (to the end when ``length`` is None)."""
 
+    def read_unverified(self, path: str, offset: int, length: int) -> bytes | bytearray:
+        """:meth:`read`'s bytes for a caller that checks them against digests of its own.
+
+        A store may skip its transport checksums here and hand over a
+        ``bytearray``; the caller (``ObjectStore.read_span``, which checks
+        each object's SHA-256) reads again through :meth:`read` what fails.
+        """
+        return self.read(path, offset, length)
+
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20
     ) -> Iterator[bytes]:

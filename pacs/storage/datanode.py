@@ -1,4 +1,4 @@
-"""Reading a file that is still being written, straight from its DataNodes.
+"""Reading file ranges straight from the DataNodes, files still being written included.
 
 hdfs-native reads only up to the length the NameNode gives for a file's
 completed blocks, so a pack that ingest is still appending to looks empty
@@ -14,17 +14,21 @@ client reads such files.  This module does the same in two steps:
    protocol (``READ_BLOCK``, protocol version 28, protobuf messages written
    out by hand below), received straight into the result buffer.
 
-The DataNode is asked not to send its CRCs: every object read from a pack
-is checked against the SHA-256 the index holds (``ObjectStore``), which
-covers the same bytes end to end.  A DataNode that fails (refused, gone
-mid-transfer, an error status such as a stale generation stamp after a
-pipeline recovery) is skipped for the next one holding the block; the
-block list is fetched again once before giving up.
+The DataNode is asked not to send its CRCs: the bytes go to callers that
+check every object against the SHA-256 the index holds (``ObjectStore``),
+which covers the same bytes end to end, and read again through the
+checked client what fails.  That also makes it the cheaper way to read a
+retrieve's spans of sealed packs (``NativeHdfsBlobStore.read_unverified``).
+A DataNode that fails (refused, gone mid-transfer, an error status such as
+a stale generation stamp after a pipeline recovery) is skipped for the next
+one holding the block; the block list is fetched again once before giving
+up.
 
 What it does not do: encrypted or SASL-protected data transfer (a
 Kerberos cluster with ``dfs.data.transfer.protection``) and erasure-coded
-files; :class:`OpenFileReader` raises :class:`DataNodeReadError` there and
-its caller falls back to WebHDFS.  ``docs/storage.md`` has the measurements.
+files; :class:`DataNodeReader` raises :class:`DataNodeReadError` there and
+its caller falls back to hdfs-native and WebHDFS.  ``docs/storage.md`` has
+the measurements.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pacs.errors import NotFound, StorageUnavailable
+from pacs.errors import StorageUnavailable
 
 DATA_TRANSFER_VERSION = 28
 OP_READ_BLOCK = 81
@@ -50,6 +54,7 @@ STATUS_SUCCESS = 0
 # A packet is at most 16 MiB (the DataNode's own limit); its header a few dozen bytes.
 MAX_PACKET_BYTES = 16 << 20
 MAX_PACKET_HEADER_BYTES = 1 << 10
+RECEIVE_BUFFER_BYTES = 4 << 20
 
 
 class DataNodeReadError(StorageUnavailable):
@@ -243,9 +248,7 @@ def fetch_block_list(webhdfs_url: str, full_path: str, user: str, timeout_s: flo
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             answer = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise NotFound(f"no blob at {full_path} via {webhdfs_url}") from None
+    except urllib.error.HTTPError as exc:  # 404 too: the caller's checked read tells a missing file
         raise DataNodeReadError(f"block locations of {full_path} from {webhdfs_url}: HTTP {exc.code}") from exc
     except (OSError, ValueError) as exc:
         raise DataNodeReadError(f"block locations of {full_path} from {webhdfs_url}: {exc}") from exc
@@ -304,7 +307,10 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
     length = len(out)
     request = (_field_bytes(1, block.header(client_name)) + _field_varint(2, offset)
                + _field_varint(3, length) + _field_varint(4, 0))  # sendChecksums = false
-    with socket.create_connection(address, timeout=timeout_s) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as sock:
+        sock.settimeout(timeout_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        sock.connect(address)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + _varint(len(request)) + request)
         reply = _fields(_recv_delimited(sock))
@@ -360,8 +366,8 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
         sock.sendall(_varint(len(ack)) + ack)
 
 
-class OpenFileReader:
-    """Reads ranges of files being written, from the DataNodes; block lists cached per file."""
+class DataNodeReader:
+    """Reads file ranges from the DataNodes, files being written included; block lists cached per file."""
 
     CACHED_FILES = 64
 
@@ -369,7 +375,7 @@ class OpenFileReader:
         self.webhdfs_url = webhdfs_url
         self.user = user
         self.timeout_s = timeout_s
-        self.client_name = f"pacs-open-reader-{os.getpid()}"
+        self.client_name = f"pacs-datanode-reader-{os.getpid()}"
         self._lists: OrderedDict[str, BlockList] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -390,7 +396,7 @@ class OpenFileReader:
         with self._lock:
             self._lists.pop(full_path, None)
 
-    def read(self, full_path: str, offset: int, length: int) -> bytes:
+    def read(self, full_path: str, offset: int, length: int) -> bytearray:
         """``length`` bytes of ``full_path`` from ``offset``; DataNodeReadError if no DataNode serves them."""
         out = bytearray(length)
         errors: list[str] = []
@@ -401,7 +407,7 @@ class OpenFileReader:
                 errors.append(str(exc))
                 continue
             if self._read_pieces(pieces, memoryview(out), errors):
-                return bytes(out)
+                return out
         self.forget(full_path)
         raise DataNodeReadError(f"cannot read {length} bytes at {offset} of {full_path} from its DataNodes: "
                                 + "; ".join(errors[-4:]))

@@ -272,15 +272,29 @@ class ObjectStore:
         A read that fails on the store is tried again (three times in all): a
         DataNode that just died can fail a read until its replicas are avoided.
         """
-        data = self._read(location.container, location.offset, location.length)
-        if verify:
+        if not verify:
+            return self._read(location.container, location.offset, location.length)
+        data = self._read(location.container, location.offset, location.length, unverified=True)
+        try:
             _verify(location, data)
+        except ChecksumMismatch:
+            return self._get_checked(location)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def _get_checked(self, location: Location) -> bytes:
+        """The object read again through the store's checked path (on HDFS, hdfs-native's CRCs and
+        replica choice), after bytes read without it did not match the object's SHA-256."""
+        data = self._read(location.container, location.offset, location.length)
+        _verify(location, data)
+        log.warning("%s@%d+%d: a read did not match its SHA-256, a second through the store's checked client did"
+                    " (a corrupt replica?)", location.container, location.offset, location.length)
         return data
 
-    def _read(self, container: str, offset: int, length: int) -> bytes:
+    def _read(self, container: str, offset: int, length: int, *, unverified: bool = False) -> bytes | bytearray:
+        read = self.blobs.read_unverified if unverified else self.blobs.read
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self.blobs.read(container, offset, length)
+                return read(container, offset, length)
             except StorageUnavailable:
                 if attempt == READ_ATTEMPTS - 1:
                     raise
@@ -294,12 +308,15 @@ class ObjectStore:
     def read_span(self, span: Span) -> list[bytes | PacsError]:
         """The verified bytes of each object of ``span``, in its order, or the error that object met.
 
-        One range read for the whole span; if that fails, each object is read
-        on its own, so that an unreadable object fails alone.
+        One range read for the whole span (``BlobStore.read_unverified``: on
+        HDFS, straight from a DataNode); an object whose SHA-256 does not
+        match, or every object if that read fails, is read again on its own
+        through the store's checked path, so that a bad replica or an
+        unreadable object fails alone.
         """
         if len(span.locations) > 1:
             try:
-                data = memoryview(self._read(span.container, span.start, span.end - span.start))
+                data = memoryview(self._read(span.container, span.start, span.end - span.start, unverified=True))
             except PacsError:
                 pass
             else:
@@ -308,10 +325,13 @@ class ObjectStore:
                     piece = bytes(data[location.offset - span.start:location.offset - span.start + location.length])
                     try:
                         _verify(location, piece)
-                    except ChecksumMismatch as exc:
-                        results.append(exc)
-                    else:
-                        results.append(piece)
+                    except ChecksumMismatch:
+                        try:
+                            piece = self._get_checked(location)
+                        except PacsError as exc:
+                            results.append(exc)
+                            continue
+                    results.append(piece)
                 return results
         results = []
         for location in span.locations:

@@ -68,6 +68,34 @@ def test_a_pack_still_being_written_is_read_from_its_datanodes_in_few_requests(h
         pack.close()
 
 
+def test_spans_of_a_sealed_pack_are_read_from_its_datanodes_and_a_bad_read_is_read_again(hdfs_root, monkeypatch,
+                                                                                         caplog):
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    objects = ObjectStore(blobs)
+    pack = blobs.open_append("packs/sealed.pack")
+    records = [os.urandom(100_000) for _ in range(30)]
+    locations = [Location("packs/sealed.pack", pack.append([r]), len(r), hashlib.sha256(r).hexdigest())
+                 for r in records]
+    pack.close()
+    reads = []
+    monkeypatch.setattr(datanode, "read_block", counted(datanode.read_block, reads))
+    assert list(objects.get_many(locations)) == records
+    assert len(reads) == 1  # one span, from a DataNode
+    assert objects.get(locations[3]) == records[3]
+    assert len(reads) == 2
+
+    read_block = datanode.read_block
+
+    def one_bit_flipped(address, block, offset, out, **kwargs):  # a replica gone bad on disk
+        read_block(address, block, offset, out, **kwargs)
+        out[len(out) // 2] ^= 0x10
+
+    monkeypatch.setattr(datanode, "read_block", one_bit_flipped)
+    assert list(objects.get_many(locations)) == records  # the object hit is read again through hdfs-native
+    assert objects.get(locations[15]) == records[15]
+    assert caplog.text.count("a read did not match its SHA-256") == 2
+
+
 def counted(function, calls: list):
     def wrapper(*args, **kwargs):
         calls.append(args)
@@ -95,7 +123,7 @@ def test_an_open_pack_is_read_across_its_completed_blocks_and_the_one_being_writ
         assert [len(c) for c in chunks] == [1_000_000] * 3 + [400_000]  # streamed, not held whole
         assert b"".join(chunks) == data[5:3_400_005]
         with pytest.raises(StorageUnavailable, match="past|available"):
-            datanode.OpenFileReader(WEBHDFS_URL, timeout_s=10).read(f"{hdfs_root}/packs/blocks.pack", len(data), 10)
+            datanode.DataNodeReader(WEBHDFS_URL, timeout_s=10).read(f"{hdfs_root}/packs/blocks.pack", len(data), 10)
     finally:
         pack.close()
 
@@ -123,7 +151,8 @@ def test_an_open_pack_is_read_from_the_next_datanode_when_one_does_not_answer(hd
         pack.close()
 
 
-def test_open_packs_are_read_through_webhdfs_where_datanodes_will_not_serve_them(hdfs_root, monkeypatch, caplog):
+def test_packs_are_read_through_the_clients_where_datanodes_will_not_serve_this_one(hdfs_root, monkeypatch,
+                                                                                   caplog):
     blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
     pack = blobs.open_append("packs/refused.pack")
     record = os.urandom(100_000)
@@ -140,7 +169,7 @@ def test_open_packs_are_read_through_webhdfs_where_datanodes_will_not_serve_them
             assert blobs.read("packs/refused.pack", 0, len(record)) == record
         tried = len(attempts)
         assert tried == 3 * 2 * 3  # three reads tried every DataNode, with the list fetched twice
-        assert "reading open packs through WebHDFS from now on" in caplog.text
+        assert "reading through hdfs-native and WebHDFS from now on" in caplog.text
     finally:
         pack.close()
 
