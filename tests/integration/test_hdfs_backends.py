@@ -126,6 +126,12 @@ def test_an_open_pack_is_read_across_its_completed_blocks_and_the_one_being_writ
             datanode.DataNodeReader(WEBHDFS_URL, timeout_s=10).read(f"{hdfs_root}/packs/blocks.pack", len(data), 10)
     finally:
         pack.close()
+    # sealed: every block complete, read the same way (the unverified path a retrieve takes)
+    reads = []
+    monkeypatch.setattr(datanode, "read_block", counted(datanode.read_block, reads))
+    for offset, length in ((0, len(data)), (1_048_000, 2_000_000), (3_145_728, 354_272)):
+        assert blobs.read_unverified("packs/blocks.pack", offset, length) == data[offset:offset + length]
+    assert len(reads) == 4 + 3 + 1  # one READ_BLOCK per block touched
 
 
 def test_an_open_pack_is_read_from_the_next_datanode_when_one_does_not_answer(hdfs_root, monkeypatch):
