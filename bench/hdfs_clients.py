@@ -13,8 +13,12 @@ Sections (all files replication 3, records/files of 0.5 MiB):
      how, how long calls take, does everything acknowledged read back byte-exact;
      reading files whose replicas include the dead node
   e. visibility of a file still open for writing (hdfs-native writer)
+  f. the archive's range reads (8 MiB at a time, as a retrieve reads spans of a
+     pack) of a 256 MiB file, sealed and still open: hdfs-native, WebHDFS, and
+     pacs.storage.datanode (straight from a DataNode, no CRCs): MiB/s and CPU
+     of the client and of the DataNodes (from PACS_STACK_DIR's pid files)
 
-Usage:  .venv/bin/python bench/hdfs_clients.py [--sections abcde] [--n 300]
+Usage:  .venv/bin/python bench/hdfs_clients.py [--sections abcdef] [--n 300]
 Reads PACS_HDFS_URL (hdfs://127.0.0.1:19000), PACS_HDFS_WEBHDFS_URL
 (http://127.0.0.1:19870); section d runs deploy/hdfs.sh with the current
 environment (so PACS_STACK_DIR / port overrides apply to it too).
@@ -843,9 +847,62 @@ def section_e() -> None:
     out()
 
 
+def datanode_cpu_s() -> float | None:
+    """User + system CPU seconds of the DataNodes started by deploy/hdfs.sh, if their pid files are here."""
+    pids = sorted((Path(os.environ.get("PACS_STACK_DIR", REPO / ".stack")) / "hdfs" / "pids").glob("dn*.pid"))
+    if not pids:
+        return None
+    ticks = 0
+    for pid_file in pids:
+        fields = Path(f"/proc/{pid_file.read_text().strip()}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def section_f(size: int = 256 * MiB, span: int = 8 * MiB, rounds: int = 3) -> None:
+    from pacs.storage.datanode import DataNodeReader
+
+    out(f"== (f) {size // MiB} MiB read {span // MiB} MiB at a time, sealed and still open, {rounds} rounds each")
+    nat, web, direct = Native(), Web(), DataNodeReader(WEBHDFS_URL)
+    folder = f"{BASE_DIR}/f"
+    nat.delete(folder)
+    nat.mkdirs(folder)
+    data = b"".join(big_chunk(k) for k in range(size // MiB))
+    sealed, still_open = f"{folder}/sealed", f"{folder}/open"
+    nat.write_file(sealed, data)
+    writer = nat.c.create(still_open, WriteOptions(replication=3, overwrite=True))
+    for start in range(0, size, span):
+        writer.write(data[start:start + span])
+        writer.hsync()  # as ingest appends: everything hsync'ed, the file not closed
+    readers = {
+        "hdfs-native": lambda path, off: nat.read_range(path, off, span),
+        "WebHDFS": lambda path, off: web.read_range(path, off, span),
+        "pacs.storage.datanode": lambda path, off: direct.read(path, off, span),
+    }
+    rows = []
+    for path, state in ((sealed, "sealed"), (still_open, "open")):
+        for label, read in readers.items():
+            if state == "open" and label == "hdfs-native":
+                continue  # it sees none of the block being written (section e)
+            for _ in range(rounds):
+                dn_before, cpu_before, t0 = datanode_cpu_s(), time.process_time(), time.perf_counter()
+                bad = sum(read(path, off) != data[off:off + span] for off in range(0, size, span))
+                dt = time.perf_counter() - t0
+                cpu = time.process_time() - cpu_before
+                dn_after = datanode_cpu_s()
+                dn = "-" if dn_before is None else f"{dn_after - dn_before:.2f}"
+                rows.append([label, state, f"{size / MiB / dt:.0f}", f"{cpu:.2f}", dn,
+                             f"{dt:.2f}" + (f"  MISMATCH {bad}" if bad else "")])
+    writer.close()
+    table(["client", "file", "MiB/s", "client CPU s", "DataNodes CPU s", "seconds"], rows)
+    out("   (warm page cache; every range compared with what was written, inside the timing and the client CPU)")
+    nat.delete(folder)
+    out()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="abcde")
+    ap.add_argument("--sections", default="abcdef")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--threads", default="1,4,16")
     ap.add_argument("--big-mib", type=int, default=1024)
@@ -876,6 +933,8 @@ def main() -> int:
         section_d4([0.5, 4.0, 10.0, 20.0])
     if "e" in a.sections:
         section_e()
+    if "f" in a.sections:
+        section_f()
     if HUNG:
         out("== calls that outlived the watchdog, checked at the end of the run")
         for h in HUNG:

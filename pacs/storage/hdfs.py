@@ -268,8 +268,8 @@ class NativeHdfsBlobStore(BlobStore):
 
         No CRCs and no copy after the socket: the caller checks each
         object's SHA-256 and reads again through :meth:`read` what fails.
-        Measured against hdfs-native, 256 MB in 8 MiB ranges: 0.24 s of
-        CPU against 0.40-0.48 s (docs/storage.md).
+        Measured against hdfs-native, 256 MiB in 8 MiB ranges: 0.26 s of
+        CPU against 0.50-0.57 s (``bench/hdfs_clients.py --sections f``).
         """
         if self._datanodes is None or self._direct_misses >= DIRECT_MISSES_BEFORE_FALLBACK:
             return self._read_checked(path, offset, length)
