@@ -22,7 +22,7 @@ retrieve's spans of sealed packs (``NativeHdfsBlobStore.read_unverified``).
 A DataNode that fails (refused, gone mid-transfer, an error status such as
 a stale generation stamp after a pipeline recovery) is skipped for the next
 one holding the block; the block list is fetched again once before giving
-up.
+up.  One that did not answer at all is tried last for a minute.
 
 What it does not do: encrypted or SASL-protected data transfer (a
 Kerberos cluster with ``dfs.data.transfer.protection``) and erasure-coded
@@ -39,6 +39,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -370,6 +371,10 @@ class DataNodeReader:
     """Reads file ranges from the DataNodes, files being written included; block lists cached per file."""
 
     CACHED_FILES = 64
+    # A DataNode that did not answer (refused, timed out, cut off, garbled) is
+    # tried last for this long, so that a hung one costs one timeout, not one
+    # per range read (the NameNode lists it first until it is declared dead).
+    SUSPECT_S = 60.0
 
     def __init__(self, webhdfs_url: str, user: str = "pacs", timeout_s: float = 30.0) -> None:
         self.webhdfs_url = webhdfs_url
@@ -377,6 +382,7 @@ class DataNodeReader:
         self.timeout_s = timeout_s
         self.client_name = f"pacs-datanode-reader-{os.getpid()}"
         self._lists: OrderedDict[str, BlockList] = OrderedDict()
+        self._suspects: dict[tuple[str, int], float] = {}  # DataNode -> monotonic time it is trusted again
         self._lock = threading.Lock()
 
     def _block_list(self, full_path: str, end: int, *, fresh: bool) -> BlockList:
@@ -412,16 +418,30 @@ class DataNodeReader:
         raise DataNodeReadError(f"cannot read {length} bytes at {offset} of {full_path} from its DataNodes: "
                                 + "; ".join(errors[-4:]))
 
+    def _in_order(self, datanodes: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+        """The NameNode's order, with DataNodes that lately did not answer moved last."""
+        now = time.monotonic()
+        with self._lock:
+            suspect = {address for address, until in self._suspects.items() if until > now}
+        return sorted(datanodes, key=lambda address: address in suspect)
+
     def _read_pieces(self, pieces: list[tuple[LocatedBlock, int, int]], out: memoryview, errors: list[str]) -> bool:
         filled = 0
         for block, offset_in_block, size in pieces:
-            for address in block.datanodes:
+            for address in self._in_order(block.datanodes):
                 try:
                     read_block(address, block, offset_in_block, out[filled:filled + size],
                                client_name=self.client_name, timeout_s=self.timeout_s)
-                except (OSError, ValueError, DataNodeReadError) as exc:
+                except DataNodeReadError as exc:  # it answered: the replica, not the node, is the problem
                     errors.append(f"{address[0]}:{address[1]}: {exc}")
                     continue
+                except (OSError, ValueError) as exc:
+                    errors.append(f"{address[0]}:{address[1]}: {exc}")
+                    with self._lock:
+                        self._suspects[address] = time.monotonic() + self.SUSPECT_S
+                    continue
+                with self._lock:
+                    self._suspects.pop(address, None)
                 break
             else:
                 return False

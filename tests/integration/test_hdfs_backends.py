@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import time
 
 import pytest
 
@@ -155,6 +156,34 @@ def test_an_open_pack_is_read_from_the_next_datanode_when_one_does_not_answer(hd
         assert blobs.read("packs/dead.pack", 0, len(record)) == record
     finally:
         pack.close()
+
+
+def test_a_datanode_that_hangs_costs_one_timeout_not_one_per_read(hdfs_root, monkeypatch):
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    pack = blobs.open_append("packs/hung.pack")
+    records = [os.urandom(100_000) for _ in range(4)]
+    offsets = [pack.append([r]) for r in records]
+    reader = datanode.DataNodeReader(WEBHDFS_URL, timeout_s=1)
+    fetch = datanode.fetch_block_list
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as hung:  # the kernel accepts; nothing ever answers
+            def hung_first(*args):
+                blocks = fetch(*args)
+                return dataclasses.replace(blocks, blocks=tuple(
+                    dataclasses.replace(b, datanodes=(hung.getsockname(), *b.datanodes)) for b in blocks.blocks))
+
+            monkeypatch.setattr(datanode, "fetch_block_list", hung_first)
+            started = time.monotonic()
+            assert reader.read(f"{hdfs_root}/packs/hung.pack", offsets[0], len(records[0])) == records[0]
+            first_s = time.monotonic() - started
+            started = time.monotonic()
+            for offset, record in zip(offsets[1:], records[1:]):
+                assert reader.read(f"{hdfs_root}/packs/hung.pack", offset, len(record)) == record
+            rest_s = time.monotonic() - started
+    finally:
+        pack.close()
+    assert first_s >= 0.9  # waited for the hung DataNode once
+    assert rest_s < 0.9  # then asked the others first
 
 
 def test_packs_are_read_through_the_clients_where_datanodes_will_not_serve_this_one(hdfs_root, monkeypatch,
