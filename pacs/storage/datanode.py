@@ -298,6 +298,23 @@ def _recv_delimited(sock: socket.socket) -> bytes:
     return _recv_bytes(sock, size)
 
 
+def _connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
+    """A TCP connection with a receive buffer set before the handshake (so the window can grow to it)."""
+    error: OSError | None = None
+    for family, kind, protocol, _, target in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(timeout_s)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+            sock.connect(target)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error if error is not None else OSError(f"no address for {address[0]}:{address[1]}")
+
+
 def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: memoryview,
                *, client_name: str, timeout_s: float) -> None:
     """Fill ``out`` with the block's bytes from ``offset`` on, from the DataNode at ``address``.
@@ -308,11 +325,7 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
     length = len(out)
     request = (_field_bytes(1, block.header(client_name)) + _field_varint(2, offset)
                + _field_varint(3, length) + _field_varint(4, 0))  # sendChecksums = false
-    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as sock:
-        sock.settimeout(timeout_s)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-        sock.connect(address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with _connect(address, timeout_s) as sock:
         sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + _varint(len(request)) + request)
         reply = _fields(_recv_delimited(sock))
         status = _one(reply, 1, -1)
@@ -325,7 +338,9 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
         checksum_info = _one(reply, 4)
         chunk_offset = offset
         if isinstance(checksum_info, bytes):
-            chunk_offset = int(_one(_fields(checksum_info), 2, offset))
+            chunk_offset = _one(_fields(checksum_info), 2, offset)
+            if not isinstance(chunk_offset, int):
+                raise ValueError("bad reply from the DataNode: chunkOffset is not a varint")
         # Data starts at a checksum-chunk boundary at or before ``offset`` and
         # ends at one at or after the end asked for.
         skip = offset - chunk_offset
@@ -339,7 +354,10 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
             if not 4 <= payload_len <= MAX_PACKET_BYTES or header_len > MAX_PACKET_HEADER_BYTES:
                 raise ValueError(f"bad packet from the DataNode: payload {payload_len}, header {header_len}")
             packet = _fields(_recv_bytes(sock, header_len))
-            data_len = struct.unpack("<i", _one(packet, 4, b"\0\0\0\0"))[0]
+            data_len_field = _one(packet, 4, b"\0\0\0\0")
+            if not isinstance(data_len_field, bytes) or len(data_len_field) != 4:
+                raise ValueError("bad packet header from the DataNode: dataLen is not a fixed 32-bit field")
+            data_len = struct.unpack("<i", data_len_field)[0]
             checksum_len = payload_len - 4 - data_len
             if data_len < 0 or checksum_len < 0:
                 raise ValueError(f"bad packet from the DataNode: payload {payload_len}, data {data_len}")

@@ -133,6 +133,7 @@ def test_an_error_status_is_reported_with_the_datanodes_message():
     packet(0, 0, b"x" * 10)[:-4],  # cut off mid-packet
     struct.pack(">iH", 64 << 20, 10),  # a packet larger than any DataNode sends
     packet(0, 0, b"x" * 10, last=True)[:6] + b"\xff" * 30,  # a header that is not protobuf
+    struct.pack(">iH", 14, 2) + _field_varint(4, 10) + b"x" * 10,  # dataLen with the wrong wire type
 ])
 def test_a_broken_or_malformed_transfer_fails_cleanly(bad):
     node = ScriptedDataNode(delimited(_field_varint(1, 0)) + bad)
