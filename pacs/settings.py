@@ -52,6 +52,8 @@ class StorageSettings(BaseModel):
     local_root: Path | None = None
     # HDFS backend.
     hdfs_url: str = "hdfs://127.0.0.1:19000"
+    # The NameNode's HTTP address: the WebHDFS client's, and where the native
+    # client gets block lists to read packs straight from the DataNodes.
     webhdfs_url: str = "http://127.0.0.1:19870"
     hdfs_client: HdfsClient = HdfsClient.NATIVE
     hdfs_root: str = "/pacs"
