@@ -23,7 +23,10 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
    through its ingest service before ``pacs serve`` starts; Orthanc through
    4 parallel storescu associations (its fill rate is printed too).
 4. C-MOVE (``movescu`` to a ``storescp`` started here) and C-GET (``getscu``
-   into a temp dir) of the first 500-instance CT series: MB/s.
+   into a temp dir) of the first 500-instance CT series: MB/s.  Besides, a
+   C-GET of the second series right after its four associations stored it
+   (on HDFS its packs are still being written, which a retrieve of the first
+   series, one pack full and sealed, does not show).
 
 Orthanc (Debian package ``orthanc``) is installed with apt-get when
 ``Orthanc`` is not on PATH.  Every process started here is stopped by its PID
@@ -436,6 +439,15 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             got = series_count(server.aet, server.port, ct["study"], ct["series4"], tmp)
             if got != ct["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (4 assoc)")
+            # A viewer pulling a study the moment it arrived: on HDFS, from packs still being written.
+            fresh_dir = tmp / f"{server.name}-fresh"
+            fresh_dir.mkdir()
+            r["get_fresh"] = run_clients([["getscu", "-aet", "GETSCU", "-aec", server.aet, "-S",
+                                           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct['study']}",
+                                           "-k", f"SeriesInstanceUID={ct['series4']}", "-od", str(fresh_dir),
+                                           HOST, str(server.port)]], "C-GET just stored")
+            r["get_fresh_n"], r["get_fresh_bytes"] = dir_bytes(fresh_dir)
+            shutil.rmtree(fresh_dir, ignore_errors=True)
             small = data["small"]
             r["small"] = run_clients([storescu(server.aet, server.port, small["dir"])], "store small")
             got = series_count(server.aet, server.port, small["study"], small["series"], tmp)
@@ -561,6 +573,8 @@ def table(data: dict, results: dict, quick: bool) -> str:
         lambda r: f"{r['move_bytes'] / 1e6 / r['move']:.1f} ({r['move_n']})")
     add(f"C-GET {ct['n']} CT by getscu: MB/s (instances received)",
         lambda r: f"{r['get_bytes'] / 1e6 / r['get']:.1f} ({r['get_n']})")
+    add("C-GET of the 4-assoc series right after it was stored: MB/s (instances received)",
+        lambda r: f"{r['get_fresh_bytes'] / 1e6 / r['get_fresh']:.1f} ({r['get_fresh_n']})")
     add(f"fill {st['n']} x 64x64 for C-FIND: inst/s",
         lambda r: f"{r['fill'][0] / r['fill'][1]:.0f} ({r['fill'][2]})")
     widths = [max(len(row[i]) for row in rows + [("metric", *names)]) for i in range(len(names) + 1)]
