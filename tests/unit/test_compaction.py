@@ -210,3 +210,23 @@ def test_a_pack_that_cannot_be_written_leaves_everything_in_place(tmp_path, monk
         rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
         assert [services.objects.get(location_of(r)) for r in rows] == sent
     services.close()
+
+
+def test_a_store_that_committed_is_not_failed_by_the_landing_count_after_it(tmp_path, monkeypatch, caplog):
+    """The count after a store runs on another connection; the index going away between the two must
+    not turn a stored, indexed instance into a reported failure (the sender would be told to retry)."""
+    import pacs.storage.compaction as compaction
+
+    services = build_services(small_settings(tmp_path))
+    data = next(iter(make_series(SeriesSpec(study_key="g", series_key="g1", rows=32, columns=32, count=1))))
+
+    def index_gone(session):
+        raise IndexUnavailable("index database unavailable: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(compaction, "landing_totals", index_gone)
+    result = services.ingest.store(data)
+    assert result.outcome.name == "STORED"
+    with services.db.session() as session:
+        assert find_instance(session, result.sop_instance_uid) is not None
+    assert "could not count the landing area after a store" in caplog.text
+    services.close()
