@@ -68,7 +68,9 @@ def _ping_idle_connections(engine: Engine, idle_s: float) -> None:
     pinged, and a dead one replaced before the caller sees it; one given back
     less than ``idle_s`` ago is used as is, so a server that went away within
     that second fails the next transaction with :class:`IndexUnavailable`,
-    as it would had it gone away during that transaction.
+    as it would had it gone away during that transaction; that failure
+    drops every pool's idle connections (``Database._drop_pooled_connections``),
+    so it is the only one.
     """
 
     @event.listens_for(engine, "checkin")
@@ -128,6 +130,7 @@ class Database:
         except (OperationalError, DBAPIError) as exc:
             _quiet_rollback(session)
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                self._drop_pooled_connections()
                 raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
             raise
         except BaseException:
@@ -153,7 +156,7 @@ class Database:
         databases, whose commits are always flushed.
         """
         engine = self.engine if flush_commit else self._unflushed
-        with _unavailable_mapped():
+        with _unavailable_mapped(self):
             with engine.begin() as conn:
                 yield conn
 
@@ -176,9 +179,16 @@ class Database:
         """
         if self._autocommit is None:
             raise NotImplementedError("autocommit connections are for client-server index databases")
-        with _unavailable_mapped():
+        with _unavailable_mapped(self):
             with self._autocommit.connect() as conn:
                 yield conn
+
+    def _drop_pooled_connections(self) -> None:
+        """After a connection was found lost, close the idle ones of every pool: they are most likely
+        lost too (a restarted server), and each would otherwise fail one more request before the pool
+        replaced it.  Connections in use are dropped when they come back."""
+        for engine in {self.engine, self._unflushed, self._autocommit} - {None}:
+            engine.dispose()
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -214,12 +224,13 @@ def explicit_transaction(conn: Connection) -> Iterator[Connection]:
 
 
 @contextmanager
-def _unavailable_mapped() -> Iterator[None]:
+def _unavailable_mapped(db: Database) -> Iterator[None]:
     """Raise a connection-level failure of the index as :class:`IndexUnavailable`."""
     try:
         yield
     except (OperationalError, DBAPIError) as exc:
         if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            db._drop_pooled_connections()
             raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
         raise
 
