@@ -336,7 +336,10 @@ class NativeHdfsBlobStore(BlobStore):
         end = offset + length
         while offset < end:
             n = min(chunk_size, end - offset)
-            yield bytes(self._read_open_file(path, offset, n)) if still_open else self._read_range(reader, full, offset, n)
+            if still_open:
+                yield bytes(self._read_open_file(path, offset, n))
+            else:
+                yield self._read_range(reader, full, offset, n)
             offset += n
 
     def delete(self, path: str) -> bool:

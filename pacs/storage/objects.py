@@ -309,10 +309,10 @@ class ObjectStore:
         """The verified bytes of each object of ``span``, in its order, or the error that object met.
 
         One range read for the whole span (``BlobStore.read_unverified``: on
-        HDFS, straight from a DataNode); an object whose SHA-256 does not
-        match, or every object if that read fails, is read again on its own
-        through the store's checked path, so that a bad replica or an
-        unreadable object fails alone.
+        HDFS, straight from a DataNode). An object whose SHA-256 does not
+        match is read again through the store's checked path; if the span
+        cannot be read, each object is read on its own (:meth:`get`). So a
+        bad replica or an unreadable object fails alone, if at all.
         """
         if len(span.locations) > 1:
             try:
