@@ -164,6 +164,15 @@ def storescu(aet: str, port: int, folder: Path) -> list[str]:
     return ["storescu", "-aet", "STORESCU", "-aec", aet, "+sd", HOST, str(port), str(folder)]
 
 
+def series_keys(study_uid: str, series_uid: str) -> list[str]:
+    return ["-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
+            "-k", f"SeriesInstanceUID={series_uid}"]
+
+
+def getscu(aet: str, port: int, keys: list[str], out: Path) -> list[str]:
+    return ["getscu", "-aet", "GETSCU", "-aec", aet, "-S", *keys, "-od", str(out), HOST, str(port)]
+
+
 def series_count(aet: str, port: int, study_uid: str, series_uid: str, tmp: Path) -> int:
     """NumberOfSeriesRelatedInstances of a series, by findscu (a check, not timed)."""
     out = tmp / f"chk-{time.monotonic_ns()}"
@@ -442,10 +451,8 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             # A viewer pulling a study the moment it arrived: on HDFS, from packs still being written.
             fresh_dir = tmp / f"{server.name}-fresh"
             fresh_dir.mkdir()
-            r["get_fresh"] = run_clients([["getscu", "-aet", "GETSCU", "-aec", server.aet, "-S",
-                                           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct['study']}",
-                                           "-k", f"SeriesInstanceUID={ct['series4']}", "-od", str(fresh_dir),
-                                           HOST, str(server.port)]], "C-GET just stored")
+            r["get_fresh"] = run_clients([getscu(server.aet, server.port, series_keys(ct["study"], ct["series4"]),
+                                                 fresh_dir)], "C-GET just stored")
             r["get_fresh_n"], r["get_fresh_bytes"] = dir_bytes(fresh_dir)
             shutil.rmtree(fresh_dir, ignore_errors=True)
             small = data["small"]
@@ -454,8 +461,7 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             if got != small["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {small['n']} small instances stored")
 
-            keys = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct['study']}",
-                    "-k", f"SeriesInstanceUID={ct['series1']}"]
+            keys = series_keys(ct["study"], ct["series1"])
             moved = tmp / f"{server.name}-moved"
             r["move"] = run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet, "-aem", SCP_AET, "-S",
                                       *keys, HOST, str(server.port)]], "C-MOVE")
@@ -463,8 +469,7 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             r["move_n"], r["move_bytes"] = n, size
             got_dir = tmp / f"{server.name}-got"
             got_dir.mkdir()
-            r["get"] = run_clients([["getscu", "-aet", "GETSCU", "-aec", server.aet, "-S", *keys,
-                                     "-od", str(got_dir), HOST, str(server.port)]], "C-GET")
+            r["get"] = run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET")
             n, size = dir_bytes(got_dir)
             r["get_n"], r["get_bytes"] = n, size
         finally:

@@ -129,8 +129,9 @@ class Database:
             session.commit()
         except (OperationalError, DBAPIError) as exc:
             _quiet_rollback(session)
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            if exc.connection_invalidated:
                 self._drop_pooled_connections()
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
                 raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
             raise
         except BaseException:
@@ -184,9 +185,10 @@ class Database:
                 yield conn
 
     def _drop_pooled_connections(self) -> None:
-        """After a connection was found lost, close the idle ones of every pool: they are most likely
-        lost too (a restarted server), and each would otherwise fail one more request before the pool
-        replaced it.  Connections in use are dropped when they come back."""
+        """After a connection was found lost (SQLAlchemy saw a disconnect, not a lock timeout or a
+        refused connect), close the idle ones of every pool: they are most likely lost too (a restarted
+        server), and each would otherwise fail one more request before its pool replaced it (SQLAlchemy
+        renews only the pool that saw the disconnect).  Connections in use are dropped when they come back."""
         for engine in {self.engine, self._unflushed, self._autocommit} - {None}:
             engine.dispose()
 
@@ -229,8 +231,9 @@ def _unavailable_mapped(db: Database) -> Iterator[None]:
     try:
         yield
     except (OperationalError, DBAPIError) as exc:
-        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+        if exc.connection_invalidated:
             db._drop_pooled_connections()
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
             raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
         raise
 

@@ -271,17 +271,8 @@ class NativeHdfsBlobStore(BlobStore):
         Measured against hdfs-native, 256 MiB in 8 MiB ranges: 0.26 s of
         CPU against 0.50-0.57 s (``bench/hdfs_clients.py --sections f``).
         """
-        if self._datanodes is None or self._direct_misses >= DIRECT_MISSES_BEFORE_FALLBACK:
-            return self._read_checked(path, offset, length)
-        full = _join(self.root, path)
-        try:
-            data = self._datanodes.read(full, offset, length)
-        except DataNodeReadError as exc:
-            data = self._read_checked(path, offset, length, direct=False)
-            self._missed_datanodes(full, exc)
-            return data
-        self._direct_misses = 0
-        return data
+        return self._from_datanodes(path, offset, length,
+                                    lambda: self._read_checked(path, offset, length, direct=False))
 
     def _read_open_file(self, path: str, offset: int, length: int, *, direct: bool = True) -> bytes | bytearray:
         """Read bytes hdfs-native cannot see yet: those of a file that is still being written.
@@ -299,31 +290,40 @@ class NativeHdfsBlobStore(BlobStore):
                 f"{path} is still being written and hdfs-native cannot read it; "
                 f"set storage.webhdfs_url to read open packs from their DataNodes"
             )
-        full = _join(self.root, path)
-        failed: DataNodeReadError | None = None
-        if direct and self._direct_misses < DIRECT_MISSES_BEFORE_FALLBACK:
-            try:
-                data = self._datanodes.read(full, offset, length)
-            except DataNodeReadError as exc:
-                failed = exc
-            else:
-                self._direct_misses = 0
-                return data
+        if direct:
+            return self._from_datanodes(path, offset, length, lambda: self._read_webhdfs(path, offset, length))
+        return self._read_webhdfs(path, offset, length)
+
+    def _read_webhdfs(self, path: str, offset: int, length: int) -> bytes:
         if self._webhdfs is None:
             self._webhdfs = WebHdfsBlobStore(self._webhdfs_url, self.root, user=self._webhdfs_user,
                                              replication=self.replication, block_size=self.block_size)
-        data = self._webhdfs.read(path, offset, length)
-        if failed is not None:
-            self._missed_datanodes(full, failed)
-        return data
+        return self._webhdfs.read(path, offset, length)
 
-    def _missed_datanodes(self, full: str, error: DataNodeReadError) -> None:
-        """A direct read failed where another path then got the same bytes from the same DataNodes:
-        they will not serve this client directly (a protected data-transfer port, say)."""
-        self._direct_misses += 1
-        log.warning("read %s from DataNodes failed, through the client it worked%s: %s", full,
-                    "; reading through hdfs-native and WebHDFS from now on"
-                    if self._direct_misses == DIRECT_MISSES_BEFORE_FALLBACK else "", error)
+    def _from_datanodes(self, path: str, offset: int, length: int,
+                        fallback: Callable[[], bytes | bytearray]) -> bytes | bytearray:
+        """The range straight from the DataNodes, or ``fallback()`` where they did not serve it.
+
+        A direct read that failed where the fallback then got the same bytes
+        from the same DataNodes means they will not serve this client that way
+        (a protected data-transfer port, say): after
+        ``DIRECT_MISSES_BEFORE_FALLBACK`` such reads in a row, every read
+        takes the fallback.
+        """
+        if self._datanodes is None or self._direct_misses >= DIRECT_MISSES_BEFORE_FALLBACK:
+            return fallback()
+        full = _join(self.root, path)
+        try:
+            data = self._datanodes.read(full, offset, length)
+        except DataNodeReadError as exc:
+            data = fallback()
+            self._direct_misses += 1
+            log.warning("read %s from DataNodes failed, through the client it worked%s: %s", full,
+                        "; reading through hdfs-native and WebHDFS from now on"
+                        if self._direct_misses == DIRECT_MISSES_BEFORE_FALLBACK else "", exc)
+            return data
+        self._direct_misses = 0
+        return data
 
     def iter_read(
         self, path: str, offset: int = 0, length: int | None = None, chunk_size: int = 4 << 20

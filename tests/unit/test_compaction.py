@@ -8,6 +8,7 @@ from sqlalchemy import func, select, update
 from pacs.errors import IndexUnavailable
 from pacs.index.models import Container, ContainerState, Instance
 from pacs.index.repository import find_instance, location_of
+from pacs.ingest.service import StoreOutcome
 from pacs.services import build_services
 from pacs.settings import Settings
 from pacs.synthetic import SeriesSpec, make_series
@@ -225,7 +226,7 @@ def test_a_store_that_committed_is_not_failed_by_the_landing_count_after_it(tmp_
 
     monkeypatch.setattr(compaction, "landing_totals", index_gone)
     result = services.ingest.store(data)
-    assert result.outcome.name == "STORED"
+    assert result.outcome is StoreOutcome.STORED
     with services.db.session() as session:
         assert find_instance(session, result.sop_instance_uid) is not None
     assert "could not count the landing area after a store" in caplog.text
