@@ -118,7 +118,11 @@ def train_command(
     simulation_workers: Annotated[int, typer.Option(
         min=1, help="Processes simulating the missing training slices in parallel (one per core).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice); with --spark-processes each task uses spark.task.cpus instead.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda (the training, and the simulation's projections).")] = "cpu",
+    time_budget: Annotated[Optional[float], typer.Option(
+        min=1.0, help="Seconds for all epochs (simulation excluded): --steps-per-epoch is then measured to fit "
+                      "them, from a short timed probe; the checkpoints record the steps used.",
+        show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
     init_from: Annotated[Optional[Path], typer.Option(
         help="Fine-tune: start from this checkpoint's weights (its network must match --depth, "
@@ -149,6 +153,9 @@ def train_command(
     if spark_processes is None and master is not None:
         raise typer.BadParameter("expected --master only with --spark-processes, got --master without it",
                                  param_hint="--master")
+    if spark_processes is not None and time_budget is not None:
+        raise typer.BadParameter("expected --time-budget only without --spark-processes (each process would "
+                                 "measure its own speed), got both", param_hint="--time-budget")
     if spark_processes is not None and threads is not None:
         raise typer.BadParameter("expected --threads only without --spark-processes (each Spark task uses "
                                  "spark.task.cpus threads), got both", param_hint="--threads")
@@ -168,7 +175,7 @@ def train_command(
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
             lr_min=lr_min, loss=loss, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
-            threads=threads, device=device, init_from=init_from)
+            threads=threads, device=device, init_from=init_from, time_budget_s=time_budget)
         config.check()
         if init_from is not None and not resume:
             from denoise.train import initial_weights
@@ -344,3 +351,10 @@ def denoise_file(
         raise
     console.print(f"wrote {len(datasets)} instances of series {datasets[0].SeriesInstanceUID} to {out_path} "
                   f"(model unet-{version})")
+
+
+if __name__ == "__main__":  # `python -m denoise.cli train ...`: `pacs denoise` without the archive's own imports
+    import denoise.cli
+    import denoise.run_cli  # noqa: F401  (registers `run`, as `pacs` does)
+
+    denoise.cli.denoise_app()  # that module's app, on which run_cli registered, not this __main__ copy's

@@ -147,11 +147,13 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return lo if lo == hi else float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def simulate_slice(hu: np.ndarray, config: SimulationConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def simulate_slice(hu: np.ndarray, config: SimulationConfig, rng: np.random.Generator,
+                   device: str = "cpu") -> dict[str, np.ndarray]:
     """The cached arrays of one ground-truth slice (see the module docstring).
 
     With the default options the generator is drawn from exactly as before
     the options existed, so cached sets and the benchmark's test set stay valid.
+    Projections and FBPs run on ``device`` (the noise is drawn on the CPU either way).
     """
     i0 = config.i0
     if config.dose_range != (1.0, 1.0):
@@ -159,16 +161,18 @@ def simulate_slice(hu: np.ndarray, config: SimulationConfig, rng: np.random.Gene
     if config.grain_fraction and rng.random() < config.grain_fraction:
         window = GRAIN_WINDOWS[int(rng.integers(len(GRAIN_WINDOWS)))]
         hu = simulate.sparse_view(hu, config.n_views, pixel_mm=config.pixel_mm, i0=_log_uniform(rng, *GRAIN_I0),
-                                  filter=window, rng=rng)
+                                  filter=window, rng=rng, device=device)
     pair = simulate.low_dose_pair(hu, pixel_mm=config.pixel_mm, i0=i0, dose_fractions=(config.dose_fraction,),
-                                  n_views=config.n_views, filter=config.filter, rng=rng)
+                                  n_views=config.n_views, filter=config.filter, rng=rng, device=device)
     views = int(rng.integers(config.sparse_views_min, config.sparse_views_max + 1))
-    sparse = simulate.sparse_view(hu, views, pixel_mm=config.pixel_mm, i0=i0, filter=config.filter, rng=rng)
+    sparse = simulate.sparse_view(hu, views, pixel_mm=config.pixel_mm, i0=i0, filter=config.filter, rng=rng,
+                                  device=device)
     return {"reference": pair["clean"], "quarter": pair[f"dose-{config.dose_fraction:g}"], "sparse": sparse,
             "sparse_views": np.array(views), "truth": hu, "i0": np.array(i0)}
 
 
-def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, shepp_logan: bool) -> None:
+def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, shepp_logan: bool,
+                 device: str = "cpu") -> None:
     """Simulate slice ``index`` of the set ``seed`` into ``path`` (whole or not at all)."""
     rng = np.random.default_rng([seed, index])
     extras = bool(config.extras_fraction) and rng.random() < config.extras_fraction
@@ -186,22 +190,23 @@ def _simulate_to(path: Path, seed: int, index: int, config: SimulationConfig, sh
                                    edge_blur_px=config.phantom_edge_blur_px or None, head_layers=layers)
     if sharp and not shepp_logan:
         hu = phantoms.sharp_kernel(hu, rng)
-    data = simulate_slice(hu, config, rng)
+    data = simulate_slice(hu, config, rng, device)
     partial = path.with_suffix(".tmp.npz")
     np.savez(partial, **data)
     partial.replace(path)  # a slice is either wholly there or absent
 
 
-def _simulate_in_worker(path: Path, seed: int, index: int, config: SimulationConfig, shepp_logan: bool) -> int:
+def _simulate_in_worker(path: Path, seed: int, index: int, config: SimulationConfig, shepp_logan: bool,
+                        device: str = "cpu") -> int:
     import torch
 
     torch.set_num_threads(1)  # one worker per core: the workers are the parallelism
-    _simulate_to(path, seed, index, config, shepp_logan)
+    _simulate_to(path, seed, index, config, shepp_logan, device)
     return index
 
 
 def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationConfig = SimulationConfig(), *,
-                   include_shepp_logan: bool = False, workers: int = 1,
+                   include_shepp_logan: bool = False, workers: int = 1, device: str = "cpu",
                    progress: Callable[[int, int], None] | None = None) -> PairSet:
     """Simulate (or load from the cache) ``count`` slices of the set ``seed``.
 
@@ -209,7 +214,9 @@ def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationCon
     larger set extends a smaller one and the slices do not depend on
     ``workers`` (processes simulating missing slices in parallel, one torch
     thread each).  ``include_shepp_logan`` makes slice 0 the Shepp-Logan head
-    (for test sets).
+    (for test sets).  ``device`` runs the projections and FBPs (``"cuda"``:
+    then the phantoms, drawn on the CPU, are what takes the time, and
+    ``workers`` processes share the GPU).
     """
     if count < 1:
         raise ValueError(f"count: expected at least 1 slice, got {count}")
@@ -225,8 +232,8 @@ def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationCon
 
         # spawn, not fork: a forked child of a process whose torch thread pool is running can deadlock
         with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(_simulate_in_worker, paths[i], seed, i, config, include_shepp_logan and i == 0)
-                    for i in missing]
+            jobs = [pool.submit(_simulate_in_worker, paths[i], seed, i, config, include_shepp_logan and i == 0,
+                                device) for i in missing]
             for job in as_completed(jobs):
                 job.result()
                 done += 1
@@ -234,7 +241,7 @@ def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationCon
                     progress(done, count)
     else:
         for i in missing:
-            _simulate_to(paths[i], seed, i, config, include_shepp_logan and i == 0)
+            _simulate_to(paths[i], seed, i, config, include_shepp_logan and i == 0, device)
             done += 1
             if progress is not None:
                 progress(done, count)

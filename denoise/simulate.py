@@ -120,12 +120,13 @@ def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array, dtype=torch.float32)
 
 
-def _unit_axis(n: int) -> torch.Tensor:
+def _unit_axis(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Pixel centres of an ``n``-pixel axis in grid_sample's units (align_corners=False), float32."""
-    return (torch.arange(n, dtype=torch.float32) - (n - 1) / 2.0) / (n / 2.0)
+    return (torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0) / (n / 2.0)
 
 
-def forward_project(mu_per_mm: np.ndarray | torch.Tensor, scan: ParallelBeam, *, views_per_chunk: int = 16) -> np.ndarray:
+def forward_project(mu_per_mm: np.ndarray | torch.Tensor, scan: ParallelBeam, *, views_per_chunk: int = 16,
+                    device: torch.device | str = "cpu") -> np.ndarray:
     """Line integrals ``[n_views, n_bins]`` float32 of an attenuation image ``[H, W]`` (1/mm).
 
     Ray ``(theta, t)`` runs along ``(-sin theta, cos theta)`` at signed
@@ -133,18 +134,20 @@ def forward_project(mu_per_mm: np.ndarray | torch.Tensor, scan: ParallelBeam, *,
     right, y up).  The field of view is the image's inscribed circle, as on a
     scanner: rays are sampled once per pixel width over the image width
     (bilinear interpolation), so anything in the corners outside that circle
-    is not measured.  ``n_bins`` must equal the image size here.
+    is not measured.  ``n_bins`` must equal the image size here.  The
+    interpolation runs on ``device`` (a CUDA device makes it some hundred
+    times faster than a CPU core); the result comes back as a numpy array.
     """
-    image = _as_tensor(mu_per_mm)
+    image = _as_tensor(mu_per_mm).to(device)
     n = scan.image_size_px
     if tuple(image.shape) != (n, n):
         raise ValueError(f"image: expected shape ({n}, {n}) for this scan, got {tuple(image.shape)}")
     if scan.bins != n or scan.bin_width_mm != scan.pixel_mm:
         raise ValueError(f"scan: the projector needs n_bins = image size ({n}) and bin_mm = pixel_mm, "
                          f"got {scan.bins} bins of {scan.bin_width_mm} mm")
-    axis = _unit_axis(n)
-    angles = torch.as_tensor(scan.angles_rad(), dtype=torch.float32)
-    out = torch.empty((scan.n_views, n), dtype=torch.float32)
+    axis = _unit_axis(n, device)
+    angles = torch.as_tensor(scan.angles_rad(), dtype=torch.float32, device=device)
+    out = torch.empty((scan.n_views, n), dtype=torch.float32, device=device)
     source = image[None, None]
     for start in range(0, scan.n_views, views_per_chunk):
         theta = angles[start : start + views_per_chunk]
@@ -156,27 +159,27 @@ def forward_project(mu_per_mm: np.ndarray | torch.Tensor, scan: ParallelBeam, *,
         samples = F.grid_sample(source.expand(len(theta), -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=False)
         out[start : start + len(theta)] = samples[:, 0].sum(dim=1) * scan.pixel_mm
-    return out.numpy()
+    return out.cpu().numpy()
 
 
 def fbp(sinogram: np.ndarray | torch.Tensor, scan: ParallelBeam, *, filter: str = DEFAULT_FILTER,
-        views_per_chunk: int = 16) -> np.ndarray:
+        views_per_chunk: int = 16, device: torch.device | str = "cpu") -> np.ndarray:
     """Filtered back-projection of ``[n_views, n_bins]`` line integrals -> ``[H, W]`` attenuation (1/mm).
 
     The ramp filter is ``reconstruct.fdk.ramp.ramp_filter`` (windows
     ``ram-lak``, ``shepp-logan``, ``cosine``, ``hamming``, ``hann``);
     back-projection interpolates linearly between bins and weights each view
-    by ``pi / n_views`` (the parallel-beam FBP over 180 degrees).
+    by ``pi / n_views`` (the parallel-beam FBP over 180 degrees); both run on ``device``.
     """
-    sino = _as_tensor(sinogram)
+    sino = _as_tensor(sinogram).to(device)
     if tuple(sino.shape) != (scan.n_views, scan.bins):
         raise ValueError(f"sinogram: expected shape ({scan.n_views}, {scan.bins}), got {tuple(sino.shape)}")
     filtered = ramp_filter(sino.contiguous(), scan.bin_width_mm, window=filter)
     n = scan.image_size_px
     scale = (n * scan.pixel_mm) / (scan.bins * scan.bin_width_mm)  # image extent over detector extent
-    x, y = _unit_axis(n)[None, :] * scale, -_unit_axis(n)[:, None] * scale  # row 0 at the top: y up
-    angles = torch.as_tensor(scan.angles_rad(), dtype=torch.float32)
-    image = torch.zeros((n, n), dtype=torch.float32)
+    x, y = _unit_axis(n, device)[None, :] * scale, -_unit_axis(n, device)[:, None] * scale  # row 0 at the top: y up
+    angles = torch.as_tensor(scan.angles_rad(), dtype=torch.float32, device=device)
+    image = torch.zeros((n, n), dtype=torch.float32, device=device)
     for start in range(0, scan.n_views, views_per_chunk):
         theta = angles[start : start + views_per_chunk]
         t = x[None] * torch.cos(theta)[:, None, None] + y[None] * torch.sin(theta)[:, None, None]  # (c, n, n)
@@ -184,7 +187,7 @@ def fbp(sinogram: np.ndarray | torch.Tensor, scan: ParallelBeam, *, filter: str 
         rows = filtered[start : start + len(theta), None, None, :]  # (c, 1, 1, bins)
         image += F.grid_sample(rows, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0].sum(0)
     image *= math.pi / scan.n_views
-    return image.numpy()
+    return image.cpu().numpy()
 
 
 def field_of_view_mask(size: int) -> np.ndarray:
@@ -193,8 +196,9 @@ def field_of_view_mask(size: int) -> np.ndarray:
     return axis[None, :] ** 2 + axis[:, None] ** 2 <= 1.0
 
 
-def _reconstruct_hu(sinogram: np.ndarray, scan: ParallelBeam, filter: str) -> np.ndarray:
-    hu = mu_to_hu(fbp(sinogram, scan, filter=filter))
+def _reconstruct_hu(sinogram: np.ndarray, scan: ParallelBeam, filter: str,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    hu = mu_to_hu(fbp(sinogram, scan, filter=filter, device=device))
     return np.where(field_of_view_mask(scan.image_size_px), hu, AIR_HU).astype(np.float32)
 
 
@@ -219,28 +223,32 @@ def counts_to_line_integrals(counts: np.ndarray, incident: float) -> np.ndarray:
 
 def low_dose_pair(hu: np.ndarray, *, pixel_mm: float = 0.7, i0: float = DEFAULT_I0,
                   dose_fractions: tuple[float, ...] = (1.0, 0.25), n_views: int = DEFAULT_VIEWS,
-                  filter: str = DEFAULT_FILTER, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                  filter: str = DEFAULT_FILTER, rng: np.random.Generator,
+                  device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Noiseless and noisy FBPs of one HU slice ``[H, W]``, all in HU float32.
 
     Returns ``{"clean": ..., "dose-1": ..., "dose-0.25": ...}``: the noiseless
     FBP and one FBP per dose fraction, all from the same full-dose photons
-    (lower doses are binomial thinnings of them).
+    (lower doses are binomial thinnings of them).  Projection and FBP run on
+    ``device``; the photon noise is drawn from ``rng`` on the CPU, so the
+    noise does not depend on the device.
     """
     scan = ParallelBeam(hu.shape[-1], pixel_mm, n_views)
     if hu.shape != (scan.image_size_px, scan.image_size_px):
         raise ValueError(f"hu: expected a square slice, got shape {hu.shape}")
-    sinogram = forward_project(hu_to_mu(hu.astype(np.float32)), scan)
-    out = {"clean": _reconstruct_hu(sinogram, scan, filter)}
+    sinogram = forward_project(hu_to_mu(hu.astype(np.float32)), scan, device=device)
+    out = {"clean": _reconstruct_hu(sinogram, scan, filter, device)}
     full = poisson_counts(sinogram, i0, rng)
     for fraction in dose_fractions:
         counts = thin_counts(full, fraction, rng)
         noisy = counts_to_line_integrals(counts, fraction * i0)
-        out[f"dose-{fraction:g}"] = _reconstruct_hu(noisy, scan, filter)
+        out[f"dose-{fraction:g}"] = _reconstruct_hu(noisy, scan, filter, device)
     return out
 
 
 def sparse_view(hu: np.ndarray, n_views: int, *, pixel_mm: float = 0.7, i0: float | None = DEFAULT_I0,
-                filter: str = DEFAULT_FILTER, rng: np.random.Generator | None = None) -> np.ndarray:
+                filter: str = DEFAULT_FILTER, rng: np.random.Generator | None = None,
+                device: torch.device | str = "cpu") -> np.ndarray:
     """FBP from ``n_views`` evenly spaced views (streaks), HU ``[H, W]`` float32.
 
     With ``i0`` the views carry full-dose Poisson noise; ``i0=None`` is noiseless.
@@ -248,12 +256,12 @@ def sparse_view(hu: np.ndarray, n_views: int, *, pixel_mm: float = 0.7, i0: floa
     if not 2 <= n_views:
         raise ValueError(f"n_views: expected at least 2 views, got {n_views}")
     scan = ParallelBeam(hu.shape[-1], pixel_mm, n_views)
-    sinogram = forward_project(hu_to_mu(hu.astype(np.float32)), scan)
+    sinogram = forward_project(hu_to_mu(hu.astype(np.float32)), scan, device=device)
     if i0 is not None:
         if rng is None:
             raise ValueError("rng: expected a numpy Generator when i0 is given, got None")
         sinogram = counts_to_line_integrals(poisson_counts(sinogram, i0, rng), i0)
-    return _reconstruct_hu(sinogram, scan, filter)
+    return _reconstruct_hu(sinogram, scan, filter, device)
 
 
 def gaussian_noise(hu: np.ndarray, rng: np.random.Generator, *, sigma_8bit: float = 30.0,

@@ -93,6 +93,8 @@ class TrainConfig:
     init_from: Path | None = None
     # Processes that simulate the missing slices in parallel (the data, not the training, uses them).
     simulation_workers: int = 1
+    # Wall-clock seconds for all epochs (simulation excluded): steps_per_epoch is then measured to fit (train()).
+    time_budget_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 < self.lr_min <= self.lr:
             raise ValueError(f"lr_min: expected 0 < lr_min <= lr ({self.lr}), got {self.lr_min}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s: expected a positive number of seconds, got {self.time_budget_s}")
 
 
 @dataclass
@@ -321,6 +325,59 @@ def plot_history(history: list[EpochRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def _step(network: torch.nn.Module, optimiser: torch.optim.Optimizer, sampler: PatchSampler,
+          rng: np.random.Generator, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One optimiser step on a fresh batch; returns the loss (not synchronised with the device)."""
+    noise = None
+    if config.model.noise_level_input:
+        inputs, targets, levels = sampler.batch(config.batch_size, rng, with_noise_levels=True)
+        noise = torch.from_numpy(levels).to(device)
+    else:
+        inputs, targets = sampler.batch(config.batch_size, rng)
+    x = torch.from_numpy(inputs / config.model.hu_scale).to(device)
+    y = torch.from_numpy(targets / config.model.hu_scale).to(device)
+    loss = _loss(network(x, noise), y, config)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steps_within_budget(config: TrainConfig, model: UNet, sampler: PatchSampler, val_pairs: PairSet,
+                        val_tasks: list[str], device: torch.device, *, probe_steps: int = 20) -> int:
+    """Steps per epoch that fit ``config.epochs`` epochs into ``config.time_budget_s`` seconds.
+
+    Times ``probe_steps`` steps (after 3 untimed ones) on a copy of the model
+    with its own optimiser and patches, and one validation; the model itself is
+    left untouched, so the run that follows is the one its saved
+    configuration describes.  A tenth of the budget is kept back for
+    checkpoints, curves and a machine that slows down.
+    """
+    import copy
+
+    probe = copy.deepcopy(model)
+    optimiser = torch.optim.Adam(probe.parameters(), lr=config.lr_min)
+    rng = np.random.default_rng([config.seed, 0, 1_000_003])
+    for _ in range(3):
+        _step(probe, optimiser, sampler, rng, config, device)
+    _synchronise(device)
+    started = time.perf_counter()
+    for _ in range(probe_steps):
+        _step(probe, optimiser, sampler, rng, config, device)
+    _synchronise(device)
+    step_s = (time.perf_counter() - started) / probe_steps
+    started = time.perf_counter()
+    validate(probe, val_pairs, device, val_tasks)
+    val_s = time.perf_counter() - started
+    per_epoch = 0.9 * config.time_budget_s / config.epochs - val_s
+    return max(1, int(per_epoch / step_s))
+
+
 def train(
     config: TrainConfig,
     *,
@@ -343,9 +400,14 @@ def train(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     world_size = torch.distributed.get_world_size() if distributed else 1
+    if distributed and config.time_budget_s is not None:
+        raise ValueError("time_budget_s: expected a single-process run (ranks would measure different speeds "
+                         "and disagree on the steps), got a process group")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch and slice shapes: pick the fastest kernels once
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
@@ -376,16 +438,21 @@ def train(
     if rank != 0:
         torch.distributed.barrier()  # rank 0 simulates missing slices; two writers of one cache file would race
     train_pairs = build_pair_set(config.cache_dir, config.train_seed, config.train_slices, config.simulation,
-                                 workers=config.simulation_workers, progress=progress_of("training slices"))
+                                 workers=config.simulation_workers, device=config.device,
+                                 progress=progress_of("training slices"))
     if rank == 0:
         val_pairs = build_pair_set(config.cache_dir, config.val_seed, config.val_slices, config.simulation,
-                                   workers=config.simulation_workers, progress=progress_of("validation slices"))
+                                   workers=config.simulation_workers, device=config.device,
+                                   progress=progress_of("validation slices"))
         if distributed:
             torch.distributed.barrier()
     sampler = PatchSampler(train_pairs, config.patch_px, config.task_weights,
                            gaussian_sigma_hu=config.simulation.gaussian_sigma_8bit / 255.0 * 400.0)
     val_tasks = [t for t in ("quarter", "sparse") if config.task_weights.get(t, 0) > 0] or ["quarter"]
-    scale = config.model.hu_scale
+    if config.time_budget_s is not None and not resume:
+        config = dataclasses.replace(config, steps_per_epoch=steps_within_budget(
+            config, model, sampler, val_pairs, val_tasks, device))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     total_steps = config.epochs * config.steps_per_epoch
     best = max((r.val_psnr_db for r in history), default=-math.inf)
     model.train()
@@ -399,19 +466,7 @@ def train(
             lr = _learning_rate(config, step)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            noise = None
-            if config.model.noise_level_input:
-                inputs, targets, levels = sampler.batch(config.batch_size, rng, with_noise_levels=True)
-                noise = torch.from_numpy(levels).to(device)
-            else:
-                inputs, targets = sampler.batch(config.batch_size, rng)
-            x = torch.from_numpy(inputs / scale).to(device)
-            y = torch.from_numpy(targets / scale).to(device)
-            loss = _loss(network(x, noise), y, config)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+            losses.append(_step(network, optimiser, sampler, rng, config, device).item())
             if on_step:
                 on_step(step + 1, total_steps, losses[-1])
         train_loss = float(np.mean(losses))

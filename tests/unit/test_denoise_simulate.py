@@ -199,6 +199,21 @@ def test_quarter_dose_has_twice_the_noise_of_full_dose_and_sparse_view_streaks()
         simulate.thin_counts(np.array([3]), 1.5, np.random.default_rng(0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_projection_and_fbp_on_cuda_match_the_cpu():
+    hu = phantoms.random_slice(np.random.default_rng(5), 128, extras=True)
+    cpu = simulate.low_dose_pair(hu, pixel_mm=2.8, n_views=192, rng=np.random.default_rng(6))
+    gpu = simulate.low_dose_pair(hu, pixel_mm=2.8, n_views=192, rng=np.random.default_rng(6), device="cuda")
+    assert np.abs(gpu["clean"] - cpu["clean"]).max() < 0.5  # HU: rounding, not another algorithm
+    # the noise is another draw (a last-bit change of one bin's mean changes how many numbers Poisson's sampler
+    # takes, and every later draw with it), of the same level
+    for name in ("dose-1", "dose-0.25"):
+        levels = [noise_std_hu(out[name], out["clean"]) for out in (cpu, gpu)]
+        assert levels[1] == pytest.approx(levels[0], rel=0.1)
+    sparse = [simulate.sparse_view(hu, 60, pixel_mm=2.8, i0=None, device=d) for d in ("cpu", "cuda")]
+    assert np.abs(sparse[0] - sparse[1]).max() < 0.5
+
+
 def test_pairs_are_cached_and_patches_drawn(tmp_path):
     config = SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64)
     first = build_pair_set(tmp_path, seed=3, count=2, config=config)
@@ -287,6 +302,22 @@ def test_training_writes_versioned_checkpoints_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="resume"):
         train(TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", model=UNetConfig(width=8, depth=2),
                           patch_px=32), resume=True)
+
+
+def test_a_time_budget_sets_the_steps_per_epoch_and_is_kept(tmp_path):
+    config = TrainConfig(out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", version="tb",
+                         model=UNetConfig(width=4, depth=2), simulation=SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64),
+                         epochs=2, steps_per_epoch=1, batch_size=2, patch_px=32, train_slices=2, val_slices=1,
+                         time_budget_s=3.0)
+    history = train(config)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    steps = saved["steps_per_epoch"]
+    assert steps > 10 and saved["time_budget_s"] == 3.0  # measured: far more than the 1 asked for fit in 3 s
+    meta = json.loads((tmp_path / "run" / "unet-tb-e002.json").read_text())
+    assert meta["training"]["config"]["steps_per_epoch"] == steps and meta["training"]["steps"] == 2 * steps
+    assert sum(r.seconds for r in history) < 2 * 3.0  # a tenth is kept back; twice covers a busy machine
+    with pytest.raises(ValueError, match="time_budget_s: expected a positive number of seconds, got 0"):
+        train(TrainConfig(out_dir=tmp_path / "x", cache_dir=tmp_path / "cache", time_budget_s=0))
 
 
 def test_fine_tuning_starts_from_the_checkpoint_weights(tmp_path):
