@@ -28,7 +28,7 @@ __all__ = ["CheckpointError", "CHECKPOINT_DIR", "DEFAULT_VERSION", "default_chec
 FORMAT = "pacs-denoise-unet"
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-DEFAULT_VERSION = "1.4"
+DEFAULT_VERSION = "1.5"
 
 
 class CheckpointError(ValueError):
@@ -96,12 +96,17 @@ def load_checkpoint(path: Path | None = None, *, device: str | torch.device = "c
     return model, meta
 
 
-def export_checkpoint(source: Path, destination: Path, *, half: bool = True, note: str | None = None) -> Path:
-    """Copy a training checkpoint for shipping: float16 weights by default, metadata kept (plus ``note``)."""
+def export_checkpoint(source: Path, destination: Path, *, half: bool = True, note: str | None = None,
+                      version: str | None = None) -> Path:
+    """Copy a training checkpoint for shipping: float16 weights by default, metadata kept (plus ``note``).
+
+    ``version`` renames it (a run's ``1.5d`` shipped as ``1.5``); the version it was trained as stays in
+    ``training["config"]``.
+    """
     model, meta = load_checkpoint(source)
     training = dict(meta.get("training") or {})
     if note:
         training["note"] = note
     training["exported_from"] = Path(source).name
-    return save_checkpoint(destination, model, version=meta["version"], metrics=meta.get("metrics"),
+    return save_checkpoint(destination, model, version=version or meta["version"], metrics=meta.get("metrics"),
                            training=training, half=half)

@@ -9,7 +9,7 @@ import torch
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
-from denoise.checkpoints import CheckpointError, default_checkpoint, load_checkpoint, save_checkpoint
+from denoise.checkpoints import CheckpointError, default_checkpoint, export_checkpoint, load_checkpoint, save_checkpoint
 from denoise.model import UNet, UNetConfig
 from pacs.cli.main import app
 
@@ -131,6 +131,24 @@ def test_bad_npy_and_existing_output_fail(tmp_path, checkpoint):
 def test_default_checkpoint_loads():
     net, meta = load_checkpoint()
     assert meta["version"] and net.parameter_count() < 5_000_000
+
+
+def test_an_exported_checkpoint_is_float16_renamed_and_computes_the_same(tmp_path):
+    torch.manual_seed(1)
+    net = UNet(UNetConfig(width=4, depth=2))
+    for p in net.parameters():  # not the residual net's zero last layer, under which any weights give the input back
+        torch.nn.init.normal_(p, std=0.05)
+    source = save_checkpoint(tmp_path / "run" / "unet-1.9b.pt", net, version="1.9b", metrics={"val_psnr_db": 40.0},
+                             training={"config": {"version": "1.9b"}})
+    shipped = export_checkpoint(source, tmp_path / "unet-1.9.pt", version="1.9", note="run b")
+    loaded, meta = load_checkpoint(shipped)
+    assert meta["version"] == "1.9" and meta["weights_dtype"] == "float16" and meta["metrics"]["val_psnr_db"] == 40.0
+    assert meta["training"]["exported_from"] == "unet-1.9b.pt" and meta["training"]["note"] == "run b"
+    assert shipped.stat().st_size < source.stat().st_size * 0.75
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        assert (expected - x).abs().max() > 0.05 and torch.allclose(loaded(x), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
