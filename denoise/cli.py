@@ -124,6 +124,9 @@ def train_command(
                       "them, from a short timed probe; the checkpoints record the steps used.",
         show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out-dir (its configuration wins; --epochs may extend it).")] = False,
+    simulate_only: Annotated[bool, typer.Option(
+        "--simulate-only", help="Simulate the missing training and validation slices into --cache-dir and stop: "
+                                "runs started afterwards with the same data options find them there.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(
         help="Fine-tune: start from this checkpoint's weights (its network must match --depth, "
              "--space-to-depth, --norm, --residual; a narrower one is widened to --width and a blind one given "
@@ -185,6 +188,11 @@ def train_command(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     started = time.perf_counter()
+    if simulate_only:
+        folders = _simulate_here(config)
+        console.print(f"simulated in {time.perf_counter() - started:.0f} s: "
+                      + ", ".join(f"{count} slices in {folder}" for folder, count in folders))
+        return
     if spark_processes is not None:
         history = _train_on_spark(config, spark_processes, master, resume)
     else:
@@ -200,6 +208,24 @@ def _print_epoch(console_: Console, record) -> None:
                        for task, v in record.val.items())
     console_.print(f"epoch {record.epoch}: loss {record.train_loss:.4f}, validation {scores}, "
                    f"{record.seconds:.0f} s")
+
+
+def _simulate_here(config) -> list[tuple[Path, int]]:
+    """``--simulate-only``: the training and validation sets into the cache, with a progress bar; (folder, slices)."""
+    from denoise.dataset import simulate_pair_set
+
+    done = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console) as progress:
+        for name, seed, count in (("training slices", config.train_seed, config.train_slices),
+                                  ("validation slices", config.val_seed, config.val_slices)):
+            task = progress.add_task(f"simulating {name}", total=count)
+            paths = simulate_pair_set(config.cache_dir, seed, count, config.simulation, workers=config.simulation_workers,
+                                      device=config.device,
+                                      progress=lambda n, total, task=task: progress.update(task, completed=n))
+            progress.update(task, completed=count)
+            done.append((paths[0].parent, count))
+    return done
 
 
 def _train_here(config, resume: bool) -> list:

@@ -67,7 +67,7 @@ import numpy as np
 
 from . import phantoms, simulate
 
-__all__ = ["TASKS", "SimulationConfig", "PairSet", "build_pair_set", "PatchSampler"]
+__all__ = ["TASKS", "SimulationConfig", "PairSet", "simulate_pair_set", "build_pair_set", "PatchSampler"]
 
 TASKS = ("quarter", "sparse", "gaussian")
 GRAIN_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
@@ -205,10 +205,10 @@ def _simulate_in_worker(path: Path, seed: int, index: int, config: SimulationCon
     return index
 
 
-def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationConfig = SimulationConfig(), *,
-                   include_shepp_logan: bool = False, workers: int = 1, device: str = "cpu",
-                   progress: Callable[[int, int], None] | None = None) -> PairSet:
-    """Simulate (or load from the cache) ``count`` slices of the set ``seed``.
+def simulate_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationConfig = SimulationConfig(), *,
+                      include_shepp_logan: bool = False, workers: int = 1, device: str = "cpu",
+                      progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """Simulate the slices of the set ``seed`` missing from the cache; returns the ``count`` slice files.
 
     Slice ``i`` is drawn from its own generator seeded ``(seed, i)``, so a
     larger set extends a smaller one and the slices do not depend on
@@ -245,6 +245,15 @@ def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationCon
             done += 1
             if progress is not None:
                 progress(done, count)
+    return paths
+
+
+def build_pair_set(cache_dir: Path, seed: int, count: int, config: SimulationConfig = SimulationConfig(), *,
+                   include_shepp_logan: bool = False, workers: int = 1, device: str = "cpu",
+                   progress: Callable[[int, int], None] | None = None) -> PairSet:
+    """The ``count`` slices of the set ``seed``, simulated where missing (``simulate_pair_set``), in memory."""
+    paths = simulate_pair_set(cache_dir, seed, count, config, include_shepp_logan=include_shepp_logan,
+                              workers=workers, device=device, progress=progress)
     arrays: dict[str, list[np.ndarray]] = {"reference": [], "quarter": [], "sparse": [], "sparse_views": []}
     for path in paths:
         with np.load(path) as data:

@@ -164,6 +164,23 @@ def test_training_data_options_are_checked(tmp_path, args, message):
     assert not (tmp_path / "cache").exists()  # refused before anything was simulated
 
 
+def test_simulate_only_fills_the_cache_that_a_run_then_finds(tmp_path):
+    from denoise.dataset import SimulationConfig, simulate_pair_set
+
+    options = ["--cache-dir", str(tmp_path / "cache"), "--train-slices", "1", "--val-slices", "1",
+               "--dead-leaves-fraction", "1", "--dead-leaves-edge-px", "4"]
+    result = runner.invoke(app, ["denoise", "train", "--out-dir", str(tmp_path / "run"), "--simulate-only", *options])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "cache").glob("*/slice-*.npz"))
+    assert len(files) == 2 and "simulated in" in result.output
+    assert not (tmp_path / "run").exists()  # nothing trained
+    # the same data options name the same folders: a run started now simulates nothing
+    stamps = [f.stat().st_mtime_ns for f in files]
+    config = SimulationConfig(dead_leaves_fraction=1.0, dead_leaves_edge_px=4.0)
+    again = [simulate_pair_set(tmp_path / "cache", seed, 1, config)[0] for seed in (1000, 2000)]
+    assert sorted(again) == files and [f.stat().st_mtime_ns for f in files] == stamps
+
+
 def test_a_self_ensemble_is_named_in_the_derivation(tmp_path, ct_folder, checkpoint):
     out = tmp_path / "denoised"
     result = _run(ct_folder, out, "--model", checkpoint, "--ensemble", 4)
