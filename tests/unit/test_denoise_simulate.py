@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,25 @@ def test_a_sharp_kernel_rings_along_edges_and_leaves_flat_tissue_alone():
     assert row[40:43].min() < 30 - 20  # undershoot on the brain's side of the inner table
     assert row[37:40].max() > 1000 + 20  # overshoot on the bone's side
     assert row[100:] == pytest.approx(30.0, abs=0.5) and row[20:28] == pytest.approx(1000.0, abs=0.5)
+
+
+def test_an_ellipse_computed_in_its_window_is_the_whole_grid_computation_bit_for_bit():
+    def naive(x, y, cx, cy, a, b, angle_deg):
+        t = math.radians(angle_deg)
+        c, s = math.cos(t), math.sin(t)
+        dx, dy = x - cx, y - cy
+        u, v = (c * dx + s * dy) / a, (-s * dx + c * dy) / b
+        return u * u + v * v <= 1.0
+
+    rng = np.random.default_rng(8)
+    x, y = phantoms._grid(48, 2)
+    zoomed = (x / 1.3, y / 1.3)  # the extras' magnified anatomy: a scaled grid, no longer a broadcast view
+    for grid in ((x, y), zoomed):
+        for _ in range(200):
+            args = (rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5), rng.uniform(0.005, 1.2), rng.uniform(0.005, 1.2),
+                    rng.uniform(0, 180))  # tiny to larger than the grid, inside, across the border and outside
+            assert np.array_equal(phantoms._ellipse(*grid, *args), naive(*grid, *args)), args
+    assert phantoms._ellipse(x, y, 3.0, 3.0, 0.5, 0.5, 0.0).sum() == 0
 
 
 def test_the_depth_inside_an_ellipse_is_about_the_distance_to_its_outline():
