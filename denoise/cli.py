@@ -79,6 +79,9 @@ def train_command(
         help="l1 or mse: the distance in both loss terms (HU / 1000, and the W400/L40 window). mse is what "
              "PSNR scores; l1 trains faster from scratch but sharpens edges whose course the input leaves "
              "uncertain.")] = "l1",
+    precision: Annotated[str, typer.Option(
+        help="float32, or bfloat16: forward and backward passes under autocast (weights, optimiser and loss "
+             "stay float32); validation is float32 either way.")] = "float32",
     train_slices: Annotated[int, typer.Option(help="Simulated 512x512 training slices.")] = 64,
     val_slices: Annotated[int, typer.Option(help="Held-out validation slices (another seed).")] = 3,
     tasks: Annotated[str, typer.Option(help="Task mix: quarter (quarter dose), sparse (50-150 views), gaussian (image noise).")] = "quarter=0.65,sparse=0.35",
@@ -177,7 +180,7 @@ def train_command(
                                         phantom_edge_blur_px=phantom_edge_blur_px),
             simulation_workers=simulation_workers,
             epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_px=patch_px, lr=lr,
-            lr_min=lr_min, loss=loss, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
+            lr_min=lr_min, loss=loss, precision=precision, train_slices=train_slices, val_slices=val_slices, task_weights=_task_weights(tasks),
             threads=threads, device=device, init_from=init_from, time_budget_s=time_budget)
         config.check()
         if init_from is not None and not resume:

@@ -63,6 +63,7 @@ __all__ = ["TrainConfig", "EpochRecord", "train", "plot_history", "epoch_rng", "
 
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+TRAINING_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class TrainConfig:
     window_loss_weight: float = 1.0
     # "l1" or "mse": the distance of both loss terms (see the module's docstring).
     loss: str = "l1"
+    # "float32", or "bfloat16": the network's forward and backward passes under autocast (weights, optimiser and
+    # loss stay float32; no loss scaling is needed with bfloat16's range). Validation always runs in float32.
+    precision: str = "float32"
     train_slices: int = 64
     val_slices: int = 3
     train_seed: int = 1000
@@ -118,6 +122,8 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size", "train_slices", "val_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(TRAINING_PRECISIONS)}, got {self.precision!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 < self.lr_min <= self.lr:
@@ -336,7 +342,9 @@ def _step(network: torch.nn.Module, optimiser: torch.optim.Optimizer, sampler: P
         inputs, targets = sampler.batch(config.batch_size, rng)
     x = torch.from_numpy(inputs / config.model.hu_scale).to(device)
     y = torch.from_numpy(targets / config.model.hu_scale).to(device)
-    loss = _loss(network(x, noise), y, config)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
+        output = network(x, noise)
+    loss = _loss(output.float(), y, config)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()

@@ -15,7 +15,7 @@ from denoise import phantoms, simulate
 from denoise.checkpoints import load_checkpoint
 from denoise.dataset import PatchSampler, SimulationConfig, build_pair_set
 from denoise.metrics import noise_std_hu, psnr
-from denoise.model import UNetConfig
+from denoise.model import UNet, UNetConfig
 from denoise.train import TrainConfig, train
 
 
@@ -366,6 +366,32 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert widened_net.config.width == 8 and torch.allclose(widened_net(x), start(x), atol=1e-5)
+
+
+def test_bfloat16_training_steps_follow_the_float32_ones(tmp_path):
+    from denoise.train import _step
+
+    pairs = build_pair_set(tmp_path, seed=4, count=2, config=SimulationConfig(size_px=64, pixel_mm=5.6, n_views=64))
+    sampler = PatchSampler(pairs, 32, {"quarter": 1.0})
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        config = TrainConfig(out_dir=tmp_path / precision, cache_dir=tmp_path, model=UNetConfig(width=4, depth=2),
+                             batch_size=4, patch_px=32, precision=precision)
+        torch.manual_seed(0)
+        net = UNet(config.model)
+        for p in net.parameters():  # not the residual net's zero last layer: a loss that depends on the weights
+            torch.nn.init.normal_(p, std=0.1)
+        before = [p.detach().clone() for p in net.parameters()]
+        optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+        rng = np.random.default_rng(9)
+        losses[precision] = [_step(net, optimiser, sampler, rng, config, torch.device("cpu")).item() for _ in range(3)]
+        assert all(p.dtype == torch.float32 for p in net.parameters())  # the weights stay float32
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    # the same patches, weights and steps: bfloat16's 8-bit mantissa moves each loss by well under a percent
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    assert losses["bfloat16"] != losses["float32"]  # autocast did run the network in bfloat16
+    with pytest.raises(ValueError, match="precision: expected one of float32, bfloat16, got 'float16'"):
+        TrainConfig(out_dir=tmp_path, cache_dir=tmp_path, precision="float16").check()
 
 
 def test_the_loss_is_l1_or_the_squared_error_in_both_terms():
