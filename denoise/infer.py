@@ -28,6 +28,13 @@ copies of every tile (the identity, left-right, up-down, both; with 8 also
 their transposes), each mapped back before the average (the
 "self-ensemble" of super-resolution networks): ``ensemble`` times the
 computation for a smoother estimate.  docs/denoising.md has what it buys.
+
+``resolve_precision("auto", device)`` and ``resolve_ensemble(None,
+precision)`` are the commands' defaults: bfloat16 where the hardware
+computes it natively (a CPU with AMX or AVX-512 BF16 instructions, a CUDA
+GPU that supports it), float32 elsewhere; and a self-ensemble of 4 in
+bfloat16, one pass in float32.  Both cost about what one float32 pass
+costs, and the ensemble buys more than bfloat16 loses (docs/denoising.md).
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ import torch
 
 from .model import UNet, estimate_noise_hu
 
-__all__ = ["ENSEMBLES", "PRECISIONS", "tile_starts", "blend_weights", "denoise_slices"]
+__all__ = ["ENSEMBLES", "PRECISIONS", "tile_starts", "blend_weights", "denoise_slices", "resolve_precision",
+           "resolve_ensemble", "cpu_has_native_bfloat16"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 ENSEMBLES = (1, 2, 4, 8)
@@ -97,6 +105,45 @@ def blend_weights(tile: tuple[int, int], overlap: int, sides: tuple[bool, bool, 
     return np.outer(_ramp(tile[0], overlap, top, bottom), _ramp(tile[1], overlap, left, right)).astype(np.float32)
 
 
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX or AVX-512 BF16), read from ``/proc/cpuinfo``'s flags.
+
+    Without them oneDNN emulates bfloat16, which is slower than float32; where
+    the flags cannot be read (not Linux) the answer is no.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``precision``, with ``auto`` resolved for ``device`` (``cpu``, ``cuda``, or ``auto``: CUDA where there is one).
+
+    ``auto`` is bfloat16 where the hardware computes it natively and float32
+    elsewhere: on a 2-core Xeon with AMX, a width-32 network on a 512x512
+    slice took 0.14 s in bfloat16 against 0.42 s in float32 (channels-last
+    both), at up to 0.03 dB of PSNR.
+    """
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if kind == "cpu" and cpu_has_native_bfloat16() else "float32"
+
+
+def resolve_ensemble(ensemble: int | None, precision: str) -> int:
+    """``ensemble``, or by default 4 mirrored passes in a reduced precision and 1 in float32."""
+    if ensemble is not None:
+        return ensemble
+    return 1 if precision == "float32" else 4
+
+
 def _padded_size(size: int, multiple: int) -> int:
     return int(math.ceil(size / multiple) * multiple)
 
@@ -139,7 +186,9 @@ def denoise_slices(
     stack = array[None] if array.ndim == 2 else array
     device = torch.device(device) if device is not None else next(model.parameters()).device
     _check_options(model, tile_px, overlap_px, batch_size, precision, device, ensemble)
-    model = model.to(device).eval()
+    # channels-last: the oneDNN and cuDNN convolutions take it without reordering every layer's input
+    # (on a 2-core Xeon 1.35x faster in float32 and 2.5x in bfloat16 than the default layout)
+    model = model.to(device, memory_format=torch.channels_last).eval()
     n, h, w = stack.shape
     m = model.config.multiple_px
     ph, pw = _padded_size(h, m), _padded_size(w, m)
@@ -173,7 +222,7 @@ def denoise_slices(
     batch: list[tuple[int, int, int, np.ndarray]] = []
 
     def run(items: list[tuple[int, int, int, np.ndarray]]) -> None:
-        x = torch.from_numpy(np.stack([t for *_, t in items])[:, None]).to(device)
+        x = torch.from_numpy(np.stack([t for *_, t in items])[:, None]).to(device, memory_format=torch.channels_last)
         noise = None if levels is None else torch.tensor([levels[k] for k, *_ in items], device=device)
         y = None
         with torch.no_grad(), torch.autocast(device.type, dtype=getattr(torch, precision), enabled=autocast):
