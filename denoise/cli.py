@@ -292,6 +292,12 @@ def _train_on_spark(config, processes: int, master: str | None, resume: bool) ->
             raise typer.Exit(1) from None
 
 
+PRECISION_HELP = ("auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, or "
+                  "float16/bfloat16 (mixed precision, float16 on CUDA only).")
+ENSEMBLE_HELP = ("Average this many mirrored copies of every tile (1, 2, 4 or 8): that many times the computation "
+                 "for a better estimate (docs/denoising.md). Default: 4 in a reduced precision, 1 in float32.")
+
+
 def _is_npy(path: Path) -> bool:
     return path.suffix.lower() == ".npy"
 
@@ -304,10 +310,8 @@ def denoise_file(
     overlap_px: Annotated[int, typer.Option(help="Overlap between tiles, blended smoothly.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    precision: Annotated[str, typer.Option(help="float32, or float16/bfloat16 (mixed precision, float16 on CUDA only).")] = "float32",
-    ensemble: Annotated[int, typer.Option(help="Average this many mirrored copies of every tile (1, 2, 4 or 8): "
-                                              "that many times the computation for a better estimate "
-                                              "(docs/denoising.md).")] = 1,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    ensemble: Annotated[Optional[int], typer.Option(help=ENSEMBLE_HELP, show_default=False)] = None,
 ) -> None:
     """Denoise CT slices from a file: a .npy of HU slices, or a CT series as DICOM (written as a new derived series).
 
@@ -318,7 +322,7 @@ def denoise_file(
 
     from denoise.checkpoints import CheckpointError, load_checkpoint
     from denoise.dicom_io import DicomInputError, derived_ct_datasets, read_ct_series
-    from denoise.infer import denoise_slices
+    from denoise.infer import denoise_slices, resolve_ensemble, resolve_precision
     from reconstruct.fdk.core import resolve_device
 
     def fail(message: str, code: int = 1) -> None:
@@ -347,6 +351,8 @@ def denoise_file(
             series = read_ct_series(in_path)
             slices = series.hu
         net, meta = load_checkpoint(model, device=resolve_device(device))
+        precision = resolve_precision(precision, resolve_device(device))
+        ensemble = resolve_ensemble(ensemble, precision)
         with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as progress:
             task = progress.add_task("tiles", total=None)

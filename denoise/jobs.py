@@ -104,6 +104,15 @@ class TileOptions:
                 "precision": self.precision, "ensemble": self.ensemble}
 
 
+def resolved_options(tile_px: int, overlap_px: int, batch_size: int, precision: str, ensemble: int | None,
+                     device: str) -> TileOptions:
+    """TileOptions with ``precision="auto"`` and ``ensemble=None`` resolved for ``device`` (``denoise.infer``)."""
+    from denoise.infer import resolve_ensemble, resolve_precision
+
+    precision = resolve_precision(precision, device)
+    return TileOptions(tile_px, overlap_px, batch_size, precision, resolve_ensemble(ensemble, precision))
+
+
 @dataclass(frozen=True)
 class PreparedCheckpoint:
     """A checkpoint checked on the driver: its file's bytes (what tasks receive) and metadata."""
@@ -221,8 +230,8 @@ def denoise_series_in_process(
     overlap_px: int = 32,
     batch_size: int = 4,
     device: str = "auto",
-    precision: str = "float32",
-    ensemble: int = 1,
+    precision: str = "auto",
+    ensemble: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> DenoiseResult:
     """Denoise a stored CT series in this process; the result is stored as a derived CT series.
@@ -232,7 +241,7 @@ def denoise_series_in_process(
     from denoise.infer import denoise_slices
     from reconstruct.fdk.core import resolve_device
 
-    options = TileOptions(tile_px, overlap_px, batch_size, precision, ensemble)
+    options = resolved_options(tile_px, overlap_px, batch_size, precision, ensemble, resolve_device(device))
     started = time.perf_counter()
     series = read_stored_ct_series(services, series_instance_uid)
     checkpoint, net = prepare_checkpoint(model_path, options)
@@ -374,8 +383,8 @@ def denoise_series(
     overlap_px: int = 32,
     batch_size: int = 4,
     device: str = "auto",
-    precision: str = "float32",
-    ensemble: int = 1,
+    precision: str = "auto",
+    ensemble: int | None = None,
     master: str | None = None,
     partitions: int | None = None,
     spark: SparkSession | None = None,
@@ -392,14 +401,17 @@ def denoise_series(
     task (``JobFailed``).  ``spark`` reuses a running session; otherwise one
     is started for ``master`` (``None``: the settings' ``spark.master``, or
     the one spark-submit chose) and stopped at the end.  ``device`` is the
-    executors' (``auto``: CUDA where they have it).
+    executors' (``auto``: CUDA where they have it).  ``precision="auto"`` and
+    ``ensemble=None`` are resolved here, on the driver, for ``device``
+    (:func:`resolved_options`): every slice of the series gets the same
+    settings, and the derived series names them.
     """
     from pacs.spark import launched_by_spark_submit, spark_session
 
     spark_settings = spark_settings or services.settings.spark
     if master is None and spark is None and not launched_by_spark_submit():
         master = spark_settings.master
-    options = TileOptions(tile_px, overlap_px, batch_size, precision, ensemble)
+    options = resolved_options(tile_px, overlap_px, batch_size, precision, ensemble, device)
     started = time.perf_counter()
     series = read_stored_ct_series(services, series_instance_uid)
     checkpoint, _ = prepare_checkpoint(model_path, options)
@@ -450,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap-px", type=int, default=32, help="overlap between tiles, blended smoothly")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (on the executors)")
-    parser.add_argument("--precision", default="float32", help="float32, float16 (CUDA only) or bfloat16")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bfloat16 where the hardware computes it natively, else float32), float32, "
+                             "float16 (CUDA only) or bfloat16")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="mirrored copies of every tile averaged: 1, 2, 4 or 8 (default: 4 in a reduced "
+                             "precision, 1 in float32)")
     parser.add_argument("--partitions", type=int, help="chunks of slices, one task each (default: parallelism)")
     parser.add_argument("--master", help="when run without spark-submit: local[*], local[N] or spark://HOST:PORT "
                                          "(default: the settings' spark.master)")
@@ -479,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         with build_services(settings) as services:
             result = denoise_series(
                 services, args.series_uid, model_path=args.model, tile_px=args.tile_px, overlap_px=args.overlap_px,
-                batch_size=args.batch_size, device=args.device, precision=args.precision, master=args.master,
+                batch_size=args.batch_size, device=args.device, precision=args.precision, ensemble=args.ensemble,
+                master=args.master,
                 partitions=args.partitions, progress=show)
     except (PacsError, ValueError) as exc:  # DicomInputError and CheckpointError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

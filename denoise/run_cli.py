@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from denoise.cli import console, denoise_app
+from denoise.cli import ENSEMBLE_HELP, PRECISION_HELP, console, denoise_app
 
 __all__ = ["denoise_run"]
 
@@ -25,10 +25,8 @@ def denoise_run(
     overlap_px: Annotated[int, typer.Option(help="Overlap between tiles, blended smoothly.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (on the Spark executors, or in this process).")] = "auto",
-    precision: Annotated[str, typer.Option(help="float32, or float16/bfloat16 (mixed precision, float16 on CUDA only).")] = "float32",
-    ensemble: Annotated[int, typer.Option(help="Average this many mirrored copies of every tile (1, 2, 4 or 8): "
-                                              "that many times the computation for a better estimate "
-                                              "(docs/denoising.md).")] = 1,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    ensemble: Annotated[Optional[int], typer.Option(help=ENSEMBLE_HELP, show_default=False)] = None,
     master: Annotated[Optional[str], typer.Option(
         help="Spark master: local[*], local[N] or spark://HOST:PORT (default: setting spark.master, env "
              "PACS_SPARK_MASTER, else local[*]); 'none' runs in this process.", show_default=False)] = None,

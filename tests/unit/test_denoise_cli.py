@@ -181,6 +181,22 @@ def test_simulate_only_fills_the_cache_that_a_run_then_finds(tmp_path):
     assert sorted(again) == files and [f.stat().st_mtime_ns for f in files] == stamps
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16, self-ensemble of 4)"), (False, "float32)")])
+def test_the_default_precision_and_ensemble_follow_the_cpu_and_are_named(tmp_path, ct_folder, checkpoint,
+                                                                         monkeypatch, native, expected):
+    import denoise.infer
+
+    monkeypatch.setattr(denoise.infer, "cpu_has_native_bfloat16", lambda: native)
+    out = tmp_path / "denoised"
+    result = _run(ct_folder, out, "--model", checkpoint, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert all(pydicom.dcmread(path).DerivationDescription.endswith(expected) for path in out.iterdir())
+    # an explicit option wins over the default
+    result = _run(ct_folder, tmp_path / "one", "--model", checkpoint, "--device", "cpu", "--ensemble", 1)
+    assert result.exit_code == 0 and "self-ensemble" not in pydicom.dcmread(
+        next((tmp_path / "one").iterdir())).DerivationDescription
+
+
 def test_a_self_ensemble_is_named_in_the_derivation(tmp_path, ct_folder, checkpoint):
     out = tmp_path / "denoised"
     result = _run(ct_folder, out, "--model", checkpoint, "--ensemble", 4)

@@ -164,6 +164,30 @@ def test_options_are_checked():
     assert denoise_slices(net, hu, precision="bfloat16").shape == (8, 8)
 
 
+def test_auto_precision_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import denoise.infer as infer
+
+    flags = "flags\t\t: fpu sse2 avx2 avx512f avx512bw"
+    assert not infer.cpu_has_native_bfloat16(flags)
+    assert infer.cpu_has_native_bfloat16(flags + " avx512_bf16") and infer.cpu_has_native_bfloat16(flags + " amx_bf16")
+    assert not infer.cpu_has_native_bfloat16(flags + " avx512_bf16x")  # whole flags only
+    for native in (True, False):
+        monkeypatch.setattr(infer, "cpu_has_native_bfloat16", lambda: native)
+        assert infer.resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert infer.resolve_precision("float32", "cpu") == "float32" and infer.resolve_precision("float16", "cuda") == "float16"
+    assert infer.resolve_ensemble(None, "bfloat16") == 4 and infer.resolve_ensemble(None, "float32") == 1
+    assert infer.resolve_ensemble(2, "bfloat16") == 2
+
+
+def test_bfloat16_on_the_cpu_is_close_to_float32():
+    net = _random_net(width=6, depth=2)
+    hu = np.random.default_rng(4).normal(0, 200, (2, 64, 64)).astype(np.float32)
+    full = denoise_slices(net, hu, tile_px=64, overlap_px=16)
+    half = denoise_slices(net, hu, tile_px=64, overlap_px=16, precision="bfloat16")
+    assert not np.array_equal(full, half)  # it did run in bfloat16
+    assert np.abs(half - full).max() < 2e-2 * np.abs(full).max()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
 def test_cuda_matches_cpu(precision):
