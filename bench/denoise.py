@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from denoise import simulate  # noqa: E402
 from denoise.checkpoints import load_checkpoint  # noqa: E402
 from denoise.dataset import SimulationConfig, build_pair_set  # noqa: E402
-from denoise.infer import denoise_slices  # noqa: E402
+from denoise.infer import denoise_slices, resolve_ensemble, resolve_precision  # noqa: E402
 from denoise.metrics import noise_std_hu, psnr, ssim  # noqa: E402
 
 GAUSSIAN_SIGMAS_PX = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
@@ -170,7 +170,10 @@ def main() -> None:
     parser.add_argument("--real-figure", type=Path, default=None,
                         help="PNG of the first real CT slice at quarter dose: FBP / BM3D / U-Net / reference")
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow; outputs are cached under --cache-dir)")
-    parser.add_argument("--ensemble", type=int, default=1, choices=(1, 2, 4, 8),
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="the U-Net's precision on this CPU (default: the commands' auto, bfloat16 where the "
+                             "CPU has bfloat16 instructions)")
+    parser.add_argument("--ensemble", type=int, default=None, choices=(1, 2, 4, 8),
                         help="also score the U-Net's self-ensemble of this many mirrored copies")
     args = parser.parse_args()
     missing = [name for name in (() if args.no_bm3d else ("bm3d", "pywt")) if importlib.util.find_spec(name) is None]
@@ -189,14 +192,21 @@ def main() -> None:
     noise = [noise_std_hu(q, r) for q, r in zip(test.quarter, test.reference)]
     print(f"quarter-dose noise in soft tissue: median {np.median(noise):.1f} HU (range {min(noise):.1f}-{max(noise):.1f})")
 
-    results: dict = {"model": {k: meta[k] for k in ("version", "model", "parameters")}, "slices": len(test),
+    precision = resolve_precision(args.precision, "cpu")
+    ensemble = resolve_ensemble(args.ensemble, precision)
+    results: dict = {"model": {k: meta[k] for k in ("version", "model", "parameters")}, "precision": precision,
+                     "ensemble": ensemble, "slices": len(test),
                      "sparse_views": test.sparse_views.tolist(), "noise_hu_median": float(np.median(noise)),
                      "machine": f"{os.cpu_count()} cores, {platform.platform()}", "tasks": {}, "tuning": {}}
-    unet = lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1)  # noqa: E731
+    # the U-Net as the commands run it by default (or as the options say), and one float32 pass beside it
+    unet = lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1, precision=precision,  # noqa: E731
+                                     ensemble=ensemble)
+    unet_label = f"U-Net {meta['version']}" + ("" if (precision, ensemble) == ("float32", 1) else
+                                               f" {precision} x{ensemble}")
     ensembled = {}
-    if args.ensemble > 1:
-        ensembled[f"U-Net {meta['version']}, self-ensemble of {args.ensemble}"] = \
-            lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1, ensemble=args.ensemble)
+    if (precision, ensemble) != ("float32", 1):
+        ensembled[f"U-Net {meta['version']} float32 x1"] = lambda hu: denoise_slices(net, hu, tile_px=512, batch_size=1)
+    print(f"U-Net: {precision}, {'one pass' if ensemble == 1 else f'self-ensemble of {ensemble}'}", flush=True)
     outputs = {}
     bm3d_cached = Bm3dCache(args.cache_dir / "bm3d")
     for task in ("quarter", "sparse"):
@@ -215,7 +225,7 @@ def main() -> None:
             outputs[(task, "bm3d")] = bm3d_out
         unet_out = unet(noisy)
         outputs[(task, "unet")] = unet_out
-        row[f"U-Net {meta['version']}"] = scores(unet_out, reference)
+        row[unet_label] = scores(unet_out, reference)
         for label, method in ensembled.items():
             row[label] = scores(method(noisy), reference)
         sl = {"FBP": scores(noisy[:1], reference[:1]), "U-Net": scores(unet_out[:1], reference[:1])}
@@ -231,7 +241,7 @@ def main() -> None:
         row = {}
         tuned = results["tuning"]["quarter"]
         methods = {"FBP": lambda x: x, f"Gaussian (sigma {tuned['gaussian_sigma_px']} px)": lambda x: gaussian(x, tuned["gaussian_sigma_px"]),
-                   f"U-Net {meta['version']}": unet, **ensembled}
+                   unet_label: unet, **ensembled}
         if "bm3d_factor" in tuned:
             methods[f"BM3D (sigma {tuned['bm3d_factor']:g} x estimate)"] = lambda x: bm3d_cached(x, tuned["bm3d_factor"])
         for label, method in methods.items():
@@ -250,9 +260,9 @@ def main() -> None:
         print("real CT quarter-dose noise (HU): " + ", ".join(f"{n:.1f}" for n in results["real_ct_noise_hu"]))
 
     image = test.quarter[1]
-    timing = {"U-Net": time_per_slice(unet, image), "Gaussian": time_per_slice(lambda x: gaussian(x, 1.0), image)}
-    for method in ensembled.values():
-        timing[f"U-Net x{args.ensemble}"] = time_per_slice(method, image)
+    timing = {unet_label: time_per_slice(unet, image), "Gaussian": time_per_slice(lambda x: gaussian(x, 1.0), image)}
+    for label, method in ensembled.items():
+        timing[label] = time_per_slice(method, image)
     if not args.no_bm3d:
         timing["BM3D"] = time_per_slice(lambda x: bm3d_denoise(x, 5.0 * estimated_noise_hu(x)), image, repeat=1,
                                         warm_up=False)
