@@ -8,6 +8,7 @@ run SERIES_UID`` with the archive's services).
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -22,9 +24,23 @@ __all__ = ["denoise_app", "denoise_file"]
 
 console = Console(stderr=True)
 
+_SERIES_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+
+
+class _SeriesUidGroup(TyperGroup):
+    """``pacs denoise SERIES_UID [OPTIONS]`` is ``pacs denoise run SERIES_UID [OPTIONS]``: a UID is no command name."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and _SERIES_UID.fullmatch(args[0]) and "run" in self.commands:
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
 denoise_app = typer.Typer(
-    help="Low-dose and sparse-view CT denoising with a U-Net: training, and denoising of files "
-    "(`pacs denoise-file`). See docs/denoising.md.",
+    cls=_SeriesUidGroup,
+    help="Low-dose and sparse-view CT denoising with a U-Net: `pacs denoise SERIES_UID` (short for `pacs denoise "
+    "run SERIES_UID`) denoises a stored CT series into a derived one on Spark; `train` trains the network; "
+    "`pacs denoise-file` denoises files. See docs/denoising.md.",
     no_args_is_help=True,
 )
 

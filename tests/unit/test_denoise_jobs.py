@@ -254,7 +254,8 @@ def test_pacs_denoise_run(spark, tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps lines
     assert "3 slices denoised with unet-test (2 partitions on local[2])" in text
-    local = runner.invoke(app, ["denoise", "run", series_uid, "--in-process", *common])
+    # `pacs denoise SERIES_UID` is `pacs denoise run SERIES_UID`
+    local = runner.invoke(app, ["denoise", series_uid, "--in-process", *common])
     assert local.exit_code == 0, local.output
     assert "3 slices denoised with unet-test" in " ".join(local.output.split()) and "partitions" not in local.output
     new_uids = [out.output.strip().splitlines()[-1] for out in (result, local)]  # the last line, on stdout
@@ -269,3 +270,5 @@ def test_pacs_denoise_run(spark, tmp_path, checkpoint):
     ]:
         bad = runner.invoke(app, ["denoise", "run", *args, *common])
         assert bad.exit_code == 1 and message in " ".join(bad.output.split()), bad.output
+    typo = runner.invoke(app, ["denoise", "trian", *common])  # not a UID: still an unknown command
+    assert typo.exit_code == 2 and "No such command 'trian'" in typo.output
