@@ -32,13 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from denoise.checkpoints import load_checkpoint  # noqa: E402
 from denoise.dataset import SimulationConfig, build_pair_set  # noqa: E402
-from denoise.infer import PRECISIONS, denoise_slices  # noqa: E402
+from denoise.infer import PRECISIONS, denoise_slices, synchronise  # noqa: E402
 from denoise.metrics import psnr, ssim  # noqa: E402
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -74,10 +69,10 @@ def main() -> None:
             run(test.quarter)  # warm-up: kernels chosen, memory allocated
             times = []
             for _ in range(args.repeat):
-                _synchronise(device)
+                synchronise(device)
                 t = time.perf_counter()
                 quarter = run(test.quarter)
-                _synchronise(device)
+                synchronise(device)
                 times.append((time.perf_counter() - t) / len(test))
             sparse = run(test.sparse)
             row = {"model": Path(meta["path"]).name, "precision": precision, "s_per_slice": statistics.median(times),

@@ -338,7 +338,8 @@ def denoise_file(
 
     from denoise.checkpoints import CheckpointError, load_checkpoint
     from denoise.dicom_io import DicomInputError, derived_ct_datasets, read_ct_series
-    from denoise.infer import denoise_slices, resolve_ensemble, resolve_precision
+    from denoise.infer import denoise_slices
+    from denoise.jobs import derivation_text, resolved_options
     from reconstruct.fdk.core import resolve_device
 
     def fail(message: str, code: int = 1) -> None:
@@ -366,14 +367,13 @@ def denoise_file(
                 fail(f"OUT: expected a folder for DICOM input, got the .npy path {str(out_path)!r}", 2)
             series = read_ct_series(in_path)
             slices = series.hu
-        net, meta = load_checkpoint(model, device=resolve_device(device))
-        precision = resolve_precision(precision, resolve_device(device))
-        ensemble = resolve_ensemble(ensemble, precision)
+        where = resolve_device(device)
+        net, meta = load_checkpoint(model, device=where)
+        options = resolved_options(tile_px, overlap_px, batch_size, precision, ensemble, where)
         with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as progress:
             task = progress.add_task("tiles", total=None)
-            result = denoise_slices(net, slices, tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size,
-                                    precision=precision, ensemble=ensemble,
+            result = denoise_slices(net, slices, **options.as_kwargs(),
                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
     except (DicomInputError, CheckpointError, ValueError) as exc:
         fail(str(exc))
@@ -384,10 +384,7 @@ def denoise_file(
         partial.replace(out_path)
         console.print(f"wrote {out_path}: {result.shape} float32 HU (model unet-{version})")
         return
-    from denoise.jobs import TileOptions, derivation_text
-
-    derivation = derivation_text(version, Path(meta["path"]).name,
-                                 TileOptions(tile_px, overlap_px, batch_size, precision, ensemble))
+    derivation = derivation_text(version, Path(meta["path"]).name, options)
     datasets = derived_ct_datasets(series, result, model_version=version, derivation=derivation)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))

@@ -48,7 +48,7 @@ import torch
 from .model import UNet, estimate_noise_hu
 
 __all__ = ["ENSEMBLES", "PRECISIONS", "tile_starts", "blend_weights", "denoise_slices", "resolve_precision",
-           "resolve_ensemble", "cpu_has_native_bfloat16"]
+           "resolve_ensemble", "cpu_has_native_bfloat16", "synchronise"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 ENSEMBLES = (1, 2, 4, 8)
@@ -142,6 +142,12 @@ def resolve_ensemble(ensemble: int | None, precision: str) -> int:
     if ensemble is not None:
         return ensemble
     return 1 if precision == "float32" else 4
+
+
+def synchronise(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU): timers around GPU work need it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _padded_size(size: int, multiple: int) -> int:

@@ -241,13 +241,14 @@ def denoise_series_in_process(
     from denoise.infer import denoise_slices
     from reconstruct.fdk.core import resolve_device
 
-    options = resolved_options(tile_px, overlap_px, batch_size, precision, ensemble, resolve_device(device))
+    where = resolve_device(device)
+    options = resolved_options(tile_px, overlap_px, batch_size, precision, ensemble, where)
     started = time.perf_counter()
     series = read_stored_ct_series(services, series_instance_uid)
     checkpoint, net = prepare_checkpoint(model_path, options)
     phases = {"read": time.perf_counter() - started}
     begun = time.perf_counter()
-    hu = denoise_slices(net, series.hu, device=resolve_device(device), progress=progress, **options.as_kwargs())
+    hu = denoise_slices(net, series.hu, device=where, progress=progress, **options.as_kwargs())
     phases["denoise"] = time.perf_counter() - begun
     return store_denoised(services, series, hu, checkpoint, options, phases_s=phases)
 

@@ -230,8 +230,10 @@ def low_dose_pair(hu: np.ndarray, *, pixel_mm: float = 0.7, i0: float = DEFAULT_
     Returns ``{"clean": ..., "dose-1": ..., "dose-0.25": ...}``: the noiseless
     FBP and one FBP per dose fraction, all from the same full-dose photons
     (lower doses are binomial thinnings of them).  Projection and FBP run on
-    ``device``; the photon noise is drawn from ``rng`` on the CPU, so the
-    noise does not depend on the device.
+    ``device``; the photon noise is drawn from ``rng`` on the CPU at the same
+    level on every device, though not always the same draw: a last-bit
+    difference in one bin's mean can change how many numbers the Poisson
+    sampler takes, and with it every later draw.
     """
     scan = ParallelBeam(hu.shape[-1], pixel_mm, n_views)
     if hu.shape != (scan.image_size_px, scan.image_size_px):

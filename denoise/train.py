@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from .checkpoints import save_checkpoint
 from .dataset import PairSet, PatchSampler, SimulationConfig, build_pair_set
 from .metrics import SOFT_TISSUE, apply_window, psnr, ssim
+from .infer import synchronise
 from .model import UNet, UNetConfig
 
 __all__ = ["TrainConfig", "EpochRecord", "train", "plot_history", "epoch_rng", "load_resume_state",
@@ -351,11 +352,6 @@ def _step(network: torch.nn.Module, optimiser: torch.optim.Optimizer, sampler: P
     return loss
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def steps_within_budget(config: TrainConfig, model: UNet, sampler: PatchSampler, val_pairs: PairSet,
                         val_tasks: list[str], device: torch.device, *, probe_steps: int = 20) -> int:
     """Steps per epoch that fit ``config.epochs`` epochs into ``config.time_budget_s`` seconds.
@@ -373,11 +369,11 @@ def steps_within_budget(config: TrainConfig, model: UNet, sampler: PatchSampler,
     rng = np.random.default_rng([config.seed, 0, 1_000_003])
     for _ in range(3):
         _step(probe, optimiser, sampler, rng, config, device)
-    _synchronise(device)
+    synchronise(device)
     started = time.perf_counter()
     for _ in range(probe_steps):
         _step(probe, optimiser, sampler, rng, config, device)
-    _synchronise(device)
+    synchronise(device)
     step_s = (time.perf_counter() - started) / probe_steps
     started = time.perf_counter()
     validate(probe, val_pairs, device, val_tasks)
