@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -21,6 +22,28 @@ def embedded(local_settings):
     services = build_services(local_settings)
     yield services
     services.close()
+
+
+@pytest.fixture
+def scp(embedded):
+    """The archive's SCP on the embedded default, on a free port; records the associations it accepts."""
+    from pynetdicom import evt
+
+    from pacs.net.scp import start_scp
+
+    embedded.settings.dicom.port = free_port()
+    embedded.settings.dicom.network_timeout_s = 1.0
+    server = start_scp(embedded)
+    accepted = []
+    server.bind(evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
+    yield embedded, accepted
+    server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True, scope="session")

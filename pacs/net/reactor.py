@@ -194,17 +194,23 @@ class EventDrivenDUL(DULServiceProvider):
         with self._send_lock:
             if not self._may_send_now():
                 return False
-            parts: list[bytes | memoryview] = []
-            _fragment(parts, context_id, memoryview(command), 0x01, max_pdu_length)
-            if dataset is not None:
-                _fragment(parts, context_id, memoryview(dataset), 0x00, max_pdu_length)
-            message = b"".join(parts)
+            message = encode_message(context_id, command, dataset, max_pdu_length)
             if coalesce:
                 self._held.append(message)
                 self._held_bytes += len(message)
                 if self._held_bytes >= _COALESCE_BYTES:
                     self._flush()
                 return True
+            self._flush()
+            self.socket.send(message)
+            return True
+
+    def send_encoded_now(self, message: bytes) -> bool:
+        """Write a message :func:`encode_message` encoded, now; False (nothing sent) where
+        :meth:`send_message_now` would return False."""
+        with self._send_lock:
+            if not self._may_send_now():
+                return False
             self._flush()
             self.socket.send(message)
             return True
@@ -495,6 +501,15 @@ def _presentation_data_values(body: bytearray) -> list[list] | None:
         values.append([context_id, view[position + 5:end]])
         position = end
     return values or None
+
+
+def encode_message(context_id: int, command: bytes, dataset: bytes | memoryview | None, max_pdu_length: int) -> bytes:
+    """A whole DIMSE message as the P-DATA-TF PDUs :meth:`EventDrivenDUL.send_message_now` writes."""
+    parts: list[bytes | memoryview] = []
+    _fragment(parts, context_id, memoryview(command), 0x01, max_pdu_length)
+    if dataset is not None:
+        _fragment(parts, context_id, memoryview(dataset), 0x00, max_pdu_length)
+    return b"".join(parts)
 
 
 def _fragment(parts: list, context_id: int, data: memoryview, control: int, max_pdu_length: int) -> None:

@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.utils import set_ae
 
 from pacs.net.commands import store_request_command
-from pacs.net.reactor import hold_reactor, release_reactor
+from pacs.net.reactor import encode_message, hold_reactor, release_reactor
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
@@ -106,6 +106,17 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
     return assoc._check_received_status(response)
 
 
+def encode_stored(assoc: Association, obj: StoredObject, *, msg_id: int, priority: int = 2,
+                  originator_aet: str | None = None, originator_id: int | None = None) -> bytes | None:
+    """The C-STORE request :func:`send_stored` would send for ``obj``, whole and encoded (for
+    ``send_encoded_now``); None where it would not go out in one piece, or not in the stored syntax."""
+    context_id = _context_for(assoc, obj.SOPClassUID, obj.transfer_syntax_uid)
+    if context_id is None:
+        return None
+    return encode_store_request(assoc, context_id, obj.dataset_bytes(), msg_id, priority, obj.SOPClassUID,
+                                obj.SOPInstanceUID, originator_aet, originator_id)
+
+
 def _context_for(assoc: Association, sop_class_uid: str, transfer_syntax_uid: str) -> int | None:
     """The ID of the accepted context (this side SCU) for the SOP class in exactly that transfer syntax, or None.
 
@@ -131,22 +142,12 @@ def _send_message(assoc: Association, context_id: int, dataset: memoryview, msg_
     """Send the C-STORE request: in one piece where the DUL provider can (pacs.net.reactor), else through DIMSE.
 
     The data set is the stored bytes themselves, not a copy in the request's
-    ``BytesIO``.  In one piece, the command set is encoded from the values
-    (the AE title checked as the primitive would) without building pynetdicom's
-    request primitive.
+    ``BytesIO``.
     """
-    send_now = getattr(assoc.dul, "send_message_now", None)
-    if send_now is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT) and _plain_uid(sop_class_uid) \
-            and _plain_uid(sop_instance_uid) and 0 <= msg_id <= 0xFFFF and priority in (0, 1, 2) \
-            and (originator_id is None or 0 <= originator_id <= 0xFFFF):
-        try:
-            aet = None if originator_aet is None else set_ae(originator_aet, "Move Originator AE Title")
-        except ValueError:
-            pass  # the primitive's setter below logs it and leaves the element out
-        else:
-            command = store_request_command(msg_id, priority, sop_class_uid, sop_instance_uid, aet, originator_id)
-            if command is not None and send_now(context_id, command, dataset, assoc.dimse.maximum_pdu_size):
-                return
+    message = encode_store_request(assoc, context_id, dataset, msg_id, priority, sop_class_uid, sop_instance_uid,
+                                   originator_aet, originator_id)
+    if message is not None and assoc.dul.send_encoded_now(message):
+        return
     request = C_STORE()
     request.MessageID = msg_id
     request.Priority = priority
@@ -156,6 +157,31 @@ def _send_message(assoc: Association, context_id: int, dataset: memoryview, msg_
     request.AffectedSOPInstanceUID = sop_instance_uid
     request.DataSet = io.BytesIO(dataset)
     assoc.dimse.send_msg(request, context_id)
+
+
+def encode_store_request(assoc: Association, context_id: int, dataset: memoryview, msg_id: int, priority: int,
+                         sop_class_uid: str, sop_instance_uid: str, originator_aet: str | None,
+                         originator_id: int | None) -> bytes | None:
+    """The whole C-STORE request as the PDUs ``send_encoded_now`` writes, or None where it must go through DIMSE.
+
+    The command set is encoded from the values (the AE title checked as the
+    primitive would) without building pynetdicom's request primitive.  None
+    for a DUL provider that cannot send encoded messages, a handler bound to
+    EVT_DIMSE_SENT (it is handed pynetdicom's message), or values the
+    primitive's setters would change or refuse.
+    """
+    if getattr(assoc.dul, "send_encoded_now", None) is None or assoc.get_handlers(evt.EVT_DIMSE_SENT) \
+            or not (_plain_uid(sop_class_uid) and _plain_uid(sop_instance_uid) and 0 <= msg_id <= 0xFFFF
+                    and priority in (0, 1, 2) and (originator_id is None or 0 <= originator_id <= 0xFFFF)):
+        return None
+    try:
+        aet = None if originator_aet is None else set_ae(originator_aet, "Move Originator AE Title")
+    except ValueError:
+        return None  # the primitive's setter logs it and leaves the element out
+    command = store_request_command(msg_id, priority, sop_class_uid, sop_instance_uid, aet, originator_id)
+    if command is None:
+        return None
+    return encode_message(context_id, command, dataset, assoc.dimse.maximum_pdu_size)
 
 
 def _plain_uid(uid: str) -> bool:
@@ -178,4 +204,4 @@ def sending_stored(assoc: Association, send_c_store: Callable[..., Dataset]) -> 
     return send
 
 
-__all__ = ["StoredObject", "send_stored", "sending_stored"]
+__all__ = ["StoredObject", "encode_stored", "send_stored", "sending_stored"]

@@ -27,6 +27,7 @@ from pynetdicom import _config, evt
 from pynetdicom.association import Association
 
 from pacs.net.reactor import hold_reactor
+from pacs.net.retrieve import serving_retrieves
 from pacs.net.stored import sending_stored
 
 
@@ -37,6 +38,8 @@ def handle_connection_open(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Retrieves and pushes hand over stored objects unparsed (pacs.net.stored).
     assoc.send_c_store = sending_stored(assoc, assoc.send_c_store)
+    # C-GET and C-MOVE requests it accepts are served by the archive's sub-operation loop (pacs.net.retrieve).
+    assoc._serve_request = serving_retrieves(assoc, assoc._serve_request)
     if assoc.is_requestor:
         for name in ("send_c_store", "send_c_echo"):
             setattr(assoc, name, _holding_reactor(assoc, getattr(assoc, name)))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port  # noqa: F401 - the integration modules import it from here
+
 #: The environment for dcmtk tools: no PACS_* settings, and TCP_NODELAY on (dcmtk sets
 #: it only when asked, and without it every response waits for a delayed ACK).
 DCMTK_ENV = {name: value for name, value in os.environ.items() if not name.startswith("PACS_")}
@@ -24,12 +26,6 @@ NEEDS_DCMTK = [
     pytest.mark.skipif(shutil.which("storescu") is None and os.environ.get("PACS_REQUIRE_STACK") != "1",
                        reason="dcmtk is not installed (apt-get install dcmtk)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float = 20) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 
@@ -14,27 +13,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from pacs.index.repository import find_instance
 from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, _recv_exactly, make_event_driven
-from pacs.net.scp import start_scp
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.synthetic import SeriesSpec, make_series
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def scp(embedded):
-    """The archive's SCP on a free port; records the associations it accepts."""
-    embedded.settings.dicom.port = _free_port()
-    embedded.settings.dicom.network_timeout_s = 1.0
-    server = start_scp(embedded)
-    accepted = []
-    server.bind(evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
-    yield embedded, accepted
-    server.shutdown()
 
 
 def _associate(services, *contexts, ae_cls=EventDrivenAE):

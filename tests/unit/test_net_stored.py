@@ -9,6 +9,7 @@ import pytest
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.net.commands import command_set
+from pacs.net.reactor import encode_message
 from pacs.net.stored import StoredObject, _context_for, _send_message
 from pacs.synthetic import SeriesSpec, make_instance
 
@@ -49,8 +50,8 @@ class _Recorder:
         outer = self
 
         class Dul:
-            def send_message_now(self, context_id, command, dataset, max_pdu):  # noqa: ANN001
-                outer.sent_now.append((context_id, command, bytes(dataset)))
+            def send_encoded_now(self, message: bytes) -> bool:
+                outer.sent_now.append(message)
                 return direct
 
         class Dimse:
@@ -81,7 +82,8 @@ def test_the_request_goes_out_as_the_primitives_command_set_with_the_stored_byte
     request.MessageID, request.Priority, request.AffectedSOPClassUID = 12, 2, CT
     request.AffectedSOPInstanceUID, request.MoveOriginatorApplicationEntityTitle = "1.2.3.4", "MOVESCU"
     request.MoveOriginatorMessageID = 7
-    assert assoc.sent_now == [(3, command_set(request, has_data=True), b"data")] and not assoc.sent_by_dimse
+    expected = encode_message(3, command_set(request, has_data=True), b"data", 16384)
+    assert assoc.sent_now == [expected] and not assoc.sent_by_dimse
 
 
 @pytest.mark.parametrize("case", ["the DUL cannot send now", "an invalid originator AE", "a UID with letters"])

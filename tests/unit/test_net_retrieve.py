@@ -1,0 +1,184 @@
+"""The archive's C-GET / C-MOVE sub-operation loop (pacs.net.retrieve), with pynetdicom's own SCU as the peer."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from pacs.index.models import RemoteAE
+from pacs.synthetic import SeriesSpec, make_series
+from tests.conftest import free_port
+
+COUNT = 12
+
+
+def _store_series(services, key: str) -> dict[str, bytes]:
+    spec = SeriesSpec(patient_id=key.upper(), patient_name=f"{key.upper()}^R", study_key=key, series_key=f"{key}-1",
+                      rows=8, columns=8, count=COUNT)
+    sent = {}
+    for data in make_series(spec):
+        sent[pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
+        services.ingest.store(data)
+    return sent
+
+
+def _query(sent: dict[str, bytes], **keys) -> Dataset:
+    first = pydicom.dcmread(io.BytesIO(next(iter(sent.values()))), stop_before_pixels=True)
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = first.StudyInstanceUID
+    query.SeriesInstanceUID = first.SeriesInstanceUID
+    for name, value in keys.items():
+        setattr(query, name, value)
+    return query
+
+
+def _peer() -> AE:
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def _get(services, query: Dataset, on_store, msg_id: int = 1) -> list[Dataset]:
+    """The C-GET's responses (status datasets, the final one's identifier merged in)."""
+    ae = _peer()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        return _merged(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=msg_id))
+    finally:
+        assoc.release()
+
+
+def _merged(responses) -> list[Dataset]:
+    merged = []
+    for status, identifier in responses:
+        if identifier is not None:
+            status.update(identifier)
+        merged.append(status)
+    return merged
+
+
+def test_get_sends_each_stored_object_with_the_next_message_id(scp):
+    services, _ = scp
+    sent = _store_series(services, "rt1")
+    received = []
+
+    def on_store(event):
+        received.append((event.request.MessageID, event.request.MoveOriginatorApplicationEntityTitle,
+                         event.dataset.SOPInstanceUID, event.dataset))
+        return 0x0000
+
+    responses = _get(services, _query(sent), on_store, msg_id=40)
+    final = responses[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations) == (0x0000, COUNT, 0, 0)
+    assert "FailedSOPInstanceUIDList" not in final
+    assert [message_id for message_id, *_ in received] == list(range(41, 41 + COUNT))
+    assert {originator for _, originator, *_ in received} == {None}
+    assert {uid for _, _, uid, _ in received} == set(sent)
+    for _, _, uid, ds in received:
+        original = pydicom.dcmread(io.BytesIO(sent[uid]))
+        assert ds == original and ds.PixelData == original.PixelData
+
+
+def test_get_counts_and_lists_the_sub_operations_the_peer_refused(scp):
+    services, _ = scp
+    sent = _store_series(services, "rt2")
+    refused = set(sorted(sent)[:2])
+
+    def on_store(event):
+        return 0xA700 if event.dataset.SOPInstanceUID in refused else 0x0000
+
+    final = _get(services, _query(sent), on_store)[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        0xB000, COUNT - 2, 2)
+    assert set(final.FailedSOPInstanceUIDList) == refused
+
+
+def test_get_whose_every_sub_operation_failed_is_unable_to_perform_them(scp):
+    services, _ = scp
+    sent = _store_series(services, "rt3")
+    final = _get(services, _query(sent), lambda event: 0xC000)[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        0xA702, 0, COUNT)
+    assert set(final.FailedSOPInstanceUIDList) == set(sent)
+
+
+def test_a_cancel_ends_the_get_with_the_counts_so_far(scp):
+    services, _ = scp
+    sent = _store_series(services, "rt4")
+    stored = []
+
+    def on_store(event):
+        stored.append(event.dataset.SOPInstanceUID)
+        if len(stored) == 2:
+            context_id = next(cx.context_id for cx in event.assoc.accepted_contexts
+                              if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet)
+            event.assoc.send_c_cancel(1, context_id)
+        return 0x0000
+
+    final = _get(services, _query(sent), on_store)[-1]
+    assert final.Status == 0xFE00
+    assert final.NumberOfCompletedSuboperations == len(stored) < COUNT
+    assert final.NumberOfRemainingSuboperations == COUNT - len(stored)
+    assert final.NumberOfFailedSuboperations == 0
+
+
+def test_a_get_the_handler_refuses_gets_the_handlers_own_status(scp):
+    """A retrieve without a unique key: 0xA900 with the handler's comment, not pynetdicom's 0xC413."""
+    services, _ = scp
+    sent = _store_series(services, "rt5")
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    responses = _get(services, query, lambda event: 0x0000)
+    assert len(responses) == 1 and responses[0].Status == 0xA900
+    assert "unique key" in responses[0].ErrorComment
+    assert _get(services, _query(sent), lambda event: 0x0000)[-1].NumberOfCompletedSuboperations == COUNT
+
+
+def test_move_sub_operations_name_the_requester_and_its_message_id(scp):
+    services, _ = scp
+    sent = _store_series(services, "rt6")
+    received = []
+
+    def on_store(event):
+        received.append((event.request.MoveOriginatorApplicationEntityTitle, event.request.MoveOriginatorMessageID,
+                         event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    destination = AE(ae_title="MOVEDEST")
+    destination.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    destination.add_supported_context(CTImageStorage, pydicom.uid.ImplicitVRLittleEndian)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with services.db.session() as session:
+            session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
+        ae = _peer()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS")
+        assert assoc.is_established
+        try:
+            responses = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove,
+                                                  msg_id=7))
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    final = responses[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, COUNT, 0)
+    assert {(aet, message_id) for aet, message_id, _ in received} == {("TESTSCU", 7)}
+    assert {uid for *_, uid in received} == set(sent)
