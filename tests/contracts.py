@@ -8,8 +8,10 @@ filesystem and HDFS, SQLite and Postgres pass the very same checks.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
+import xxhash
 
 from pacs.errors import ChecksumMismatch, DuplicateConflict, InvalidObject, NotFound, StorageUnavailable
 from pacs.index.models import Instance, Patient, Series, Study
@@ -79,10 +81,13 @@ class BlobStoreContract:
             assert objects.get(placed[str(i)]) == payload
             assert objects.get_range(placed[str(i)], 3, 10) == payload[3:13]
             assert objects.checksum(placed[str(i)]) == landed[i].sha256
-        assert [loc for loc in read_pack_records(blobs, path)] == [placed[str(i)] for i in range(5)]
-        corrupt = placed["0"].__class__(path, placed["0"].offset, placed["0"].length, "0" * 64)
-        with pytest.raises(ChecksumMismatch):
-            objects.get(corrupt)
+        # the record headers hold each object's SHA-256; the XXH3-64 reads verify is the index's
+        assert list(read_pack_records(blobs, path)) == [replace(placed[str(i)], xxh3=None) for i in range(5)]
+        assert all(placed[str(i)].xxh3 == xxhash.xxh3_64_hexdigest(p) for i, p in enumerate(payloads))
+        with pytest.raises(ChecksumMismatch, match="expected xxh3 0000000000000000"):
+            objects.get(replace(placed["0"], xxh3="0" * 16))
+        with pytest.raises(ChecksumMismatch, match="expected sha256"):
+            objects.get(replace(placed["0"], sha256="0" * 64, xxh3=None))
 
 
 def count(session, model) -> int:
@@ -104,6 +109,7 @@ class IngestContract:
                 assert row.packed
                 assert services.objects.get(location_of(row)) == data
                 assert row.sha256 == hashlib.sha256(data).hexdigest()
+                assert row.xxh3 == xxhash.xxh3_64_hexdigest(data)
             series = session.scalars(select(Series).where(Series.series_instance_uid == results[0].series_instance_uid)).one()
             assert series.num_instances == 30
             assert series.study.num_instances == 30 and series.study.num_series == 1

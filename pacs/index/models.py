@@ -132,6 +132,8 @@ class Instance(Base):
     offset: Mapped[int] = mapped_column(BigInteger)
     length: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The XXH3-64 that reads verify (pacs.storage.objects); NULL: they verify the SHA-256.
+    xxh3: Mapped[str | None] = mapped_column(String(16), nullable=True)
     packed: Mapped[bool] = mapped_column(Boolean, default=False)
     source_ae: Mapped[str] = mapped_column(String(64), default="")
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

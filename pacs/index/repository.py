@@ -77,7 +77,7 @@ _PARENTS = (
     .join(Study, Series.study_fk == Study.id)
     .where(Series.series_instance_uid == bindparam("b_series_uid"))
 )
-_LOCATION = select(Instance.container, Instance.offset, Instance.length, Instance.sha256).where(
+_LOCATION = select(Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3).where(
     Instance.sop_instance_uid == bindparam("b_sop_uid")
 )
 _BUMP_SERIES = (
@@ -197,7 +197,8 @@ def find_location(db: Session | Connection, sop_instance_uid: str) -> Location |
 
 
 def location_of(instance: Instance) -> Location:
-    return Location(instance.container, instance.offset, instance.length, instance.sha256)
+    """An instance's (or a row's with the same columns) location."""
+    return Location(instance.container, instance.offset, instance.length, instance.sha256, instance.xxh3)
 
 
 def add_instance(
@@ -325,6 +326,7 @@ def _instance_values(attrs: InstanceAttributes, location: Location, source_ae: s
         offset=location.offset,
         length=location.length,
         sha256=location.sha256,
+        xxh3=location.xxh3,
         packed=not location.is_landing,
         source_ae=source_ae,
         stored_at=now,
@@ -501,6 +503,7 @@ def replace_location(
     instance.offset = location.offset
     instance.length = location.length
     instance.sha256 = location.sha256
+    instance.xxh3 = location.xxh3
     instance.packed = not location.is_landing
     instance.transfer_syntax_uid = attrs.transfer_syntax_uid
     instance.stored_at = utcnow()

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import xxhash
 
 from pacs.errors import ChecksumMismatch, InvalidObject, NotFound, StorageUnavailable
 from pacs.index.database import Database
@@ -138,7 +140,9 @@ def _index_record(objects: ObjectStore, db: Database, record: Location) -> str |
             log.info("unreferenced record %s@%d: SOP instance %s is indexed elsewhere, left alone",
                      record.container, record.offset, uid)
             return None
-        if add_instance(conn, attrs, record, source_ae=RECOVERED_AE) is None:
+        # the record header holds the SHA-256 (checked by the read above); the row also gets the XXH3-64 reads verify
+        located = replace(record, xxh3=xxhash.xxh3_64_hexdigest(data))
+        if add_instance(conn, attrs, located, source_ae=RECOVERED_AE) is None:
             return None
     log.info("indexed SOP instance %s from %s@%d", uid, record.container, record.offset)
     return uid

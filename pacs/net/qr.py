@@ -151,7 +151,7 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
         raise InvalidQuery("a retrieve needs at least one unique key (e.g. StudyInstanceUID)")
     statement = build_query(Level.IMAGE, query.matching).with_only_columns(
         Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-        Instance.container, Instance.offset, Instance.length, Instance.sha256,
+        Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3,
     ).order_by(Instance.series_fk, Instance.instance_number, Instance.id)
     with db.session() as session:
         return [

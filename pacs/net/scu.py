@@ -60,7 +60,7 @@ def push(
     """Send the stored instances of a study (or one series) to a peer, as stored."""
     query = (
         select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-               Instance.container, Instance.offset, Instance.length, Instance.sha256)
+               Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3)
         .join(Series, Instance.series_fk == Series.id)
         .join(Study, Series.study_fk == Study.id)
         .where(Study.study_instance_uid == study_instance_uid)

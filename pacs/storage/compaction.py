@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from pacs.errors import ChecksumMismatch, IndexUnavailable, NotFound, StorageUnavailable
 from pacs.index.database import Database
 from pacs.index.models import Container, ContainerState, Instance, Lease, SupersededObject, utcnow
-from pacs.index.repository import landing_totals, oldest_landing
+from pacs.index.repository import landing_totals, location_of, oldest_landing
 from pacs.settings import StorageSettings
 from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore, landed_at
 from pacs.storage.packs import new_pack_path
@@ -213,7 +213,7 @@ class Compactor:
         total = 0
         with self.db.session() as session:
             rows = session.execute(
-                select(Instance.id, Instance.container, Instance.offset, Instance.length, Instance.sha256)
+                select(Instance.id, Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3)
                 .where(Instance.packed.is_(False))
                 .order_by(Instance.series_fk, Instance.instance_number, Instance.id)
                 .limit(BATCH_ROWS)
@@ -221,7 +221,7 @@ class Compactor:
         for row in rows:
             if picked and total + row.length > target:
                 break
-            picked.append((row.id, Location(row.container, row.offset, row.length, row.sha256)))
+            picked.append((row.id, location_of(row)))
             total += row.length
         return picked
 
@@ -275,7 +275,7 @@ class Compactor:
                 result = session.execute(
                     update(Instance)
                     .where(Instance.id == pk, Instance.container == old.container, Instance.packed.is_(False))
-                    .values(container=new.container, offset=new.offset, packed=True)
+                    .values(container=new.container, offset=new.offset, xxh3=new.xxh3, packed=True)
                 )
                 if result.rowcount == 1:
                     switched.append(old)

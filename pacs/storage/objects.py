@@ -23,6 +23,15 @@ object's original bytes::
 The index stores the offset of the object's first byte (past the header), so
 a read is one range read; the headers make a pack self-describing, so the
 index of a pack can be rebuilt from the pack alone.
+
+Two checksums per object.  The SHA-256 is its identity: in the record
+header, in the index, compared when a sender stores the same instance again.
+Reads verify the XXH3-64 of the bytes that the index also holds (computed as
+the object is written): 50 GB/s against SHA-256's 1.8 GB/s on one core of
+the reference machine, so a retrieve of 256 MB spends 5 ms checking instead
+of 0.14 s, with the same power to catch a flipped bit or a torn read.  An
+object indexed without one (rows from before it was recorded, rebuilt from
+packs) is verified by its SHA-256.  The scrub recomputes SHA-256s.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+import xxhash
 
 from pacs.errors import ChecksumMismatch, NotFound, PacsError, StorageUnavailable
 from pacs.storage.base import BlobStore
@@ -56,6 +67,7 @@ class Location:
     offset: int
     length: int
     sha256: str
+    xxh3: str | None = None  # hex XXH3-64 of the bytes, which reads verify; None: verify the SHA-256
 
     @property
     def is_landing(self) -> bool:
@@ -78,12 +90,24 @@ def landed_at(path: str) -> datetime | None:
     return stamp.replace(tzinfo=timezone.utc)
 
 
-def _verify(location: Location, data: bytes) -> None:
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != location.sha256:
+def _verify(location: Location, data: bytes | memoryview) -> None:
+    name, digest, expected = _read_check(location)
+    digest.update(data)
+    _compare(location, name, digest, expected)
+
+
+def _read_check(location: Location):  # noqa: ANN202 - (name, hash object, expected hex digest)
+    """The checksum a read of ``location`` verifies: its XXH3-64 where the index has one, else its SHA-256."""
+    if location.xxh3 is not None:
+        return "xxh3", xxhash.xxh3_64(), location.xxh3
+    return "sha256", hashlib.sha256(), location.sha256
+
+
+def _compare(location: Location, name: str, digest, expected: str) -> None:  # noqa: ANN001 - a hash object
+    got = digest.hexdigest()
+    if got != expected:
         raise ChecksumMismatch(
-            f"{location.container}@{location.offset}+{location.length}: "
-            f"expected sha256 {location.sha256}, got {digest}"
+            f"{location.container}@{location.offset}+{location.length}: expected {name} {expected}, got {got}"
         )
 
 
@@ -135,17 +159,20 @@ def _span(group: list[Location]) -> Span:
 
 
 class _Hashing:
-    """Pass chunks through while hashing and counting them."""
+    """Pass chunks through while counting them and taking their XXH3-64 (and, with ``sha256``, their SHA-256)."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], *, sha256: bool = True) -> None:
         self._chunks = chunks
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if sha256 else None
+        self.xxh3 = xxhash.xxh3_64()
         self.length = 0
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._chunks:
             self.length += len(chunk)
-            self.digest.update(chunk)
+            if self.digest is not None:
+                self.digest.update(chunk)
+            self.xxh3.update(chunk)
             yield chunk
 
 
@@ -241,30 +268,31 @@ class ObjectStore:
         now = datetime.now(timezone.utc)
         path = f"{LANDING_PREFIX}{now:%Y%m%d}/{now:%H%M%S}-{uuid.uuid4().hex}.dcm"
         if sha256 is not None and not verify:
-            length = self.blobs.write(path, chunks)
-            return PendingPut(Location(path, 0, length, sha256))
+            hashing = _Hashing(chunks, sha256=False)
+            length = self.blobs.write(path, hashing)
+            return PendingPut(Location(path, 0, length, sha256, hashing.xxh3.hexdigest()))
         hashing = _Hashing(chunks)
         self.blobs.write(path, hashing)
         digest = hashing.digest.hexdigest()
         if sha256 is not None and digest != sha256:
             self.blobs.delete(path)
             raise ChecksumMismatch(f"object changed while stored: expected sha256 {sha256}, got {digest}")
-        return PendingPut(Location(path, 0, hashing.length, digest))
+        return PendingPut(Location(path, 0, hashing.length, digest, hashing.xxh3.hexdigest()))
 
     def _append(self, chunks: Iterable[bytes], sha256: str, length: int, verify: bool) -> PendingPut:
         header = RECORD_HEADER.pack(RECORD_MAGIC, length, bytes.fromhex(sha256))
-        exact = _Exactly(chunks, length)
-        hashing = _Hashing(exact) if verify else None
+        hashing = _Hashing(_Exactly(chunks, length), sha256=verify)
         try:
-            pending = self.packs.begin_append(header, hashing if verify else exact)
+            pending = self.packs.begin_append(header, hashing)
         except ValueError as exc:
             raise ChecksumMismatch(f"object changed while stored: {exc}") from exc
-        if hashing is not None and hashing.digest.hexdigest() != sha256:
+        if hashing.digest is not None and hashing.digest.hexdigest() != sha256:
             pending.release()  # the record is flushed, but nothing will reference it
             raise ChecksumMismatch(
                 f"object changed while stored: expected sha256 {sha256}, got {hashing.digest.hexdigest()}"
             )
-        return PendingPut(Location(pending.path, pending.start + RECORD_HEADER.size, length, sha256), pending)
+        location = Location(pending.path, pending.start + RECORD_HEADER.size, length, sha256, hashing.xxh3.hexdigest())
+        return PendingPut(location, pending)
 
     def get(self, location: Location, *, verify: bool = True) -> bytes:
         """The object's bytes; raise :class:`ChecksumMismatch` if they are not what was stored.
@@ -283,10 +311,10 @@ class ObjectStore:
 
     def _get_checked(self, location: Location) -> bytes:
         """The object read again through the store's checked path (on HDFS, hdfs-native's CRCs and
-        replica choice), after bytes read without it did not match the object's SHA-256."""
+        replica choice), after bytes read without it did not match the object's checksum."""
         data = self._read(location.container, location.offset, location.length)
         _verify(location, data)
-        log.warning("%s@%d+%d: a read did not match its SHA-256, a second through the store's checked client did"
+        log.warning("%s@%d+%d: a read did not match its checksum, a second through the store's checked client did"
                     " (a corrupt replica?)", location.container, location.offset, location.length)
         return data
 
@@ -309,7 +337,7 @@ class ObjectStore:
         """The verified bytes of each object of ``span``, in its order, or the error that object met.
 
         One range read for the whole span (``BlobStore.read_unverified``: on
-        HDFS, straight from a DataNode). An object whose SHA-256 does not
+        HDFS, straight from a DataNode). An object whose checksum does not
         match is read again through the store's checked path; if the span
         cannot be read, each object is read on its own (:meth:`get`). So a
         bad replica or an unreadable object fails alone, if at all.
@@ -355,17 +383,13 @@ class ObjectStore:
 
     def iter_get(self, location: Location, *, chunk_size: int = 4 << 20) -> Iterator[bytes]:
         """Stream the object; the checksum is verified when the last chunk has been read."""
-        digest = hashlib.sha256()
+        name, digest, expected = _read_check(location)
         for chunk in self.blobs.iter_read(
             location.container, location.offset, location.length, chunk_size
         ):
             digest.update(chunk)
             yield chunk
-        if digest.hexdigest() != location.sha256:
-            raise ChecksumMismatch(
-                f"{location.container}@{location.offset}+{location.length}: "
-                f"expected sha256 {location.sha256}, got {digest.hexdigest()}"
-            )
+        _compare(location, name, digest, expected)
 
     def get_range(self, location: Location, offset: int, length: int) -> bytes:
         """A byte range of the object (not verified: verification needs the whole object)."""
@@ -425,7 +449,7 @@ class ObjectStore:
                 )
                 yield header
                 offset += len(header)
-                placed[key] = Location(path, offset, len(data), location.sha256)
+                placed[key] = Location(path, offset, len(data), location.sha256, xxhash.xxh3_64_hexdigest(data))
                 yield data
                 offset += len(data)
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
@@ -41,7 +42,8 @@ def test_objects_go_into_one_pack_written_once(tmp_path):
         assert all(row.packed and row.container == files[0] for row in rows)
         assert [services.objects.get(location_of(row)) for row in rows] == sent
         # the pack describes itself: its records are exactly the indexed locations
-        assert list(read_pack_records(services.objects.blobs, files[0])) == [location_of(row) for row in rows]
+        assert list(read_pack_records(services.objects.blobs, files[0])) == [
+            replace(location_of(row), xxh3=None) for row in rows]  # the headers hold SHA-256s, the index both
         assert session.scalars(select(Container.state)).all() == [ContainerState.OPEN]
     services.close()
     with services.db.session() as session:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
+import xxhash
 from sqlalchemy import select
 
 from pacs.errors import ChecksumMismatch, StorageUnavailable
@@ -15,6 +17,7 @@ from pacs.net import qr
 from pacs.services import build_services
 from pacs.settings import Settings
 from pacs.storage.objects import RECORD_HEADER, Location, plan_spans
+from pacs.storage.scrub import scrub
 from pacs.synthetic import SeriesSpec, make_series
 
 
@@ -85,10 +88,29 @@ def test_an_object_whose_bytes_changed_fails_alone(stored):
         f.seek(victim.offset + victim.length - 1)
         f.write(bytes([last[0] ^ 0xFF]))
     results = list(services.objects.read_many(locations))
-    assert isinstance(results[3], ChecksumMismatch) and victim.sha256 in str(results[3])
+    assert isinstance(results[3], ChecksumMismatch) and f"expected xxh3 {victim.xxh3}" in str(results[3])
     assert results[:3] + results[4:] == sent[:3] + sent[4:]
     with pytest.raises(ChecksumMismatch):
         list(services.objects.get_many(locations))
+    # a row from before reads had an XXH3-64 to check: its SHA-256 catches the same flip
+    results = list(services.objects.read_many(replace(location, xxh3=None) for location in locations))
+    assert isinstance(results[3], ChecksumMismatch) and f"expected sha256 {victim.sha256}" in str(results[3])
+    assert results[:3] + results[4:] == sent[:3] + sent[4:]
+
+
+def test_reads_verify_the_xxh3_and_the_scrub_both_checksums(stored):
+    services, sent, locations, reads = stored
+    assert all(location.xxh3 == xxhash.xxh3_64_hexdigest(data) for location, data in zip(locations, sent))
+    # a wrong SHA-256 beside the right XXH3-64 still reads: the read checks the XXH3-64 only
+    assert list(services.objects.read_many(replace(location, sha256="0" * 64) for location in locations)) == sent
+    assert scrub(services.db, services.objects).problems == []
+    with services.db.session() as session:
+        victim = session.scalars(select(Instance).order_by(Instance.id).offset(5).limit(1)).one()
+        victim.xxh3, uid = "0" * 16, victim.sop_instance_uid
+    report = scrub(services.db, services.objects)
+    assert report.checked == len(sent)
+    assert [(problem_uid, "not the xxh3 0000000000000000" in problem) for problem_uid, problem in report.problems] == [
+        (uid, True)]
 
 
 def test_a_span_that_cannot_be_read_is_read_object_by_object(stored, monkeypatch):

@@ -8,6 +8,9 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
+
+import xxhash
 
 from sqlalchemy import select
 
@@ -77,7 +80,9 @@ def test_rows_lost_in_a_crash_are_indexed_again_from_the_pack(tmp_path):
             container = session.scalars(select(Container).where(Container.path == pack)).one()
             assert container.state is ContainerState.SEALED and container.object_count == 6
         # the recovered rows point at the records where they lie, and the pack ends after the last
-        assert [location_of(row) for row in rows] == list(read_pack_records(services.objects.blobs, pack))
+        assert [replace(location_of(row), xxh3=None) for row in rows] == list(
+            read_pack_records(services.objects.blobs, pack))
+        assert [row.xxh3 for row in rows] == [xxhash.xxh3_64_hexdigest(d) for d in sent]
         assert full.stat().st_size == rows[-1].offset + rows[-1].length
         assert [r.outcome.value for r in map(services.ingest.store, sent)] == ["duplicate"] * 6
     finally:
