@@ -163,11 +163,11 @@ def _stored_hu(data_dir: str, series_uid: str) -> np.ndarray:
     from sqlalchemy import select
 
     from pacs.index.models import Instance, Series
-    from pacs.index.repository import location_of
+    from pacs.index.repository import LOCATION_COLUMNS, location_of
 
     with _services(data_dir) as services, services.db.session() as session:
         rows = session.execute(
-            select(Instance.container, Instance.offset, Instance.length, Instance.sha256)
+            select(*LOCATION_COLUMNS)
             .join(Series, Instance.series_fk == Series.id)
             .where(Series.series_instance_uid == series_uid).order_by(Instance.instance_number)).all()
         slices = [pydicom.dcmread(io.BytesIO(services.objects.get(location_of(row)))) for row in rows]

@@ -77,7 +77,9 @@ _PARENTS = (
     .join(Study, Series.study_fk == Study.id)
     .where(Series.series_instance_uid == bindparam("b_series_uid"))
 )
-_LOCATION = select(Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3).where(
+# The columns location_of reads: select them with the rest of a query's columns.
+LOCATION_COLUMNS = (Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3)
+_LOCATION = select(*LOCATION_COLUMNS).where(
     Instance.sop_instance_uid == bindparam("b_sop_uid")
 )
 _BUMP_SERIES = (
@@ -197,7 +199,7 @@ def find_location(db: Session | Connection, sop_instance_uid: str) -> Location |
 
 
 def location_of(instance: Instance) -> Location:
-    """An instance's (or a row's with the same columns) location."""
+    """An instance's location, or a row's that has the ``LOCATION_COLUMNS``."""
     return Location(instance.container, instance.offset, instance.length, instance.sha256, instance.xxh3)
 
 

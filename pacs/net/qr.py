@@ -34,7 +34,7 @@ from pynetdicom.status import Status
 from pacs.errors import InvalidQuery, PacsError
 from pacs.index.database import Database
 from pacs.index.models import Instance
-from pacs.index.repository import find_remote_ae, location_of
+from pacs.index.repository import LOCATION_COLUMNS, find_remote_ae, location_of
 from pacs.net.access import QUERY, RETRIEVE, may
 from pacs.net.status import status_dataset
 from pacs.net.stored import StoredObject
@@ -151,7 +151,7 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
         raise InvalidQuery("a retrieve needs at least one unique key (e.g. StudyInstanceUID)")
     statement = build_query(Level.IMAGE, query.matching).with_only_columns(
         Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-        Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3,
+        *LOCATION_COLUMNS,
     ).order_by(Instance.series_fk, Instance.instance_number, Instance.id)
     with db.session() as session:
         return [

@@ -325,6 +325,8 @@ class _Retrieve:
         except Exception as exc:  # noqa: BLE001 - a sub-operation that could not be sent counts as failed
             log.warning("%s: C-STORE sub-operation failed: %s", self.kind.name, exc)
             return None
+        finally:
+            hold_reactor(store_assoc)  # send_c_store let the reactor go (or linger): the next responses are ours
 
     def end(self, status: int | Dataset, category: str, dataset: object) -> None:
         """The handler's own last word: cancel, failure, warning or success, with the counts so far."""

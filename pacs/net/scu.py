@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from pacs.errors import NotFound, PacsError
 from pacs.index.models import Instance, Series, Study
-from pacs.index.repository import location_of
+from pacs.index.repository import LOCATION_COLUMNS, location_of
 from pacs.net.reactor import EventDrivenAE
 from pacs.net.stored import StoredObject
 from pacs.net.transport import REQUESTOR_HANDLERS
@@ -60,7 +60,7 @@ def push(
     """Send the stored instances of a study (or one series) to a peer, as stored."""
     query = (
         select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-               Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3)
+               *LOCATION_COLUMNS)
         .join(Series, Instance.series_fk == Series.id)
         .join(Study, Series.study_fk == Study.id)
         .where(Study.study_instance_uid == study_instance_uid)

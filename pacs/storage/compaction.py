@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from pacs.errors import ChecksumMismatch, IndexUnavailable, NotFound, StorageUnavailable
 from pacs.index.database import Database
 from pacs.index.models import Container, ContainerState, Instance, Lease, SupersededObject, utcnow
-from pacs.index.repository import landing_totals, location_of, oldest_landing
+from pacs.index.repository import LOCATION_COLUMNS, landing_totals, location_of, oldest_landing
 from pacs.settings import StorageSettings
 from pacs.storage.objects import LANDING_PREFIX, Location, ObjectStore, landed_at
 from pacs.storage.packs import new_pack_path
@@ -213,7 +213,7 @@ class Compactor:
         total = 0
         with self.db.session() as session:
             rows = session.execute(
-                select(Instance.id, Instance.container, Instance.offset, Instance.length, Instance.sha256, Instance.xxh3)
+                select(Instance.id, *LOCATION_COLUMNS)
                 .where(Instance.packed.is_(False))
                 .order_by(Instance.series_fk, Instance.instance_number, Instance.id)
                 .limit(BATCH_ROWS)

@@ -59,10 +59,10 @@ def load_series(services: Services, series_instance_uid: str) -> list[pydicom.Da
 
     from pacs.errors import NotFound
     from pacs.index.models import Instance, Series
-    from pacs.index.repository import location_of
+    from pacs.index.repository import LOCATION_COLUMNS, location_of
 
     query = (
-        select(Instance.container, Instance.offset, Instance.length, Instance.sha256)
+        select(*LOCATION_COLUMNS)
         .join(Series, Instance.series_fk == Series.id)
         .where(Series.series_instance_uid == series_instance_uid)
         .order_by(Instance.instance_number, Instance.id)

@@ -24,7 +24,7 @@ pytest.importorskip("torch")
 pytest.importorskip("pyspark")
 
 from pacs.index.models import Instance, Series  # noqa: E402
-from pacs.index.repository import location_of  # noqa: E402
+from pacs.index.repository import LOCATION_COLUMNS, location_of  # noqa: E402
 from pacs.services import build_services  # noqa: E402
 from pacs.settings import Settings  # noqa: E402
 from reconstruct.dicom_io import projections_to_multiframe  # noqa: E402
@@ -94,7 +94,7 @@ def _hu(ds: pydicom.Dataset) -> np.ndarray:
 def _stored(services, series_uid: str) -> list[pydicom.Dataset]:
     with services.db.session() as session:
         rows = session.execute(
-            select(Instance.container, Instance.offset, Instance.length, Instance.sha256)
+            select(*LOCATION_COLUMNS)
             .join(Series, Instance.series_fk == Series.id)
             .where(Series.series_instance_uid == series_uid).order_by(Instance.instance_number)).all()
     return [pydicom.dcmread(io.BytesIO(services.objects.get(location_of(row)))) for row in rows]

@@ -182,3 +182,19 @@ def test_move_sub_operations_name_the_requester_and_its_message_id(scp):
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, COUNT, 0)
     assert {(aet, message_id) for aet, message_id, _ in received} == {("TESTSCU", 7)}
     assert {uid for *_, uid in received} == set(sent)
+
+
+def test_a_get_from_an_ae_that_may_not_retrieve_is_refused_as_not_authorised(embedded):
+    from pacs.net.scp import start_scp
+
+    sent = _store_series(embedded, "rt7")
+    embedded.settings.dicom.port = free_port()
+    embedded.settings.dicom.require_known_ae = True
+    with embedded.db.session() as session:
+        session.add(RemoteAE(ae_title="TESTSCU", host="*", port=104, may_retrieve=False))
+    server = start_scp(embedded)
+    try:
+        responses = _get(embedded, _query(sent), lambda event: 0x0000)
+    finally:
+        server.shutdown()
+    assert [(r.Status, r.ErrorComment) for r in responses] == [(0x0124, "TESTSCU may not retrieve")]

@@ -17,7 +17,7 @@ pytest.importorskip("pyspark")
 from pacs.cli.main import app  # noqa: E402
 from pacs.errors import JobFailed, NotFound, SparkUnavailable  # noqa: E402
 from pacs.index.models import Instance, Series  # noqa: E402
-from pacs.index.repository import location_of  # noqa: E402
+from pacs.index.repository import LOCATION_COLUMNS, location_of  # noqa: E402
 from pacs.spark import check_master  # noqa: E402
 from reconstruct.dicom_io import projections_to_multiframe  # noqa: E402
 from reconstruct.fdk import fdk  # noqa: E402
@@ -143,7 +143,7 @@ def test_failing_task_is_reported_as_job_failure(spark):
 def _stored_series(services, series_uid: str) -> list[pydicom.Dataset]:
     with services.db.session() as session:
         rows = session.execute(
-            select(Instance.container, Instance.offset, Instance.length, Instance.sha256)
+            select(*LOCATION_COLUMNS)
             .join(Series, Instance.series_fk == Series.id)
             .where(Series.series_instance_uid == series_uid).order_by(Instance.instance_number)).all()
     return [pydicom.dcmread(io.BytesIO(services.objects.get(location_of(row)))) for row in rows]
