@@ -9,6 +9,7 @@ from io import BytesIO
 from types import SimpleNamespace
 
 import pytest
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
@@ -143,13 +144,16 @@ def pynetdicom_decoded(command: bytes, data: bytes = b"") -> C_STORE:
 
 
 @pytest.mark.parametrize("extra", [{}, {"MoveOriginatorApplicationEntityTitle": "MOVESCU", "MoveOriginatorMessageID": 9},
-                                   {"AffectedSOPInstanceUID": "1.2.3.4"}, {"Priority": 0, "MessageID": 65535}])
+                                   {"AffectedSOPInstanceUID": "1.2.3.4"}, {"Priority": 0, "MessageID": 65535},
+                                   {"AffectedSOPInstanceUID": "1.2.03.4"}])  # not conformant: the setter's way
 def test_a_store_request_decodes_as_pynetdicom_decodes_it(extra):
     command = command_set(store_request(**extra))
     ours, theirs = commands.store_request(command), pynetdicom_decoded(command)
     assert ours is not None
     assert {a: getattr(ours, a) for a in PRIMITIVE_ATTRIBUTES} == {a: getattr(theirs, a) for a in PRIMITIVE_ATTRIBUTES}
     assert ours.AffectedSOPInstanceUID == extra.get("AffectedSOPInstanceUID", INSTANCE)
+    assert type(ours.AffectedSOPInstanceUID) is type(theirs.AffectedSOPInstanceUID) is UID
+    assert type(ours.AffectedSOPClassUID) is UID
 
 
 def _element(element: int, value: bytes) -> bytes:
