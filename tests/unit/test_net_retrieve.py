@@ -62,6 +62,16 @@ def _get(services, query: Dataset, on_store, msg_id: int = 1) -> list[Dataset]:
         assoc.release()
 
 
+def _recording(received: list):  # noqa: ANN202 - an EVT_C_STORE handler
+    """A peer's C-STORE handler that keeps (request, dataset) of each sub-operation and answers Success."""
+
+    def on_store(event):  # noqa: ANN001, ANN202
+        received.append((event.request, event.dataset))
+        return 0x0000
+
+    return on_store
+
+
 def _merged(responses) -> list[Dataset]:
     merged = []
     for status, identifier in responses:
@@ -75,22 +85,16 @@ def test_get_sends_each_stored_object_with_the_next_message_id(scp):
     services, _ = scp
     sent = _store_series(services, "rt1")
     received = []
-
-    def on_store(event):
-        received.append((event.request.MessageID, event.request.MoveOriginatorApplicationEntityTitle,
-                         event.dataset.SOPInstanceUID, event.dataset))
-        return 0x0000
-
-    responses = _get(services, _query(sent), on_store, msg_id=40)
+    responses = _get(services, _query(sent), _recording(received), msg_id=40)
     final = responses[-1]
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
             final.NumberOfWarningSuboperations) == (0x0000, COUNT, 0, 0)
     assert "FailedSOPInstanceUIDList" not in final
-    assert [message_id for message_id, *_ in received] == list(range(41, 41 + COUNT))
-    assert {originator for _, originator, *_ in received} == {None}
-    assert {uid for _, _, uid, _ in received} == set(sent)
-    for _, _, uid, ds in received:
-        original = pydicom.dcmread(io.BytesIO(sent[uid]))
+    assert [request.MessageID for request, _ in received] == list(range(41, 41 + COUNT))
+    assert {request.MoveOriginatorApplicationEntityTitle for request, _ in received} == {None}
+    assert {ds.SOPInstanceUID for _, ds in received} == set(sent)
+    for _, ds in received:
+        original = pydicom.dcmread(io.BytesIO(sent[ds.SOPInstanceUID]))
         assert ds == original and ds.PixelData == original.PixelData
 
 
@@ -153,17 +157,12 @@ def test_move_sub_operations_name_the_requester_and_its_message_id(scp):
     services, _ = scp
     sent = _store_series(services, "rt6")
     received = []
-
-    def on_store(event):
-        received.append((event.request.MoveOriginatorApplicationEntityTitle, event.request.MoveOriginatorMessageID,
-                         event.dataset.SOPInstanceUID))
-        return 0x0000
-
     destination = AE(ae_title="MOVEDEST")
     destination.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
     destination.add_supported_context(CTImageStorage, pydicom.uid.ImplicitVRLittleEndian)
     port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, _recording(received))])
     try:
         with services.db.session() as session:
             session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
@@ -180,8 +179,9 @@ def test_move_sub_operations_name_the_requester_and_its_message_id(scp):
         server.shutdown()
     final = responses[-1]
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, COUNT, 0)
-    assert {(aet, message_id) for aet, message_id, _ in received} == {("TESTSCU", 7)}
-    assert {uid for *_, uid in received} == set(sent)
+    assert {(r.MoveOriginatorApplicationEntityTitle, r.MoveOriginatorMessageID) for r, _ in received} == {
+        ("TESTSCU", 7)}
+    assert {ds.SOPInstanceUID for _, ds in received} == set(sent)
 
 
 def test_a_get_from_an_ae_that_may_not_retrieve_is_refused_as_not_authorised(embedded):
