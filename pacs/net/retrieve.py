@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
@@ -78,7 +78,7 @@ class _Kind:
     handler_failed: int  # the handler raised
     bad_count: int  # the handler's number of sub-operations is not one
     too_many: int  # more than 65535 sub-operations
-    name: str = field(default="")
+    name: str
 
 
 _GET = _Kind(C_GET, evt.EVT_C_GET,
