@@ -208,6 +208,16 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
                                                 transfer_syntax_uid=item.transfer_syntax_uid)
 
 
+def _cannot_list(operation: str, calling: str, exc: PacsError) -> Dataset:
+    """The status a retrieve gets when its matches cannot be listed: 0xA900 for a bad identifier,
+    0xC000 (unable to process) when the index is unavailable or fails."""
+    if isinstance(exc, InvalidQuery):
+        log.info("%s from %s refused: %s", operation, calling, exc)
+        return status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc))
+    log.warning("%s from %s failed: %s", operation, calling, exc)
+    return status_dataset(int(Status.UNABLE_TO_PROCESS), str(exc))
+
+
 def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator:
     calling = event.assoc.requestor.ae_title
     if not may(event, RETRIEVE):
@@ -215,9 +225,8 @@ def handle_get(event: evt.Event, db: Database, objects: ObjectStore) -> Iterator
         return
     try:
         matches = _instances_to_send(event, db)
-    except (InvalidQuery, PacsError) as exc:
-        log.info("C-GET from %s refused: %s", calling, exc)
-        yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc))
+    except PacsError as exc:
+        yield _cannot_list("C-GET", calling, exc)
         return
     yield len(matches)
     log.info("C-GET from %s: %d instances", calling, len(matches))
@@ -240,10 +249,9 @@ def handle_move(event: evt.Event, db: Database, objects: ObjectStore) -> Iterato
         return
     try:
         matches = _instances_to_send(event, db)
-    except (InvalidQuery, PacsError) as exc:
-        log.info("C-MOVE from %s refused: %s", calling, exc)
+    except PacsError as exc:
         yield *address, {}
-        yield status_dataset(int(Status.IDENTIFIER_DOES_NOT_MATCH), str(exc))
+        yield _cannot_list("C-MOVE", calling, exc)
         return
     # Propose exactly the stored (SOP class, transfer syntax) pairs, so every
     # object goes out as it was received.

@@ -198,3 +198,19 @@ def test_a_get_from_an_ae_that_may_not_retrieve_is_refused_as_not_authorised(emb
     finally:
         server.shutdown()
     assert [(r.Status, r.ErrorComment) for r in responses] == [(0x0124, "TESTSCU may not retrieve")]
+
+
+def test_a_get_whose_matches_cannot_be_listed_is_unable_to_process(scp, monkeypatch):
+    """The index failing: 0xC000 with the error, not 0xA900 (the identifier is fine)."""
+    from pacs.errors import IndexUnavailable
+    from pacs.net import qr
+
+    services, _ = scp
+    sent = _store_series(services, "rt8")
+
+    def unavailable(event, db):  # noqa: ANN001, ANN202
+        raise IndexUnavailable("the index did not answer")
+
+    monkeypatch.setattr(qr, "_instances_to_send", unavailable)
+    responses = _get(services, _query(sent), lambda event: 0x0000)
+    assert [(r.Status, r.ErrorComment) for r in responses] == [(0xC000, "the index did not answer")]
