@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-from pacs.net.reactor import PENDING_INTERVAL_S, hold_reactor, release_reactor
+from pacs.net.reactor import IDLE_WAIT_S, PENDING_INTERVAL_S, hold_reactor, release_reactor
 from pacs.net.stored import StoredObject, encode_stored
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class _Retrieve:
         try:
             self.suboperations(results, store_assoc, assoc.requestor.ae_title)
         finally:
-            if store_assoc.is_established:
+            if store_assoc.is_established and not _gone(store_assoc):
                 store_assoc.release()
 
     def _is_cancelled(self, msg_id: int) -> bool:
@@ -239,9 +240,10 @@ class _Retrieve:
         try:
             upcoming = self.prepare(results.next(), store_assoc, originator)
             while True:
-                if not assoc.is_established:
-                    return
-                if isinstance(upcoming.result, _Done):
+                if not assoc.is_established or _gone(assoc):
+                    return  # the requester aborted or went away: no one to answer
+                if isinstance(upcoming.result, _Done) or assoc.acse.is_release_requested():
+                    # a release request in the middle ends the sub-operations, as pynetdicom ends them
                     self.finish()
                     return
                 if self.remaining <= 0:
@@ -282,10 +284,11 @@ class _Retrieve:
         """One C-STORE sub-operation, the handler's next result prepared meanwhile; returns that."""
         upcoming = None
         msg_id = current.msg_id if current.msg_id is not None else self._next_msg_id()
-        if current.message is not None and store_assoc.dul.send_encoded_now(current.message):
+        if _gone(store_assoc):
+            code = None  # the destination aborted or went away: the rest fail without a try
+        elif current.message is not None and store_assoc.dul.send_encoded_now(current.message):
             upcoming = self.prepare(results.next(), store_assoc, originator)  # while the peer stores this one
-            _, response = store_assoc.dimse.get_msg(block=True)
-            code = self._status_of(store_assoc, response)
+            code = self._status_of(store_assoc, _await_response(store_assoc))
         else:
             code = self._send_through_pynetdicom(store_assoc, dataset, msg_id, originator)
         category = STORAGE_SERVICE_CLASS_STATUS.get(code, (STATUS_FAILURE,))[0]
@@ -358,6 +361,34 @@ class _Retrieve:
             self.respond(_ALL_FAILED, counts=True, failed_list=True)
         else:
             self.respond(_SOME_FAILED, counts=True, failed_list=True)
+
+
+def _gone(assoc: Association) -> bool:
+    """An association that ended under a paused reactor: aborted by the peer, or its connection closed."""
+    return assoc.acse.is_aborted() or not assoc.dul.is_alive()
+
+
+def _await_response(store_assoc: Association) -> object | None:
+    """The peer's response to a sub-operation; None when none came within the DIMSE timeout, or the
+    association ended meanwhile (an A-ABORT from the peer, a closed connection).
+
+    ``get_msg`` would wait out the whole DIMSE timeout (60 s by default) for a peer that aborted: the
+    association's reactor, which would notice, is paused while its responses are taken here.  This
+    looks every ``IDLE_WAIT_S``.
+    """
+    timeout = store_assoc.dimse_timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    messages = store_assoc.dimse.msg_queue
+    while True:
+        wait = IDLE_WAIT_S if deadline is None else min(IDLE_WAIT_S, deadline - time.monotonic())
+        if wait <= 0:
+            return None
+        try:
+            return messages.get(timeout=wait)[1]
+        except queue.Empty:
+            pass
+        if _gone(store_assoc):
+            return None
 
 
 @dataclass(frozen=True)

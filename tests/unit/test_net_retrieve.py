@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -214,3 +217,80 @@ def test_a_get_whose_matches_cannot_be_listed_is_unable_to_process(scp, monkeypa
     monkeypatch.setattr(qr, "_instances_to_send", unavailable)
     responses = _get(services, _query(sent), lambda event: 0x0000)
     assert [(r.Status, r.ErrorComment) for r in responses] == [(0xC000, "the index did not answer")]
+
+
+def _aborting_on(nth: int, received: list):  # noqa: ANN202 - an EVT_C_STORE handler
+    """A peer's C-STORE handler that aborts its association when the ``nth`` object arrives (unanswered)."""
+
+    def on_store(event):  # noqa: ANN001, ANN202
+        received.append(event.dataset.SOPInstanceUID)
+        if len(received) == nth:
+            threading.Thread(target=event.assoc.abort).start()  # not from the handler's own thread
+            time.sleep(0.5)  # the abort goes out before any response
+        return 0x0000
+
+    return on_store
+
+
+@pytest.fixture
+def slow_timeout_scp(embedded):
+    """The archive's SCP with a DIMSE timeout of 30 s: a retrieve that waited it out would show."""
+    from pacs.net.scp import start_scp
+
+    embedded.settings.dicom.port = free_port()
+    embedded.settings.dicom.network_timeout_s = 30.0
+    server = start_scp(embedded)
+    yield embedded
+    server.shutdown()
+
+
+def test_a_move_destination_that_aborts_fails_the_rest_at_once(slow_timeout_scp):
+    services = slow_timeout_scp
+    sent = _store_series(services, "rt9")
+    received = []
+    destination = AE(ae_title="MOVEDEST")
+    destination.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, _aborting_on(3, received))])
+    try:
+        with services.db.session() as session:
+            session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
+        ae = _peer()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS")
+        assert assoc.is_established
+        try:
+            started = time.monotonic()
+            final = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove))[-1]
+            elapsed = time.monotonic() - started
+            # the archive goes on: the next move (the destination aborts only once) gets everything
+            again = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove))[-1]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0xB000, 2, 10)
+    assert len(final.FailedSOPInstanceUIDList) == 10
+    assert elapsed < 10, f"the move waited {elapsed:.1f} s for a destination that had aborted"
+    assert (again.Status, again.NumberOfCompletedSuboperations) == (0x0000, COUNT)
+
+
+def test_a_get_requester_that_aborts_ends_the_get_and_the_archive_goes_on(slow_timeout_scp):
+    services = slow_timeout_scp
+    sent = _store_series(services, "rt10")
+    received = []
+    ae = _peer()
+    ae.dimse_timeout = 1  # the aborted peer's own wait for the rest of the C-GET's responses
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, _aborting_on(3, received))])
+    assert assoc.is_established
+    list(assoc.send_c_get(_query(sent), StudyRootQueryRetrieveInformationModelGet))
+    assert assoc.is_aborted and len(received) == 3
+    started = time.monotonic()
+    final = _get(services, _query(sent), lambda event: 0x0000)[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, COUNT)
+    assert time.monotonic() - started < 10
