@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pydicom
 import pytest
@@ -73,6 +75,34 @@ def _recording(received: list):  # noqa: ANN202 - an EVT_C_STORE handler
         return 0x0000
 
     return on_store
+
+
+@contextmanager
+def _destination(services, on_store) -> Iterator[None]:  # noqa: ANN001
+    """A pynetdicom storage SCP with ``on_store``, known to the archive as MOVEDEST, while the block runs."""
+    destination = AE(ae_title="MOVEDEST")
+    for syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+        destination.add_supported_context(CTImageStorage, syntax)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with services.db.session() as session:
+            session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
+        yield
+    finally:
+        server.shutdown()
+
+
+def _requester(services):  # noqa: ANN001, ANN202 - an established pynetdicom association
+    ae = _peer()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS")
+    assert assoc.is_established
+    return assoc
+
+
+def _move(assoc, sent: dict[str, bytes], **kwargs) -> list[Dataset]:  # noqa: ANN001
+    return _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove, **kwargs))
 
 
 def _merged(responses) -> list[Dataset]:
@@ -160,27 +190,12 @@ def test_move_sub_operations_name_the_requester_and_its_message_id(scp):
     services, _ = scp
     sent = _store_series(services, "rt6")
     received = []
-    destination = AE(ae_title="MOVEDEST")
-    destination.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    destination.add_supported_context(CTImageStorage, pydicom.uid.ImplicitVRLittleEndian)
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, _recording(received))])
-    try:
-        with services.db.session() as session:
-            session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
-        ae = _peer()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS")
-        assert assoc.is_established
+    with _destination(services, _recording(received)):
+        assoc = _requester(services)
         try:
-            responses = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove,
-                                                  msg_id=7))
+            final = _move(assoc, sent, msg_id=7)[-1]
         finally:
             assoc.release()
-    finally:
-        server.shutdown()
-    final = responses[-1]
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, COUNT, 0)
     assert {(r.MoveOriginatorApplicationEntityTitle, r.MoveOriginatorMessageID) for r, _ in received} == {
         ("TESTSCU", 7)}
@@ -248,28 +263,16 @@ def test_a_move_destination_that_aborts_fails_the_rest_at_once(slow_timeout_scp)
     services = slow_timeout_scp
     sent = _store_series(services, "rt9")
     received = []
-    destination = AE(ae_title="MOVEDEST")
-    destination.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, _aborting_on(3, received))])
-    try:
-        with services.db.session() as session:
-            session.add(RemoteAE(ae_title="MOVEDEST", host="127.0.0.1", port=port))
-        ae = _peer()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", services.settings.dicom.port, ae_title="PACS")
-        assert assoc.is_established
+    with _destination(services, _aborting_on(3, received)):
+        assoc = _requester(services)
         try:
             started = time.monotonic()
-            final = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove))[-1]
+            final = _move(assoc, sent)[-1]
             elapsed = time.monotonic() - started
             # the archive goes on: the next move (the destination aborts only once) gets everything
-            again = _merged(assoc.send_c_move(_query(sent), "MOVEDEST", StudyRootQueryRetrieveInformationModelMove))[-1]
+            again = _move(assoc, sent)[-1]
         finally:
             assoc.release()
-    finally:
-        server.shutdown()
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0xB000, 2, 10)
     assert len(final.FailedSOPInstanceUIDList) == 10
     assert elapsed < 10, f"the move waited {elapsed:.1f} s for a destination that had aborted"
