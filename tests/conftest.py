@@ -27,17 +27,24 @@ def embedded(local_settings):
 @pytest.fixture
 def scp(embedded):
     """The archive's SCP on the embedded default, on a free port; records the associations it accepts."""
+    server, accepted = start_recorded_scp(embedded, network_timeout_s=1.0)
+    yield embedded, accepted
+    server.shutdown()
+
+
+def start_recorded_scp(services, *, network_timeout_s: float):  # noqa: ANN001, ANN201 - (server, accepted list)
+    """Start the archive's SCP on a free port with these ACSE/DIMSE/network timeouts; the list gets
+    each association it accepts."""
     from pynetdicom import evt
 
     from pacs.net.scp import start_scp
 
-    embedded.settings.dicom.port = free_port()
-    embedded.settings.dicom.network_timeout_s = 1.0
-    server = start_scp(embedded)
+    services.settings.dicom.port = free_port()
+    services.settings.dicom.network_timeout_s = network_timeout_s
+    server = start_scp(services)
     accepted = []
     server.bind(evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
-    yield embedded, accepted
-    server.shutdown()
+    return server, accepted
 
 
 def free_port() -> int:

@@ -195,14 +195,12 @@ class EventDrivenDUL(DULServiceProvider):
             if not self._may_send_now():
                 return False
             message = encode_message(context_id, command, dataset, max_pdu_length)
-            if coalesce:
-                self._held.append(message)
-                self._held_bytes += len(message)
-                if self._held_bytes >= _COALESCE_BYTES:
-                    self._flush()
-                return True
-            self._flush()
-            self.socket.send(message)
+            if not coalesce:
+                return self.send_encoded_now(message)
+            self._held.append(message)
+            self._held_bytes += len(message)
+            if self._held_bytes >= _COALESCE_BYTES:
+                self._flush()
             return True
 
     def send_encoded_now(self, message: bytes) -> bool:

@@ -134,7 +134,7 @@ class _Retrieve:
         self.assoc, self.request, self.kind, self.context = assoc, request, kind, context
         syntax = context.transfer_syntax[0]
         self.encoding = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-        self.remaining = self.failed = self.warning = self.completed = 0
+        self.total = self.remaining = self.failed = self.warning = self.completed = 0
         self.failed_uids: list[str] = []
         self.last_msg_id = request.MessageID
         self.pending_sent_at = -math.inf
@@ -205,7 +205,7 @@ class _Retrieve:
             log.error("%s handler yielded %d sub-operations, more than 65535", kind.name, count)
             self.respond(kind.too_many)
             return
-        self.remaining = count
+        self.total = self.remaining = count
         if kind is _GET:
             self.suboperations(results, assoc, None)
             return
@@ -357,7 +357,7 @@ class _Retrieve:
         """The final response once the objects are sent: Success, or 0xB000 / 0xA702 with the failed UIDs."""
         if not self.failed and not self.warning:
             self.respond(0x0000, counts=True)
-        elif self.failed == self.failed + self.warning + self.completed + self.remaining:
+        elif self.failed == self.total:
             self.respond(_ALL_FAILED, counts=True, failed_list=True)
         else:
             self.respond(_SOME_FAILED, counts=True, failed_list=True)

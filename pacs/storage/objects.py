@@ -449,7 +449,9 @@ class ObjectStore:
                 )
                 yield header
                 offset += len(header)
-                placed[key] = Location(path, offset, len(data), location.sha256, xxhash.xxh3_64_hexdigest(data))
+                # get() checked the bytes against the XXH3-64 where the index had one
+                xxh3 = location.xxh3 or xxhash.xxh3_64_hexdigest(data)
+                placed[key] = Location(path, offset, len(data), location.sha256, xxh3)
                 yield data
                 offset += len(data)
 
