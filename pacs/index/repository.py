@@ -473,9 +473,15 @@ def _add_parents(
 
 
 def _add_modality(conn: Connection, study_pk: int, modality: str) -> None:
-    # Lock the study row (Postgres) so concurrent new series do not lose a modality.
+    # Lock the study row (Postgres) so concurrent new series do not lose a
+    # modality: FOR NO KEY UPDATE, the lock the counters' UPDATE of the row
+    # already holds.  FOR UPDATE would also wait for the KEY SHARE lock that a
+    # concurrent transaction's new series row takes on its study (the foreign
+    # key), while that transaction waits for this one's to update the study's
+    # counters: a deadlock, seen with the first instances of several series of
+    # one study stored at once.
     current = conn.scalar(
-        select(Study.modalities_in_study).where(Study.id == study_pk).with_for_update()
+        select(Study.modalities_in_study).where(Study.id == study_pk).with_for_update(key_share=True)
     )
     modalities = set(filter(None, (current or "").split("\\")))
     if modality not in modalities:
