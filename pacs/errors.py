@@ -34,6 +34,11 @@ class IndexUnavailable(PacsError):
     """The index database could not commit or answer (maps to 0xA700 / 503)."""
 
 
+class IndexConflict(IndexUnavailable):
+    """The index rolled a transaction back for a conflict with a concurrent one (a deadlock, a
+    serialization failure): the transaction may simply be run again."""
+
+
 class ChecksumMismatch(PacsError):
     """Bytes read back from the store do not match the checksum in the index."""
 

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs.errors import IndexUnavailable
+from pacs.errors import IndexConflict, IndexUnavailable
 from pacs.settings import Settings
 
 PING_IDLE_S = 1.0  # a pooled connection idle this long is pinged before use
@@ -132,7 +132,7 @@ class Database:
             if exc.connection_invalidated:
                 self._drop_pooled_connections()
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
+                raise _unavailable(exc) from exc
             raise
         except BaseException:
             _quiet_rollback(session)
@@ -234,8 +234,19 @@ def _unavailable_mapped(db: Database) -> Iterator[None]:
         if exc.connection_invalidated:
             db._drop_pooled_connections()
         if isinstance(exc, OperationalError) or exc.connection_invalidated:
-            raise IndexUnavailable(f"index database unavailable: {exc.orig}") from exc
+            raise _unavailable(exc) from exc
         raise
+
+
+# Postgres' SQLSTATEs for a transaction rolled back because of a concurrent one.
+_CONFLICT_STATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+def _unavailable(exc: DBAPIError) -> IndexUnavailable:
+    """The error to raise for a failure of the index: a conflict (worth running again) or unavailability."""
+    if getattr(exc.orig, "pgcode", None) in _CONFLICT_STATES:
+        return IndexConflict(f"index transaction conflicted with a concurrent one: {exc.orig}")
+    return IndexUnavailable(f"index database unavailable: {exc.orig}")
 
 
 def _quiet_rollback(session: Session) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import BinaryIO
 
 from pacs.errors import (
     DuplicateConflict,
+    IndexConflict,
     InvalidObject,
     ObjectTooLarge,
     StorageUnavailable,
@@ -208,6 +210,12 @@ class IngestService:
                 )
                 time.sleep(delay)
                 delay *= 2
+            except IndexConflict as exc:  # rolled back for a concurrent store: run it again, a moment later
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.info("index transaction of SOP instance %s conflicted (attempt %d of %d), retrying: %s",
+                         attrs.sop_instance_uid, attempt, STORE_ATTEMPTS, str(exc).splitlines()[0])
+                time.sleep(random.uniform(0.005, 0.05) * attempt)
         raise AssertionError("unreachable")
 
     def _store_once(

@@ -160,6 +160,49 @@ def services_on_postgres(pg_url, tmp_path):
     services.close()
 
 
+def test_a_deadlock_is_a_conflict_and_a_store_that_meets_one_is_run_again(services_on_postgres, monkeypatch):
+    import threading
+
+    from pacs.errors import IndexConflict
+    from pacs.ingest.service import StoreOutcome
+    from pacs.synthetic import SeriesSpec, make_series
+
+    services = services_on_postgres
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def lock(first: int, second: int) -> None:  # two transactions taking two locks in opposite orders
+        try:
+            with services.db.transaction() as conn:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({first})")
+                barrier.wait(10)
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({second})")
+        except Exception as exc:  # noqa: BLE001 - the one Postgres picks as the deadlock's victim
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=pair) for pair in ((901, 902), (902, 901))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], IndexConflict), errors
+    assert "deadlock detected" in str(errors[0])
+
+    attempts = []
+    store_once = type(services.ingest)._store_once
+
+    def conflicting_once(self, *args):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise errors[0]
+        return store_once(self, *args)
+
+    monkeypatch.setattr(type(services.ingest), "_store_once", conflicting_once)
+    data = next(make_series(SeriesSpec(study_key="conflict", series_key="c", rows=8, columns=8, count=1)))
+    assert services.ingest.store(data).outcome is StoreOutcome.STORED
+    assert len(attempts) == 2
+
+
 @pytest.mark.parametrize("write_first", [False, True])
 def test_on_postgres_the_index_commits_only_after_the_bytes_are_durable(services_on_postgres, monkeypatch,
                                                                          write_first):
