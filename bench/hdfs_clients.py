@@ -17,8 +17,12 @@ Sections (all files replication 3, records/files of 0.5 MiB):
      pack) of a 256 MiB file, sealed and still open: hdfs-native, WebHDFS, and
      pacs.storage.datanode (straight from a DataNode, no CRCs): MiB/s and CPU
      of the client and of the DataNodes (from PACS_STACK_DIR's pid files)
+  g. the archive's appends to a pack (1,000 of 8,600 bytes, 300 of 0.5 MiB,
+     each hsync'ed before the next): hdfs-native's writer against
+     pacs.storage.hdfswriter, alternating; records/s, CPU of the client, the
+     DataNodes and the NameNode per record
 
-Usage:  .venv/bin/python bench/hdfs_clients.py [--sections abcdef] [--n 300]
+Usage:  .venv/bin/python bench/hdfs_clients.py [--sections abcdefg] [--n 300]
 Reads PACS_HDFS_URL (hdfs://127.0.0.1:19000), PACS_HDFS_WEBHDFS_URL
 (http://127.0.0.1:19870); section d runs deploy/hdfs.sh with the current
 environment (so PACS_STACK_DIR / port overrides apply to it too).
@@ -847,9 +851,10 @@ def section_e() -> None:
     out()
 
 
-def datanode_cpu_s() -> float | None:
-    """User + system CPU seconds of the DataNodes started by deploy/hdfs.sh, if their pid files are here."""
-    pids = sorted((Path(os.environ.get("PACS_STACK_DIR", REPO / ".stack")) / "hdfs" / "pids").glob("dn*.pid"))
+def datanode_cpu_s(pattern: str = "dn*.pid") -> float | None:
+    """User + system CPU seconds of the DataNodes (or the daemons ``pattern`` names) started by
+    deploy/hdfs.sh, if their pid files are here."""
+    pids = sorted((Path(os.environ.get("PACS_STACK_DIR", REPO / ".stack")) / "hdfs" / "pids").glob(pattern))
     if not pids:
         return None
     ticks = 0
@@ -900,9 +905,48 @@ def section_f(size: int = 256 * MiB, span: int = 8 * MiB, rounds: int = 3) -> No
     out()
 
 
+def section_g(sizes: tuple[int, ...] = (8_600, REC), counts: tuple[int, ...] = (1000, 300), rounds: int = 2) -> None:
+    """Appends to one pack, each durable before the next: hdfs-native's writer against the archive's own."""
+    from pacs.storage.hdfs import NativeHdfsBlobStore
+
+    out(f"== (g) records appended to one file, each hsync'ed before the next, {rounds} rounds each, alternating")
+    folder = f"{BASE_DIR}/g"
+    stores = {writer: NativeHdfsBlobStore(HDFS_URL, folder, replication=3, pack_writer=writer)
+              for writer in ("native", "pipeline")}
+    labels = {"native": "hdfs-native", "pipeline": "pacs.storage.hdfswriter"}
+    rows = []
+    for size, count in zip(sizes, counts):
+        record = payload(0, size)
+        for round_ in range(rounds):
+            for writer, blobs in stores.items():
+                before = (datanode_cpu_s(), datanode_cpu_s("nn.pid"), time.process_time(), time.perf_counter())
+                pack = blobs.open_append(f"{writer}-{size}-{round_}.pack")
+                for _ in range(count):
+                    pack.append([record])
+                pack.close()
+                dt = time.perf_counter() - before[3]
+                cpu = time.process_time() - before[2]
+                dn, nn = datanode_cpu_s(), datanode_cpu_s("nn.pid")
+                if dn is None or nn is None or before[0] is None or before[1] is None:
+                    server = ["-", "-"]
+                else:
+                    server = [f"{(dn - before[0]) / count * 1e3:.2f}", f"{(nn - before[1]) / count * 1e3:.2f}"]
+                body = blobs.read(f"{writer}-{size}-{round_}.pack")
+                ok = body == record * count
+                rows.append([labels[writer], f"{size:,}", f"{count / dt:.0f}", f"{dt / count * 1e3:.2f}",
+                             f"{cpu / count * 1e3:.2f}", *server, "ok" if ok else "MISMATCH"])
+    for blobs in stores.values():
+        blobs.close()
+    table(["writer", "record bytes", "records/s", "ms each", "client CPU ms", "DataNodes CPU ms",
+           "NameNode CPU ms", "read back"], rows)
+    out("   (CPU per record; the DataNodes' is the three of them together)")
+    Native().delete(folder)
+    out()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="abcdef")
+    ap.add_argument("--sections", default="abcdefg")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--threads", default="1,4,16")
     ap.add_argument("--big-mib", type=int, default=1024)
@@ -935,6 +979,8 @@ def main() -> int:
         section_e()
     if "f" in a.sections:
         section_f()
+    if "g" in a.sections:
+        section_g()
     if HUNG:
         out("== calls that outlived the watchdog, checked at the end of the run")
         for h in HUNG:

@@ -35,6 +35,11 @@ class HdfsClient(str, enum.Enum):
     WEBHDFS = "webhdfs"  # the `hdfs` package over WebHDFS (HTTP)
 
 
+class HdfsPackWriter(str, enum.Enum):
+    PIPELINE = "pipeline"  # pacs.storage.hdfswriter: one packet per hsync'ed record, no NameNode call
+    NATIVE = "native"  # hdfs-native's writer: a packet and a NameNode fsync more per record
+
+
 class DuplicatePolicy(str, enum.Enum):
     """What to do when a SOP Instance UID arrives again with different bytes.
 
@@ -66,6 +71,9 @@ class StorageSettings(BaseModel):
     # A cluster with dfs.datanode.synconclose=true fsyncs on close anyway and
     # may turn this off (one round trip less per object).
     hdfs_hsync: bool = True
+    # What appends to packs on HDFS (with hdfs_client=native): the archive's
+    # own write pipeline, or hdfs-native's writer.  docs/storage.md compares them.
+    hdfs_pack_writer: HdfsPackWriter = HdfsPackWriter.PIPELINE
     block_size_mb: int = Field(default=256, ge=1)
     # Packing.  Where the backend can append (local; HDFS through hdfs-native),
     # objects go straight into append-only packs: one write and one flush

@@ -24,6 +24,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             block_size=storage.block_size_mb << 20,
             timeout_s=storage.hdfs_timeout_s,
             hsync=storage.hdfs_hsync,
+            pack_writer=storage.hdfs_pack_writer,
             webhdfs_url=storage.webhdfs_url,
             webhdfs_user=storage.hdfs_user,
         )

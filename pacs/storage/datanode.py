@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import socket
 import struct
@@ -47,6 +48,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pacs.errors import StorageUnavailable
+from pacs.storage.protowire import field_bytes, field_varint, fields, one, varint
 
 DATA_TRANSFER_VERSION = 28
 OP_READ_BLOCK = 81
@@ -60,77 +62,6 @@ RECEIVE_BUFFER_BYTES = 4 << 20
 
 class DataNodeReadError(StorageUnavailable):
     """No DataNode holding the block served the range."""
-
-
-# --- protobuf, the few messages needed -------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_varint(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _field_bytes(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 64 bits")
-
-
-def _fields(data: bytes | memoryview) -> dict[int, list[int | bytes]]:
-    """Decode one message's fields: varints as ints, length-delimited and fixed-width ones as bytes."""
-    fields: dict[int, list[int | bytes]] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        value: int | bytes
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire == 2:
-            size, pos = _read_varint(data, pos)
-            value = bytes(data[pos:pos + size])
-            pos += size
-        elif wire == 1:
-            value = bytes(data[pos:pos + 8])
-            pos += 8
-        elif wire == 5:
-            value = bytes(data[pos:pos + 4])
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(data):
-            raise ValueError("truncated protobuf message")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _one(fields: dict[int, list[int | bytes]], number: int, default: int | bytes | None = None) -> int | bytes | None:
-    values = fields.get(number)
-    return values[-1] if values else default
 
 
 # --- block locations --------------------------------------------------------
@@ -160,8 +91,8 @@ class Token:
         return cls(parts[0], parts[1], parts[2].decode(), parts[3].decode())
 
     def encode(self) -> bytes:
-        return (_field_bytes(1, self.identifier) + _field_bytes(2, self.password)
-                + _field_bytes(3, self.kind.encode()) + _field_bytes(4, self.service.encode()))
+        return (field_bytes(1, self.identifier) + field_bytes(2, self.password)
+                + field_bytes(3, self.kind.encode()) + field_bytes(4, self.service.encode()))
 
 
 def _read_hadoop_vint(raw: bytes, pos: int) -> tuple[int, int]:
@@ -188,10 +119,10 @@ class LocatedBlock:
 
     def header(self, client_name: str) -> bytes:
         """ClientOperationHeaderProto for this block."""
-        block = (_field_bytes(1, self.pool_id.encode()) + _field_varint(2, self.block_id)
-                 + _field_varint(3, self.generation_stamp) + _field_varint(4, self.num_bytes))
-        base = _field_bytes(1, block) + _field_bytes(2, self.token.encode())
-        return _field_bytes(1, base) + _field_bytes(2, client_name.encode())
+        block = (field_bytes(1, self.pool_id.encode()) + field_varint(2, self.block_id)
+                 + field_varint(3, self.generation_stamp) + field_varint(4, self.num_bytes))
+        base = field_bytes(1, block) + field_bytes(2, self.token.encode())
+        return field_bytes(1, base) + field_bytes(2, client_name.encode())
 
 
 def _located(item: dict) -> LocatedBlock:
@@ -211,29 +142,37 @@ def _located(item: dict) -> LocatedBlock:
 @dataclass(frozen=True)
 class BlockList:
     blocks: tuple[LocatedBlock, ...]
+    # The file is being written: its last block's DataNodes, not the
+    # NameNode, know where it ends (the pack writer never tells the NameNode).
+    open_last: bool = False
 
     @property
-    def known_end(self) -> int:
-        """The end of the last block as the NameNode knew it (an hsync with its length moves it)."""
+    def known_end(self) -> float:
+        """Where the file's blocks end as far as the list says: no end while the last one is being written."""
         if not self.blocks:
             return 0
+        if self.open_last:
+            return math.inf
         last = self.blocks[-1]
         return last.start_offset + last.num_bytes
 
     def covering(self, offset: int, length: int) -> list[tuple[LocatedBlock, int, int]]:
         """(block, offset in block, length) for each block the file range touches.
 
-        The range must end within what the NameNode knew of the file when the
-        list was fetched: the writer's ``hsync`` gives it the length of the
-        block being written.  (A DataNode asked for more than it holds of a
-        block being written waits seconds for it before refusing.)
+        A range in the block being written is asked of its DataNodes whatever
+        the NameNode knows of it: a DataNode serves such a block up to what
+        its whole pipeline acknowledged, which covers every byte a caller can
+        know of (the index references a record once its append was
+        acknowledged).  Past that, the DataNode waits a few seconds for the
+        bytes before refusing.
         """
         end = offset + length
         if offset < 0 or length < 0 or end > self.known_end:
             raise DataNodeReadError(f"bytes {offset}-{end} are past the {self.known_end} the NameNode knows of")
         pieces = []
-        for block in self.blocks:
-            lo, hi = max(offset, block.start_offset), min(end, block.start_offset + block.num_bytes)
+        for index, block in enumerate(self.blocks):
+            block_end = end if self.open_last and index == len(self.blocks) - 1 else block.start_offset + block.num_bytes
+            lo, hi = max(offset, block.start_offset), min(end, block_end)
             if lo < hi:
                 pieces.append((block, lo - block.start_offset, hi - lo))
         if sum(piece[2] for piece in pieces) != length:
@@ -260,7 +199,8 @@ def fetch_block_list(webhdfs_url: str, full_path: str, user: str, timeout_s: flo
         if last and (not items or items[-1]["block"]["blockId"] != last["block"]["blockId"]):
             items.append(last)
         blocks = tuple(_located(item) for item in items)
-        return BlockList(blocks)
+        open_last = bool(located.get("isUnderConstruction")) and not located.get("isLastBlockComplete", True)
+        return BlockList(blocks, open_last=open_last and bool(blocks) and last is not None)
     except (KeyError, TypeError, ValueError) as exc:
         raise DataNodeReadError(f"unexpected block locations of {full_path}: {exc}") from exc
 
@@ -323,22 +263,22 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
     DataNodeReadError on an error status (the DataNode's message in it).
     """
     length = len(out)
-    request = (_field_bytes(1, block.header(client_name)) + _field_varint(2, offset)
-               + _field_varint(3, length) + _field_varint(4, 0))  # sendChecksums = false
+    request = (field_bytes(1, block.header(client_name)) + field_varint(2, offset)
+               + field_varint(3, length) + field_varint(4, 0))  # sendChecksums = false
     with _connect(address, timeout_s) as sock:
-        sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + _varint(len(request)) + request)
-        reply = _fields(_recv_delimited(sock))
-        status = _one(reply, 1, -1)
+        sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + varint(len(request)) + request)
+        reply = fields(_recv_delimited(sock))
+        status = one(reply, 1, -1)
         if status != STATUS_SUCCESS:
-            message = _one(reply, 5, b"")
+            message = one(reply, 5, b"")
             raise DataNodeReadError(
                 f"DataNode {address[0]}:{address[1]} refused block {block.block_id} "
                 f"(status {status}): {message.decode(errors='replace') if isinstance(message, bytes) else message}"
             )
-        checksum_info = _one(reply, 4)
+        checksum_info = one(reply, 4)
         chunk_offset = offset
         if isinstance(checksum_info, bytes):
-            chunk_offset = _one(_fields(checksum_info), 2, offset)
+            chunk_offset = one(fields(checksum_info), 2, offset)
             if not isinstance(chunk_offset, int):
                 raise ValueError("bad reply from the DataNode: chunkOffset is not a varint")
         # Data starts at a checksum-chunk boundary at or before ``offset`` and
@@ -353,8 +293,8 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
             payload_len, header_len = struct.unpack(">iH", header)
             if not 4 <= payload_len <= MAX_PACKET_BYTES or header_len > MAX_PACKET_HEADER_BYTES:
                 raise ValueError(f"bad packet from the DataNode: payload {payload_len}, header {header_len}")
-            packet = _fields(_recv_bytes(sock, header_len))
-            data_len_field = _one(packet, 4, b"\0\0\0\0")
+            packet = fields(_recv_bytes(sock, header_len))
+            data_len_field = one(packet, 4, b"\0\0\0\0")
             if not isinstance(data_len_field, bytes) or len(data_len_field) != 4:
                 raise ValueError("bad packet header from the DataNode: dataLen is not a fixed 32-bit field")
             data_len = struct.unpack("<i", data_len_field)[0]
@@ -376,13 +316,13 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
                     if rest - keep >= 1 << 20:
                         raise ValueError(f"the DataNode sent {rest - keep} bytes more than the {length} asked for")
                     _recv_bytes(sock, rest - keep)
-            if _one(packet, 3, 0):  # lastPacketInBlock
+            if one(packet, 3, 0):  # lastPacketInBlock
                 break
         if filled != length:
             raise ValueError(f"the DataNode sent {filled} of {length} bytes")
         # ClientReadStatusProto: the bytes arrived (not checksummed here; see the module's docstring).
-        ack = _field_varint(1, STATUS_SUCCESS)
-        sock.sendall(_varint(len(ack)) + ack)
+        ack = field_varint(1, STATUS_SUCCESS)
+        sock.sendall(varint(len(ack)) + ack)
 
 
 class DataNodeReader:

@@ -10,6 +10,11 @@
 files with the configured replication and block size, never overwrite, and
 return from :meth:`write` only after the file is closed (and, for the native
 client, hsync'ed first, so every replica in the pipeline fsync'ed the block).
+
+Packs that ingest appends to (:meth:`NativeHdfsBlobStore.open_append`) are
+written through the archive's own pipeline (:mod:`pacs.storage.hdfswriter`),
+or through hdfs-native's writer with ``pack_writer="native"``
+(:class:`HdfsAppendFile`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ import itertools
 import logging
 import posixpath
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from pacs.errors import NotFound, StorageUnavailable
+from pacs.settings import HdfsPackWriter
 from pacs.storage.base import AppendFile, BlobInfo, BlobStore, Flush
 from pacs.storage.datanode import DataNodeReader, DataNodeReadError
+from pacs.storage.hdfswriter import LeaseKeeper, PipelineAppendFile
+from pacs.storage.namenode import NameNodeClient
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -139,6 +148,7 @@ class NativeHdfsBlobStore(BlobStore):
         replication: int = 3,
         block_size: int = 256 << 20,
         hsync: bool = True,
+        pack_writer: HdfsPackWriter | str = HdfsPackWriter.PIPELINE,
         timeout_s: float = 30.0,
         webhdfs_url: str | None = None,
         webhdfs_user: str = "pacs",
@@ -158,6 +168,10 @@ class NativeHdfsBlobStore(BlobStore):
         self.block_size = block_size
         self.hsync = hsync
         self.timeout_s = timeout_s
+        self.pack_writer = HdfsPackWriter(pack_writer)
+        self._namenode: NameNodeClient | None = None
+        self._lease_keeper: LeaseKeeper | None = None
+        self._writer_lock = threading.Lock()
         self.description = f"hdfs-native:{url}{self.root} (replication {replication})"
         self._loop = _Loop.shared()
         try:
@@ -215,9 +229,32 @@ class NativeHdfsBlobStore(BlobStore):
             raise StorageUnavailable(f"write of {full} on {self.url} failed: {exc}") from exc
         return written
 
-    def open_append(self, path: str) -> HdfsAppendFile:
+    def open_append(self, path: str) -> AppendFile:
         full = _join(self.root, path)
+        if self.pack_writer is HdfsPackWriter.PIPELINE:
+            namenode, keeper = self._pipeline_clients()
+            return PipelineAppendFile(namenode, keeper, path, full, replication=self.replication,
+                                      block_size=self.block_size, timeout_s=self.timeout_s)
         return HdfsAppendFile(self, self._create(full), path, full)
+
+    def _pipeline_clients(self) -> tuple[NameNodeClient, LeaseKeeper]:
+        with self._writer_lock:
+            if self._namenode is None or self._lease_keeper is None:
+                parsed = urllib.parse.urlsplit(self.url)
+                if parsed.scheme != "hdfs" or not parsed.hostname or not parsed.port:
+                    raise StorageUnavailable(
+                        f"the pack writer needs the NameNode's hdfs://host:port, got {self.url!r}; "
+                        "set storage.hdfs_pack_writer=native for other addresses (a nameservice)")
+                self._namenode = NameNodeClient(parsed.hostname, parsed.port, user=self._webhdfs_user,
+                                                timeout_s=self.timeout_s)
+                self._lease_keeper = LeaseKeeper(self._namenode)
+            return self._namenode, self._lease_keeper
+
+    def close(self) -> None:
+        with self._writer_lock:
+            namenode, self._namenode, self._lease_keeper = self._namenode, None, None
+        if namenode is not None:
+            namenode.close()
 
     def _abandon(self, full: str) -> None:
         """Remove a file whose write failed, so nothing half-written is visible."""
@@ -388,7 +425,7 @@ class NativeHdfsBlobStore(BlobStore):
 
 
 class HdfsAppendFile(AppendFile):
-    """A pack on HDFS that grows by appends, each hsync'ed before :meth:`append` returns.
+    """A pack on HDFS that grows by appends through hdfs-native, each hsync'ed before :meth:`append` returns.
 
     hsync makes every DataNode of the pipeline persist the bytes, so an
     appended record survives the loss of any DataNode but the last.  A failed

@@ -64,7 +64,8 @@ def test_a_pack_still_being_written_is_read_from_its_datanodes_in_few_requests(h
         assert (len(lists), len(reads)) == (1, 2)  # one block list; 8 MiB spans, not one read per record
         later = os.urandom(1000)  # appended after the block list was fetched
         assert blobs.read("packs/open.pack", pack.append([later]), 1000) == later
-        assert (len(lists), len(reads)) == (2, 3)
+        # the block being written is asked of its DataNodes, not of the NameNode again
+        assert (len(lists), len(reads)) == (1, 3)
         assert blobs.read("packs/open.pack", 1_234_567, 89) == b"".join(records)[1_234_567:1_234_656]
     finally:
         pack.close()
@@ -211,12 +212,12 @@ def test_packs_are_read_through_the_clients_where_datanodes_will_not_serve_this_
 
 
 def test_appends_are_handed_over_whole_or_chunk_by_chunk(hdfs_root, monkeypatch):
-    """A record up to GATHER_BYTES is written and hsync'ed in one call the caller does not wait for;
-    a longer one chunk by chunk.  Both read back where their offsets say, after the flush."""
+    """hdfs-native's writer: a record up to GATHER_BYTES is written and hsync'ed in one call the caller
+    does not wait for; a longer one chunk by chunk.  Both read back where their offsets say, after the flush."""
     import pacs.storage.hdfs as hdfs
 
     monkeypatch.setattr(hdfs, "GATHER_BYTES", 1 << 20)
-    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL)
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL, pack_writer="native")
     pack = blobs.open_append("packs/mixed.pack")
     calls = []
     write = type(pack).write
@@ -237,10 +238,11 @@ def test_appends_are_handed_over_whole_or_chunk_by_chunk(hdfs_root, monkeypatch)
 
 
 def test_a_failed_handed_over_append_breaks_the_pack(hdfs_root):
-    """The write failing on the loop surfaces at the flush's wait, and nothing more is appended."""
+    """hdfs-native's writer: the write failing on the loop surfaces at the flush's wait, and nothing more
+    is appended."""
     from pacs.errors import StorageUnavailable
 
-    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3)
+    blobs = NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, pack_writer="native")
     pack = blobs.open_append("packs/broken.pack")
 
     class Failing:

@@ -1,0 +1,145 @@
+"""The archive's own HDFS write pipeline (pacs.storage.hdfswriter) against the real cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from pacs.devstack import HDFS_URL, WEBHDFS_URL
+from pacs.errors import StorageUnavailable
+from pacs.storage import hdfswriter
+from pacs.storage.hdfs import NativeHdfsBlobStore, WebHdfsBlobStore
+from pacs.storage.hdfswriter import PipelineAppendFile
+from pacs.storage.namenode import NameNodeClient
+
+pytestmark = [pytest.mark.hdfs]
+
+
+def store(hdfs_root: str, **options) -> NativeHdfsBlobStore:
+    return NativeHdfsBlobStore(HDFS_URL, hdfs_root, replication=3, webhdfs_url=WEBHDFS_URL, **options)
+
+
+def calls_to_the_namenode(monkeypatch) -> list[str]:
+    methods: list[str] = []
+    call = NameNodeClient.call
+
+    def recorded(self, method, request):
+        methods.append(method)
+        return call(self, method, request)
+
+    monkeypatch.setattr(NameNodeClient, "call", recorded)
+    return methods
+
+
+def under_construction(path: str) -> bool:
+    url = f"{WEBHDFS_URL}/webhdfs/v1{path}?op=GET_BLOCK_LOCATIONS&user.name=pacs&offset=0&length=1"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return bool(json.load(reply)["LocatedBlocks"]["isUnderConstruction"])
+
+
+def test_records_of_every_alignment_read_back_while_open_and_once_closed(hdfs_root, monkeypatch):
+    """Records that end inside a checksum chunk (sent again with the next packet), records longer
+    than a packet and than a block: each is read back from the DataNodes as soon as it is
+    acknowledged, and the closed file is the same bytes through Hadoop's own client (WebHDFS
+    reads through the DataNode's DFSClient, which checks every chunk's CRC) and hdfs-native."""
+    import hdfs_native
+
+    blobs = store(hdfs_root, block_size=1 << 20)
+    pack = blobs.open_append("packs/aligned.pack")
+    assert isinstance(pack, PipelineAppendFile)
+    sizes = [1, 511, 512, 513, 100, 1023, 700_000, 1 << 20, 2_500_000, 3, 77_777]
+    written = bytearray()
+    try:
+        for size in sizes:
+            record = os.urandom(size)
+            start, flush = pack.begin_append([record[: size // 3], record[size // 3:]])
+            flush.wait()
+            assert start == len(written)
+            written += record
+            assert blobs.read("packs/aligned.pack", start, size) == record  # open: from its DataNodes
+        assert blobs.read("packs/aligned.pack", 0, len(written)) == written
+    finally:
+        pack.close()
+    full = f"{hdfs_root}/packs/aligned.pack"
+    assert not under_construction(full)
+    client = hdfs_native.Client(HDFS_URL)
+    assert client.get_file_info(full).length == len(written) == pack.size
+    assert WebHdfsBlobStore(WEBHDFS_URL, hdfs_root).read("packs/aligned.pack") == written
+    with client.read(full) as reader:
+        assert reader.read() == written
+
+
+def test_appends_do_not_call_the_namenode(hdfs_root, monkeypatch):
+    """create and addBlock open the pack, complete closes it; the appends in between go to the
+    DataNodes alone (hdfs-native's hsync calls the NameNode's fsync every time)."""
+    methods = calls_to_the_namenode(monkeypatch)
+    blobs = store(hdfs_root)
+    pack = blobs.open_append("packs/quiet.pack")
+    records = [os.urandom(8_600) for _ in range(200)]
+    for record in records:
+        pack.append([record])
+    assert methods == ["create", "addBlock"]
+    pack.close()
+    assert set(methods[2:]) == {"complete"}
+    assert blobs.read("packs/quiet.pack") == b"".join(records)
+
+
+def test_a_broken_pipeline_fails_the_append_and_the_pack_closes_with_what_was_acknowledged(hdfs_root):
+    blobs = store(hdfs_root)
+    pack = blobs.open_append("packs/broken.pack")
+    records = [os.urandom(50_000 + n) for n in range(5)]
+    for record in records:
+        pack.append([record])
+    pack._pipeline.sock.shutdown(socket.SHUT_RDWR)  # the first DataNode is gone, as far as the writer sees
+    with pytest.raises(StorageUnavailable):
+        pack.append([b"never acknowledged"])
+    with pytest.raises(StorageUnavailable, match="can no longer be appended"):
+        pack.append([b"next"])
+    pack.close()  # asks the NameNode to recover the lease: it closes the file with what the DataNodes hold
+    full = f"{hdfs_root}/packs/broken.pack"
+    deadline = time.monotonic() + 60
+    while under_construction(full):
+        assert time.monotonic() < deadline, "the NameNode did not close the broken pack"
+        time.sleep(0.5)
+    assert blobs.read("packs/broken.pack") == b"".join(records)
+
+
+def test_an_idle_pipeline_gets_heartbeats_and_the_lease_is_renewed(hdfs_root, monkeypatch):
+    monkeypatch.setattr(hdfswriter, "HEARTBEAT_AFTER_S", 0.3)
+    monkeypatch.setattr(hdfswriter, "LEASE_RENEW_S", 0.3)
+    heartbeats = []
+    header = hdfswriter.packet_header
+
+    def recorded(offset, seqno, data_len, **flags):
+        if seqno == hdfswriter.HEARTBEAT_SEQNO:
+            heartbeats.append(offset)
+        return header(offset, seqno, data_len, **flags)
+
+    monkeypatch.setattr(hdfswriter, "packet_header", recorded)
+    methods = calls_to_the_namenode(monkeypatch)
+    blobs = store(hdfs_root)
+    pack = blobs.open_append("packs/idle.pack")
+    try:
+        first = os.urandom(1000)
+        pack.append([first])
+        time.sleep(1.5)
+        second = os.urandom(1000)
+        pack.append([second])  # the heartbeats' acknowledgements are skipped on the way
+        assert len(heartbeats) >= 2
+        assert "renewLease" in methods
+    finally:
+        pack.close()
+    assert blobs.read("packs/idle.pack") == first + second
+
+
+def test_a_pack_that_exists_is_not_overwritten(hdfs_root):
+    blobs = store(hdfs_root)
+    blobs.write("packs/taken.pack", [b"first"])
+    with pytest.raises(FileExistsError):
+        blobs.open_append("packs/taken.pack")
+    assert blobs.read("packs/taken.pack") == b"first"
