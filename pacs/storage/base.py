@@ -51,6 +51,10 @@ class AppendFile(abc.ABC):
     """
 
     path: str
+    #: Whether threads may append at once: each record stays whole, and the
+    #: file may make several records durable with one flush.  The pack pool
+    #: then gives one open pack to every concurrent store, not one each.
+    concurrent: bool = False
 
     def append(self, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` at the end; return the offset of their first byte once they are durable."""

@@ -53,12 +53,13 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import crc32c
 
 from pacs.errors import StorageUnavailable
-from pacs.storage.base import FLUSHED, AppendFile, Flush
+from pacs.storage.base import AppendFile, Flush
 from pacs.storage.datanode import DATA_TRANSFER_VERSION, STATUS_SUCCESS
 from pacs.storage.namenode import NameNodeClient, NameNodeError, NewBlock
 from pacs.storage.protowire import (
@@ -202,7 +203,18 @@ class _Pipeline:
 
 
 class PipelineAppendFile(AppendFile):
-    """A new HDFS file written through our own pipeline; every flush is one packet with ``syncBlock``."""
+    """A new HDFS file written through our own pipeline; every flush is one packet with ``syncBlock``.
+
+    Thread-safe, for stores appending to one pack at once (``concurrent``):
+    records go in whole, one after the other, and their syncs are grouped.
+    At most one sync packet is in flight; records written meanwhile wait and
+    go in the next one together, so concurrent stores share packets (and the
+    DataNodes' fsyncs) instead of each sending its own.  The thread waiting
+    for its record reads the acknowledgements for everyone while others wait
+    for it (no thread of its own per pipeline).
+    """
+
+    concurrent = True
 
     def __init__(self, namenode: NameNodeClient, keeper: LeaseKeeper, path: str, full: str, *,
                  replication: int, block_size: int, timeout_s: float) -> None:
@@ -220,14 +232,19 @@ class PipelineAppendFile(AppendFile):
         self._in_block = 0  # bytes of the current block sent
         self._tail = b""  # the current block's last partial chunk, sent again with the next packet
         self._pending = bytearray()  # written, not yet sent
-        self._size = 0
-        self._seqno = 0
-        self._acked = -1  # highest data seqno acknowledged by the whole pipeline
+        self._size = 0  # bytes written (the file's end once all is sent)
+        self._durable = 0  # bytes acknowledged by every DataNode after a sync
+        self._seqno = 0  # the next packet's, in the current block
+        self._acked = -1  # highest seqno acknowledged by the whole pipeline
+        self._sync: tuple[int, int] | None = None  # (seqno, bytes it makes durable) of the sync in flight
         self._unsynced = False  # the last packet sent carried data and no sync
         self._last_sent = time.monotonic()
         self._broken: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._writing = False  # a thread has the pipeline to write a record (possibly across waits)
+        self._reading = False  # a thread is reading acknowledgements, without the lock
         keeper.add(self)
 
     @property
@@ -236,39 +253,81 @@ class PipelineAppendFile(AppendFile):
 
     # --- appending ------------------------------------------------------------
 
+    def begin_append(self, chunks: Iterable[bytes]) -> tuple[int, Flush]:
+        """Write the record whole; send it at once with a sync if none is in flight, else with the next one."""
+        with self._cond, self._turn():
+            start = self._write(chunks)
+            if self._sync is None:
+                self._send_sync()
+            return start, _GroupFlush(self, self._size)
+
     def write(self, chunks: Iterable[bytes]) -> int:
-        start = self._size
-        with self._lock:
-            self._check()
-            try:
-                for chunk in chunks:
-                    self._pending += chunk
-                    self._size += len(chunk)
-                    full = len(self._pending) - len(self._pending) % PACKET_DATA_BYTES
-                    if full:
-                        self._send_pending(full, sync=False)
-            except BaseException as exc:
-                raise self._fail(exc) from exc
-        return start
+        with self._cond, self._turn():
+            return self._write(chunks)
 
     def start_flush(self) -> Flush:
-        with self._lock:
+        with self._cond, self._turn():
+            if self._sync is None:
+                self._send_sync()
+            return _GroupFlush(self, self._size)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The pipeline to this thread for writing (called with the lock held; waits for another writer)."""
+        self._check()
+        while self._writing:
+            self._cond.wait(1.0)
             self._check()
-            try:
-                if self._pending:
-                    self._send_pending(len(self._pending), sync=True)
-                elif self._unsynced and self._pipeline is not None:
-                    self._send_packet(b"", sync=True)
-            except BaseException as exc:
-                raise self._fail(exc) from exc
-            if self._pipeline is None or self._acked == self._seqno - 1:
-                return FLUSHED
-            return _PipelineFlush(self, self._pipeline, self._seqno - 1)
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+            self._cond.notify_all()
+
+    def _write(self, chunks: Iterable[bytes]) -> int:
+        start = self._size
+        try:
+            for chunk in chunks:
+                self._pending += chunk
+                self._size += len(chunk)
+                full = len(self._pending) - len(self._pending) % PACKET_DATA_BYTES
+                if full:
+                    self._send_pending(full, sync=False)
+        except BaseException as exc:
+            raise self._fail(exc) from exc
+        return start
+
+    def _send_sync(self) -> None:
+        """Send everything written so far, the last packet with ``syncBlock`` (needs the turn)."""
+        try:
+            if self._pending:
+                self._send_pending(len(self._pending), sync=True)
+            elif self._pipeline is not None and self._durable < self._size:
+                self._send_packet(b"", sync=True)
+        except BaseException as exc:
+            raise self._fail(exc) from exc
+
+    def _await_durable(self, end: int) -> None:
+        """Return once the first ``end`` bytes are on every DataNode of the pipeline."""
+        with self._cond:
+            while self._durable < end:
+                self._check_broken()
+                if self._sync is None:  # the records up to ``end`` wait for a sync: send it
+                    with self._turn():
+                        if self._sync is None and self._durable < end:
+                            self._send_sync()
+                    continue
+                self._read_or_wait()
 
     def _check(self) -> None:
         if self._broken is not None or self._closed:
             raise PipelineError(f"{self.full} can no longer be appended to"
                                 + (f" ({self._broken})" if self._broken is not None else ""))
+
+    def _check_broken(self) -> None:
+        if self._broken is not None:
+            raise PipelineError(f"{self.full}: {self._broken}")
 
     def _send_pending(self, count: int, *, sync: bool) -> None:
         """Send the first ``count`` pending bytes, in packets that stay within blocks; the last one synced."""
@@ -300,6 +359,8 @@ class PipelineAppendFile(AppendFile):
         header = packet_header(offset, self._seqno, len(payload), last=last, sync=sync)
         _send_all(pipeline.sock, struct.pack(">iH", 4 + len(sums) + len(payload), len(header)) + header + sums,
                   payload)
+        if sync:
+            self._sync = (self._seqno, self._size - len(self._pending))
         self._seqno += 1
         self._last_sent = time.monotonic()
         self._unsynced = bool(piece) and not sync
@@ -308,13 +369,38 @@ class PipelineAppendFile(AppendFile):
             partial = len(payload) % BYTES_PER_CHECKSUM
             self._tail = bytes(payload[len(payload) - partial:]) if partial else b""
         while self._seqno - 1 - self._acked > MAX_UNACKED:
-            self._read_ack()
+            self._read_or_wait()
 
-    def _read_ack(self) -> None:
-        """Read one acknowledgement (heartbeats' are skipped); PipelineError if a DataNode did not succeed."""
+    def _read_or_wait(self) -> None:
+        """Read one acknowledgement, or wait while another thread reads one (called with the lock held)."""
+        if self._reading:
+            self._cond.wait(1.0)
+            return
         pipeline = self._pipeline
-        assert pipeline is not None
-        ack = fields(_recv_delimited(pipeline.sock))
+        if pipeline is None:
+            raise PipelineError(f"{self.full}: no pipeline to wait on")
+        self._reading = True
+        self._cond.release()
+        try:
+            raw = _recv_delimited(pipeline.sock)
+            error: BaseException | None = None
+        except BaseException as exc:  # noqa: BLE001 - raised below, with the lock held again
+            error = exc
+        finally:
+            self._cond.acquire()
+            self._reading = False
+            self._cond.notify_all()
+        if error is not None:
+            raise self._fail(error) from error
+        if pipeline is not self._pipeline:
+            return
+        try:
+            self._acknowledged(pipeline, fields(raw))
+        except BaseException as exc:
+            raise self._fail(exc) from exc
+
+    def _acknowledged(self, pipeline: _Pipeline, ack: dict) -> None:
+        """Take in one acknowledgement (heartbeats' are skipped); PipelineError if a DataNode did not succeed."""
         seqno = unzigzag(one_int(ack, 1, 0))
         replies = [value for value in ack.get(2, ()) if isinstance(value, int)]
         for position, status in enumerate(replies):
@@ -328,17 +414,9 @@ class PipelineAppendFile(AppendFile):
         if seqno != self._acked + 1:
             raise PipelineError(f"acknowledgement of packet {seqno}, expected {self._acked + 1}")
         self._acked = seqno
-
-    def _await(self, pipeline: _Pipeline, seqno: int) -> None:
-        with self._lock:
-            if self._broken is not None:
-                raise PipelineError(f"{self.full}: {self._broken}")
-            try:
-                # A pipeline that is no longer current ended with every packet acknowledged.
-                while self._pipeline is pipeline and self._acked < seqno:
-                    self._read_ack()
-            except BaseException as exc:
-                raise self._fail(exc) from exc
+        if self._sync is not None and seqno >= self._sync[0]:
+            self._durable = max(self._durable, self._sync[1])
+            self._sync = None
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Break the file; the error to raise for ``exc``."""
@@ -346,6 +424,7 @@ class PipelineAppendFile(AppendFile):
             self._broken = exc
             if self._pipeline is not None:
                 self._pipeline.close()
+            self._cond.notify_all()
             log.warning("pack %s broke: %s", self.full, exc)
         if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):
             return exc
@@ -377,12 +456,13 @@ class PipelineAppendFile(AppendFile):
         raise PipelineError(f"no pipeline for a block of {self.full}: " + "; ".join(errors))
 
     def _end_block(self) -> None:
-        """Send the block's last packet, wait for the pipeline to acknowledge everything, close it."""
+        """Send the block's last packet, wait for the pipeline to acknowledge everything, close it (needs the turn)."""
         pipeline = self._pipeline
         assert pipeline is not None
         self._send_packet(b"", sync=True, last=True)
         while self._acked < self._seqno - 1:
-            self._read_ack()
+            self._check_broken()
+            self._read_or_wait()
         pipeline.close()
         self._pipeline = None
         self._last_block = pipeline.block.extended(self._in_block)
@@ -390,22 +470,26 @@ class PipelineAppendFile(AppendFile):
     # --- closing --------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        error: BaseException | None = None
+        with self._cond:
             if self._closed:
                 return
-            self._closed = True
-            self._keeper.remove(self)
-            error: BaseException | None = None
             if self._broken is None:
                 try:
-                    if self._pending:
-                        self._send_pending(len(self._pending), sync=True)
-                    if self._pipeline is not None:
-                        self._end_block()
-                    self._complete()
-                    return
+                    with self._turn():
+                        self._closed = True  # no more appends
+                        if self._pending:
+                            self._send_pending(len(self._pending), sync=True)
+                        if self._pipeline is not None:
+                            self._end_block()
+                        self._durable = self._size
+                        self._complete()
                 except BaseException as exc:
                     error = self._fail(exc)
+            self._closed = True
+            self._keeper.remove(self)
+            if self._broken is None:
+                return
             if self._pipeline is not None:
                 self._pipeline.close()
         self._recover()
@@ -438,7 +522,7 @@ class PipelineAppendFile(AppendFile):
             return  # in use: not idle
         try:
             pipeline = self._pipeline
-            if (pipeline is None or self._broken is not None or self._closed
+            if (pipeline is None or self._broken is not None or self._closed or self._writing
                     or time.monotonic() - self._last_sent < idle_s):
                 return
             header = packet_header(0, HEARTBEAT_SEQNO, 0, last=False, sync=False)  # as Hadoop's client
@@ -451,14 +535,13 @@ class PipelineAppendFile(AppendFile):
             self._lock.release()
 
 
-class _PipelineFlush(Flush):
-    def __init__(self, file: PipelineAppendFile, pipeline: _Pipeline, seqno: int) -> None:
+class _GroupFlush(Flush):
+    def __init__(self, file: PipelineAppendFile, end: int) -> None:
         self._file = file
-        self._pipeline = pipeline
-        self._seqno = seqno
+        self._end = end
 
     def wait(self) -> None:
-        self._file._await(self._pipeline, self._seqno)
+        self._file._await_durable(self._end)
 
 
 class LeaseKeeper:

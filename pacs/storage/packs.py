@@ -12,7 +12,11 @@ A :class:`PackPool` keeps the open packs of one process.  A store takes an
 idle pack (or opens a new one), appends, and gives it back, so concurrent
 stores never share a file and sequential ones fill the same pack; the number
 of open packs is at most the number of stores that ever ran at once.  A pack
-that reaches ``target_bytes`` is sealed when it is given back.
+that reaches ``target_bytes`` is sealed when it is given back.  A file that
+takes concurrent appends (the HDFS pipeline, ``AppendFile.concurrent``) is
+shared instead: all stores of the process append to one pack, and the file
+makes the records that arrive while a flush is under way durable together
+with the next one.
 
 Crash safety: an object is referenced by the index only after its append has
 returned, i.e. after it is durable.  A crash during an append leaves a torn
@@ -21,11 +25,12 @@ An append that fails retires its pack, so torn bytes are only ever at the end.
 A pack left open by a process that died stays readable; its container row
 stays ``open``.
 
-On HDFS an append is a write and an ``hsync`` to an open file (about 7 ms
-for 0.5 MB on the test cluster, against about 24 ms to create, write, hsync
-and close a landing file); hdfs-native cannot read an open file, so reads of
-an open pack go to its DataNodes directly (``pacs.storage.datanode``) until
-the pack is sealed: full, idle for ``idle_seal_s``, or at shutdown.
+On HDFS an append is one packet with ``syncBlock`` down the open pack's
+write pipeline (``pacs.storage.hdfswriter``; 3–4 ms for 0.5 MB on the test
+cluster, against about 24 ms to create, write, hsync and close a landing
+file); hdfs-native cannot read an open file, so reads of an open pack go to
+its DataNodes directly (``pacs.storage.datanode``) until the pack is sealed:
+full, idle for ``idle_seal_s``, or at shutdown.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class _OpenPack:
     file: AppendFile
     objects: int = 0
     last_used: float = 0.0  # time.monotonic() of the last append
+    users: int = 0  # stores appending to it now (a concurrent file's)
+    retired: bool = False  # full or broken: sealed once its last user is done
 
 
 class PendingAppend:
@@ -100,11 +107,7 @@ class PendingAppend:
                 self.wait()
             except Exception as exc:  # noqa: BLE001 - nothing references the record; the pack is retired below
                 log.warning("flush of an abandoned record in %s failed: %s", self.path, exc)
-        if self._error is not None:
-            self._pool._seal(pack)
-            return
-        pack.objects += 1
-        self._pool._give_back(pack)
+        self._pool._give_back(pack, failed=self._error is not None)
 
 
 class PackPool:
@@ -115,6 +118,11 @@ class PackPool:
     composition root records them in the index's container table).  With
     ``idle_seal_s``, a thread seals packs nobody has appended to for that
     long, so that a pack does not stay open after its study has arrived.
+
+    A file that takes concurrent appends (``AppendFile.concurrent``: the HDFS
+    pipeline, which groups their flushes into one packet) is shared instead:
+    every store appends to the one open pack, which is sealed once it is full
+    (or broken, or idle) and its last store is done.
     """
 
     def __init__(
@@ -136,7 +144,9 @@ class PackPool:
         self._on_open = on_open
         self._on_seal = on_seal
         self._idle: list[_OpenPack] = []
+        self._shared: _OpenPack | None = None  # the pack every store appends to, for a concurrent file
         self._lock = threading.Lock()
+        self._opening = threading.Lock()  # one new pack at a time
         self._stop = threading.Event()
         self._sealer: threading.Thread | None = None
 
@@ -159,7 +169,7 @@ class PackPool:
         try:
             start, flush = pack.file.begin_append(itertools.chain((header,), chunks))
         except BaseException:
-            self._seal(pack)
+            self._give_back(pack, failed=True, appended=False)
             raise
         return PendingAppend(self, pack, start, flush)
 
@@ -171,6 +181,11 @@ class PackPool:
             sealer.join()
         with self._lock:
             idle, self._idle = self._idle, []
+            shared, self._shared = self._shared, None
+            if shared is not None:
+                shared.retired = True  # a store still appending to it seals it when done
+                if shared.users == 0:
+                    idle.append(shared)
             self._sealer = None
             self._stop.clear()
         for pack in idle:
@@ -182,6 +197,11 @@ class PackPool:
         with self._lock:
             stale = [p for p in self._idle if p.last_used <= cutoff]
             self._idle = [p for p in self._idle if p.last_used > cutoff]
+            shared = self._shared
+            if shared is not None and shared.users == 0 and shared.last_used <= cutoff:
+                self._shared = None
+                shared.retired = True
+                stale.append(shared)
         for pack in stale:
             self._seal(pack)
         return len(stale)
@@ -196,27 +216,49 @@ class PackPool:
 
     def _take(self) -> _OpenPack:
         with self._lock:
+            if self._shared is not None:
+                self._shared.users += 1
+                return self._shared
             if self._idle:
                 return self._idle.pop()
-        path = new_pack_path()
-        if self._on_open is not None:
-            self._on_open(path)
-        pack = _OpenPack(self.blobs.open_append(path))
-        log.info("opened pack %s", path)
-        if self.idle_seal_s is not None:
+        with self._opening:
+            with self._lock:  # opened by another store meanwhile
+                if self._shared is not None:
+                    self._shared.users += 1
+                    return self._shared
+            path = new_pack_path()
+            if self._on_open is not None:
+                self._on_open(path)
+            pack = _OpenPack(self.blobs.open_append(path))
+            log.info("opened pack %s", path)
             with self._lock:
-                if self._sealer is None:
+                if pack.file.concurrent:
+                    pack.users = 1
+                    self._shared = pack
+                if self.idle_seal_s is not None and self._sealer is None:
                     self._sealer = threading.Thread(target=self._seal_idle_forever, name="pack-sealer", daemon=True)
                     self._sealer.start()
         return pack
 
-    def _give_back(self, pack: _OpenPack) -> None:
-        pack.last_used = time.monotonic()
-        if pack.file.size >= self.target_bytes:
-            self._seal(pack)
-            return
+    def _give_back(self, pack: _OpenPack, *, failed: bool = False, appended: bool = True) -> None:
+        """A store is done with ``pack``: keep it for the next one, or seal it (full, or its append failed)."""
         with self._lock:
-            self._idle.append(pack)
+            pack.last_used = time.monotonic()
+            if appended and not failed:
+                pack.objects += 1
+            if failed or pack.file.size >= self.target_bytes:
+                pack.retired = True
+                if self._shared is pack:
+                    self._shared = None
+            if pack.file.concurrent:
+                pack.users -= 1
+                seal = pack.retired and pack.users == 0
+            else:
+                seal = pack.retired
+                if not seal:
+                    self._idle.append(pack)
+        if seal:
+            self._seal(pack)
 
     def _seal(self, pack: _OpenPack) -> None:
         try:

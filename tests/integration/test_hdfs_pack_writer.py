@@ -143,3 +143,76 @@ def test_a_pack_that_exists_is_not_overwritten(hdfs_root):
     with pytest.raises(FileExistsError):
         blobs.open_append("packs/taken.pack")
     assert blobs.read("packs/taken.pack") == b"first"
+
+
+def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypatch):
+    """Eight threads append to one pack at once: every record lies whole where its offset says,
+    is durable when its flush returns, and records that came while a sync was in flight went
+    in the next sync packet together (fewer syncs than records)."""
+    import threading
+
+    syncs = []
+    header = hdfswriter.packet_header
+
+    def recorded(offset, seqno, data_len, **flags):
+        if flags.get("sync") and not flags.get("last"):
+            syncs.append(seqno)
+        return header(offset, seqno, data_len, **flags)
+
+    monkeypatch.setattr(hdfswriter, "packet_header", recorded)
+    blobs = store(hdfs_root, block_size=1 << 20)  # the records cross blocks, too
+    pack = blobs.open_append("packs/shared.pack")
+    placed: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def appender(n: int) -> None:
+        for i in range(25):
+            record = bytes([n]) * (3_000 + 997 * i) + os.urandom(50)
+            start, flush = pack.begin_append([record[:1000], record[1000:]])
+            flush.wait()
+            assert blobs.read("packs/shared.pack", start, len(record)) == record  # durable: readable now
+            with lock:
+                placed.append((start, record))
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    pack.close()
+    assert len(placed) == 200
+    placed.sort()
+    body = blobs.read("packs/shared.pack")
+    assert b"".join(record for _, record in placed) == body  # whole, in order, nothing between them
+    assert len(syncs) < len(placed)
+
+
+def test_the_pack_pool_shares_one_pipeline_pack_among_concurrent_stores(hdfs_root):
+    import threading
+
+    from pacs.storage.packs import PackPool
+
+    blobs = store(hdfs_root)
+    opened, sealed = [], []
+    pool = PackPool(blobs, target_bytes=2_000_000, on_open=opened.append,
+                    on_seal=lambda path, size, count: sealed.append((path, size, count)))
+    records = {}
+    barrier = threading.Barrier(4)
+
+    def storer(n: int) -> None:
+        barrier.wait(10)
+        for i in range(20):
+            record = os.urandom(40_000 + n * 100 + i)
+            records[pool.append(b"", [record])] = record
+
+    threads = [threading.Thread(target=storer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    pool.close()
+    assert len(records) == 80
+    assert len(opened) == 2  # 3.2 MB: the first pack sealed at 2 MB, a second for the rest
+    assert [count for _, _, count in sealed] and sum(count for _, _, count in sealed) == 80
+    for (path, offset), record in records.items():
+        assert blobs.read(path, offset, len(record)) == record
