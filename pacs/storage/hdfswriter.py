@@ -233,6 +233,7 @@ class PipelineAppendFile(AppendFile):
         self._tail = b""  # the current block's last partial chunk, sent again with the next packet
         self._pending = bytearray()  # written, not yet sent
         self._size = 0  # bytes written (the file's end once all is sent)
+        self._sent = 0  # bytes handed to the pipeline
         self._durable = 0  # bytes acknowledged by every DataNode after a sync
         self._seqno = 0  # the next packet's, in the current block
         self._acked = -1  # highest seqno acknowledged by the whole pipeline
@@ -303,7 +304,7 @@ class PipelineAppendFile(AppendFile):
         try:
             if self._pending:
                 self._send_pending(len(self._pending), sync=True)
-            elif self._pipeline is not None and self._durable < self._size:
+            elif self._pipeline is not None and self._durable < self._sent:
                 self._send_packet(b"", sync=True)
         except BaseException as exc:
             raise self._fail(exc) from exc
@@ -359,8 +360,9 @@ class PipelineAppendFile(AppendFile):
         header = packet_header(offset, self._seqno, len(payload), last=last, sync=sync)
         _send_all(pipeline.sock, struct.pack(">iH", 4 + len(sums) + len(payload), len(header)) + header + sums,
                   payload)
+        self._sent += len(piece)
         if sync:
-            self._sync = (self._seqno, self._size - len(self._pending))
+            self._sync = (self._seqno, self._sent)
         self._seqno += 1
         self._last_sent = time.monotonic()
         self._unsynced = bool(piece) and not sync

@@ -170,6 +170,9 @@ def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypa
             record = bytes([n]) * (3_000 + 997 * i) + os.urandom(50)
             start, flush = pack.begin_append([record[:1000], record[1000:]])
             flush.wait()
+            # durable means sent and acknowledged, also when another record's packets ended a block
+            # and this one's rest went to the next block after that sync
+            assert pack._durable >= start + len(record) and pack._sent >= start + len(record)
             assert blobs.read("packs/shared.pack", start, len(record)) == record  # durable: readable now
             with lock:
                 placed.append((start, record))
