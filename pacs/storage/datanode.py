@@ -48,7 +48,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pacs.errors import StorageUnavailable
-from pacs.storage.protowire import field_bytes, field_varint, fields, one, varint
+from pacs.storage.protowire import (
+    field_bytes,
+    field_varint,
+    fields,
+    one,
+    recv_bytes,
+    recv_delimited,
+    recv_into,
+    varint,
+)
 
 DATA_TRANSFER_VERSION = 28
 OP_READ_BLOCK = 81
@@ -208,36 +217,6 @@ def fetch_block_list(webhdfs_url: str, full_path: str, user: str, timeout_s: flo
 # --- READ_BLOCK -------------------------------------------------------------
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        got = sock.recv_into(view)
-        if got == 0:
-            raise ConnectionError("the DataNode closed the connection")
-        view = view[got:]
-
-
-def _recv_bytes(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    _recv_exactly(sock, memoryview(buffer))
-    return bytes(buffer)
-
-
-def _recv_delimited(sock: socket.socket) -> bytes:
-    """A varint-length-prefixed message."""
-    size = shift = 0
-    while True:
-        byte = _recv_bytes(sock, 1)[0]
-        size |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift > 35:
-            raise ValueError("bad message length from the DataNode")
-    if size > MAX_PACKET_HEADER_BYTES * 64:
-        raise ValueError(f"a {size}-byte reply from the DataNode: expected a small message")
-    return _recv_bytes(sock, size)
-
-
 def _connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
     """A TCP connection with a receive buffer set before the handshake (so the window can grow to it)."""
     error: OSError | None = None
@@ -267,7 +246,7 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
                + field_varint(3, length) + field_varint(4, 0))  # sendChecksums = false
     with _connect(address, timeout_s) as sock:
         sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_READ_BLOCK) + varint(len(request)) + request)
-        reply = fields(_recv_delimited(sock))
+        reply = fields(recv_delimited(sock, "DataNode"))
         status = one(reply, 1, -1)
         if status != STATUS_SUCCESS:
             message = one(reply, 5, b"")
@@ -289,11 +268,11 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
         filled = 0
         header = bytearray(6)
         while True:
-            _recv_exactly(sock, memoryview(header))
+            recv_into(sock, memoryview(header), "DataNode")
             payload_len, header_len = struct.unpack(">iH", header)
             if not 4 <= payload_len <= MAX_PACKET_BYTES or header_len > MAX_PACKET_HEADER_BYTES:
                 raise ValueError(f"bad packet from the DataNode: payload {payload_len}, header {header_len}")
-            packet = fields(_recv_bytes(sock, header_len))
+            packet = fields(recv_bytes(sock, header_len, "DataNode"))
             data_len_field = one(packet, 4, b"\0\0\0\0")
             if not isinstance(data_len_field, bytes) or len(data_len_field) != 4:
                 raise ValueError("bad packet header from the DataNode: dataLen is not a fixed 32-bit field")
@@ -302,20 +281,20 @@ def read_block(address: tuple[str, int], block: LocatedBlock, offset: int, out: 
             if data_len < 0 or checksum_len < 0:
                 raise ValueError(f"bad packet from the DataNode: payload {payload_len}, data {data_len}")
             if checksum_len:
-                _recv_bytes(sock, checksum_len)
+                recv_bytes(sock, checksum_len, "DataNode")
             if data_len:
                 take = min(skip, data_len)
                 if take:
-                    _recv_bytes(sock, take)
+                    recv_bytes(sock, take, "DataNode")
                     skip -= take
                 rest = data_len - take
                 keep = min(rest, length - filled)
-                _recv_exactly(sock, out[filled:filled + keep])
+                recv_into(sock, out[filled:filled + keep], "DataNode")
                 filled += keep
                 if rest > keep:  # the end of the last checksum chunk
                     if rest - keep >= 1 << 20:
                         raise ValueError(f"the DataNode sent {rest - keep} bytes more than the {length} asked for")
-                    _recv_bytes(sock, rest - keep)
+                    recv_bytes(sock, rest - keep, "DataNode")
             if one(packet, 3, 0):  # lastPacketInBlock
                 break
         if filled != length:

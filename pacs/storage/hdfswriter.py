@@ -71,7 +71,7 @@ from pacs.storage.protowire import (
     fields,
     one_int,
     one_str,
-    read_varint,
+    recv_delimited,
     unzigzag,
 )
 
@@ -150,31 +150,6 @@ def _send_all(sock: socket.socket, head: bytes, payload: bytes | memoryview) -> 
             buffers[0] = buffers[0][sent:]
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view:
-        got = sock.recv_into(view)
-        if got == 0:
-            raise ConnectionError("the DataNode closed the pipeline")
-        view = view[got:]
-    return bytes(buffer)
-
-
-def _recv_delimited(sock: socket.socket) -> bytes:
-    prefix = b""
-    while True:
-        prefix += _recv_exactly(sock, 1)
-        if not prefix[-1] & 0x80:
-            break
-        if len(prefix) > 4:
-            raise ValueError("bad message length from the DataNode")
-    size, _ = read_varint(prefix, 0)
-    if size > 1 << 16:
-        raise ValueError(f"a {size}-byte reply from the DataNode: expected a small message")
-    return _recv_exactly(sock, size)
-
-
 class _Pipeline:
     """The connection to the first DataNode of one block's pipeline."""
 
@@ -186,7 +161,7 @@ class _Pipeline:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             request = write_block_request(block, client_name)
             self.sock.sendall(struct.pack(">hB", DATA_TRANSFER_VERSION, OP_WRITE_BLOCK) + delimited(request))
-            reply = fields(_recv_delimited(self.sock))
+            reply = fields(recv_delimited(self.sock, "DataNode"))
             status = one_int(reply, 1, -1)
             if status != STATUS_SUCCESS:
                 bad = one_str(reply, 2)
@@ -384,7 +359,7 @@ class PipelineAppendFile(AppendFile):
         self._reading = True
         self._cond.release()
         try:
-            raw = _recv_delimited(pipeline.sock)
+            raw = recv_delimited(pipeline.sock, "DataNode")
             error: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - raised below, with the lock held again
             error = exc

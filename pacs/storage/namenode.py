@@ -35,6 +35,7 @@ from pacs.storage.protowire import (
     one_int,
     one_str,
     read_varint,
+    recv_bytes,
     zigzag,
 )
 
@@ -189,10 +190,10 @@ class NameNodeClient:
         call_id = self._call_id
         header = (field_str(1, method) + field_str(2, PROTOCOL) + field_varint(3, 1))
         sock.sendall(self._frame(self._rpc_header(call_id), header, request))
-        size = struct.unpack(">I", _recv(sock, 4))[0]
+        size = struct.unpack(">I", recv_bytes(sock, 4, "NameNode"))[0]
         if size > MAX_RESPONSE_BYTES:
             raise ValueError(f"a {size}-byte response to {method}")
-        body = _recv(sock, size)
+        body = recv_bytes(sock, size, "NameNode")
         length, pos = read_varint(body, 0)
         response = fields(body[pos:pos + length])
         pos += length
@@ -248,14 +249,3 @@ class NameNodeClient:
     def recover_lease(self, src: str) -> bool:
         """Have the NameNode close ``src`` now with what its DataNodes hold; True once it is closed."""
         return bool(one_int(fields(self.call("recoverLease", field_str(1, src) + field_str(2, self.client_name))), 1))
-
-
-def _recv(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view:
-        got = sock.recv_into(view)
-        if got == 0:
-            raise ConnectionError("the NameNode closed the connection")
-        view = view[got:]
-    return bytes(buffer)

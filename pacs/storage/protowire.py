@@ -10,7 +10,11 @@ field each.  Signed ``sint`` fields use zigzag (:func:`zigzag`,
 
 from __future__ import annotations
 
+import socket
 import struct
+
+# The most a delimited reply (a status, an acknowledgement) may take.
+MAX_DELIMITED_BYTES = 1 << 16
 
 
 def varint(value: int) -> bytes:
@@ -126,3 +130,37 @@ def one_bytes(decoded: dict[int, list[int | bytes]], number: int, default: bytes
 
 def one_str(decoded: dict[int, list[int | bytes]], number: int, default: str = "") -> str:
     return one_bytes(decoded, number, default.encode()).decode(errors="replace")
+
+
+# --- reading them off a socket ------------------------------------------------
+
+
+def recv_into(sock: socket.socket, view: memoryview, peer: str) -> None:
+    """Fill ``view`` from ``sock``; ConnectionError if ``peer`` closes the connection first."""
+    while view:
+        got = sock.recv_into(view)
+        if got == 0:
+            raise ConnectionError(f"the {peer} closed the connection")
+        view = view[got:]
+
+
+def recv_bytes(sock: socket.socket, size: int, peer: str) -> bytes:
+    buffer = bytearray(size)
+    recv_into(sock, memoryview(buffer), peer)
+    return bytes(buffer)
+
+
+def recv_delimited(sock: socket.socket, peer: str) -> bytes:
+    """A varint-length-prefixed message (Java's ``parseDelimitedFrom``), at most ``MAX_DELIMITED_BYTES``."""
+    size = shift = 0
+    while True:
+        byte = recv_bytes(sock, 1, peer)[0]
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 35:
+            raise ValueError(f"bad message length from the {peer}")
+    if size > MAX_DELIMITED_BYTES:
+        raise ValueError(f"a {size}-byte reply from the {peer}: expected a small message")
+    return recv_bytes(sock, size, peer)

@@ -36,6 +36,20 @@ def calls_to_the_namenode(monkeypatch) -> list[str]:
     return methods
 
 
+def packets_sent(monkeypatch, which) -> list[int]:
+    """The seqnos of the packets the writer sends for which ``which(seqno, flags)`` holds."""
+    seqnos: list[int] = []
+    header = hdfswriter.packet_header
+
+    def recorded(offset, seqno, data_len, **flags):
+        if which(seqno, flags):
+            seqnos.append(seqno)
+        return header(offset, seqno, data_len, **flags)
+
+    monkeypatch.setattr(hdfswriter, "packet_header", recorded)
+    return seqnos
+
+
 def under_construction(path: str) -> bool:
     url = f"{WEBHDFS_URL}/webhdfs/v1{path}?op=GET_BLOCK_LOCATIONS&user.name=pacs&offset=0&length=1"
     with urllib.request.urlopen(url, timeout=10) as reply:
@@ -112,15 +126,7 @@ def test_a_broken_pipeline_fails_the_append_and_the_pack_closes_with_what_was_ac
 def test_an_idle_pipeline_gets_heartbeats_and_the_lease_is_renewed(hdfs_root, monkeypatch):
     monkeypatch.setattr(hdfswriter, "HEARTBEAT_AFTER_S", 0.3)
     monkeypatch.setattr(hdfswriter, "LEASE_RENEW_S", 0.3)
-    heartbeats = []
-    header = hdfswriter.packet_header
-
-    def recorded(offset, seqno, data_len, **flags):
-        if seqno == hdfswriter.HEARTBEAT_SEQNO:
-            heartbeats.append(offset)
-        return header(offset, seqno, data_len, **flags)
-
-    monkeypatch.setattr(hdfswriter, "packet_header", recorded)
+    heartbeats = packets_sent(monkeypatch, lambda seqno, flags: seqno == hdfswriter.HEARTBEAT_SEQNO)
     methods = calls_to_the_namenode(monkeypatch)
     blobs = store(hdfs_root)
     pack = blobs.open_append("packs/idle.pack")
@@ -151,15 +157,7 @@ def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypa
     in the next sync packet together (fewer syncs than records)."""
     import threading
 
-    syncs = []
-    header = hdfswriter.packet_header
-
-    def recorded(offset, seqno, data_len, **flags):
-        if flags.get("sync") and not flags.get("last"):
-            syncs.append(seqno)
-        return header(offset, seqno, data_len, **flags)
-
-    monkeypatch.setattr(hdfswriter, "packet_header", recorded)
+    syncs = packets_sent(monkeypatch, lambda seqno, flags: flags["sync"] and not flags["last"])
     blobs = store(hdfs_root, block_size=1 << 20)  # the records cross blocks, too
     pack = blobs.open_append("packs/shared.pack")
     placed: list[tuple[int, bytes]] = []
