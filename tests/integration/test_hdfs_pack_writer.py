@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import urllib.request
 
@@ -48,6 +49,16 @@ def packets_sent(monkeypatch, which) -> list[int]:
 
     monkeypatch.setattr(hdfswriter, "packet_header", recorded)
     return seqnos
+
+
+def run_at_once(target, count: int) -> None:
+    """``target(n)`` for n in range(count), each on a thread of its own; returns when all are done.
+    (A thread that fails leaves its work undone, which the caller's counts catch.)"""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
 
 
 def under_construction(path: str) -> bool:
@@ -155,8 +166,6 @@ def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypa
     """Eight threads append to one pack at once: every record lies whole where its offset says,
     is durable when its flush returns, and records that came while a sync was in flight went
     in the next sync packet together (fewer syncs than records)."""
-    import threading
-
     syncs = packets_sent(monkeypatch, lambda seqno, flags: flags["sync"] and not flags["last"])
     blobs = store(hdfs_root, block_size=1 << 20)  # the records cross blocks, too
     pack = blobs.open_append("packs/shared.pack")
@@ -175,11 +184,7 @@ def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypa
             with lock:
                 placed.append((start, record))
 
-    threads = [threading.Thread(target=appender, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_at_once(appender, 8)
     pack.close()
     assert len(placed) == 200
     placed.sort()
@@ -189,8 +194,6 @@ def test_concurrent_appends_stay_whole_and_share_their_syncs(hdfs_root, monkeypa
 
 
 def test_the_pack_pool_shares_one_pipeline_pack_among_concurrent_stores(hdfs_root):
-    import threading
-
     from pacs.storage.packs import PackPool
 
     blobs = store(hdfs_root)
@@ -206,11 +209,7 @@ def test_the_pack_pool_shares_one_pipeline_pack_among_concurrent_stores(hdfs_roo
             record = os.urandom(40_000 + n * 100 + i)
             records[pool.append(b"", [record])] = record
 
-    threads = [threading.Thread(target=storer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_at_once(storer, 4)
     pool.close()
     assert len(records) == 80
     assert len(opened) == 2  # 3.2 MB: the first pack sealed at 2 MB, a second for the rest
