@@ -137,6 +137,15 @@ DIRECT_MISSES_BEFORE_FALLBACK = 3
 GATHER_BYTES = 8 << 20
 
 
+def namenode_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of an ``hdfs://host:port`` URL; None for a nameservice (HA NameNodes) or a default port,
+    which hdfs-native resolves from Hadoop's configuration and the archive's pack writer does not."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "hdfs" or not parsed.hostname or not parsed.port:
+        return None
+    return parsed.hostname, parsed.port
+
+
 class NativeHdfsBlobStore(BlobStore):
     span_bytes = SPAN_BYTES
 
@@ -168,7 +177,11 @@ class NativeHdfsBlobStore(BlobStore):
         self.block_size = block_size
         self.hsync = hsync
         self.timeout_s = timeout_s
+        self._namenode_address = namenode_address(url)
         self.pack_writer = HdfsPackWriter(pack_writer)
+        if self.pack_writer is HdfsPackWriter.PIPELINE and self._namenode_address is None:
+            log.info("%s is not an hdfs://host:port: packs are appended through hdfs-native's writer", url)
+            self.pack_writer = HdfsPackWriter.NATIVE
         self._namenode: NameNodeClient | None = None
         self._lease_keeper: LeaseKeeper | None = None
         self._writer_lock = threading.Lock()
@@ -240,13 +253,9 @@ class NativeHdfsBlobStore(BlobStore):
     def _pipeline_clients(self) -> tuple[NameNodeClient, LeaseKeeper]:
         with self._writer_lock:
             if self._namenode is None or self._lease_keeper is None:
-                parsed = urllib.parse.urlsplit(self.url)
-                if parsed.scheme != "hdfs" or not parsed.hostname or not parsed.port:
-                    raise StorageUnavailable(
-                        f"the pack writer needs the NameNode's hdfs://host:port, got {self.url!r}; "
-                        "set storage.hdfs_pack_writer=native for other addresses (a nameservice)")
-                self._namenode = NameNodeClient(parsed.hostname, parsed.port, user=self._webhdfs_user,
-                                                timeout_s=self.timeout_s)
+                assert self._namenode_address is not None
+                host, port = self._namenode_address
+                self._namenode = NameNodeClient(host, port, user=self._webhdfs_user, timeout_s=self.timeout_s)
                 self._lease_keeper = LeaseKeeper(self._namenode)
             return self._namenode, self._lease_keeper
 

@@ -216,3 +216,4 @@ def test_the_pack_pool_shares_one_pipeline_pack_among_concurrent_stores(hdfs_roo
     assert [count for _, _, count in sealed] and sum(count for _, _, count in sealed) == 80
     for (path, offset), record in records.items():
         assert blobs.read(path, offset, len(record)) == record
+

@@ -100,3 +100,13 @@ def test_the_rpc_header_carries_the_call_id_zigzagged_and_the_client_id():
     assert len(header[4][0]) == 16
     framed = client._frame(b"ab", b"")
     assert framed == struct.pack(">I", 4) + b"\x02ab\x00"
+
+
+def test_the_pack_writer_needs_a_namenode_host_and_port():
+    """A nameservice URL (HA NameNodes) leaves packs to hdfs-native's writer, which resolves it."""
+    from pacs.storage.hdfs import namenode_address
+
+    assert namenode_address("hdfs://127.0.0.1:19000") == ("127.0.0.1", 19000)
+    assert namenode_address("hdfs://nn-1.example.org:8020/") == ("nn-1.example.org", 8020)
+    assert namenode_address("hdfs://archive-ns") is None
+    assert namenode_address("viewfs://cluster/") is None
