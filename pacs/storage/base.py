@@ -56,6 +56,10 @@ class AppendFile(abc.ABC):
     #: then gives one open pack to every concurrent store, not one each.
     concurrent: bool = False
 
+    def intact(self) -> bool:
+        """After an append failed: whether the file took nothing of it and may take more (else it is retired)."""
+        return False
+
     def append(self, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` at the end; return the offset of their first byte once they are durable."""
         start, flush = self.begin_append(chunks)

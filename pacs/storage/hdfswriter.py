@@ -227,6 +227,9 @@ class PipelineAppendFile(AppendFile):
     def size(self) -> int:
         return self._size
 
+    def intact(self) -> bool:
+        return self._broken is None and not self._closed
+
     # --- appending ------------------------------------------------------------
 
     def begin_append(self, chunks: Iterable[bytes]) -> tuple[int, Flush]:
@@ -262,17 +265,33 @@ class PipelineAppendFile(AppendFile):
             self._cond.notify_all()
 
     def _write(self, chunks: Iterable[bytes]) -> int:
+        """Append a record's chunks; a chunk source that fails takes the record back while none of it was sent.
+
+        (The source is the caller's: an object shorter or longer than it
+        said, a file that cannot be read.  Other stores appending to the
+        pack go on; only a record partly sent breaks the pack.)
+        """
         start = self._size
-        try:
-            for chunk in chunks:
+        chunks = iter(chunks)
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except BaseException as exc:
+                if self._sent <= start:  # _pending holds the bytes from _sent on
+                    del self._pending[start - self._sent:]
+                    self._size = start
+                    raise
+                raise self._fail(PipelineError(f"a record of {self.full} failed half-sent: {exc}")) from exc
+            if chunk is None:
+                return start
+            try:
                 self._pending += chunk
                 self._size += len(chunk)
                 full = len(self._pending) - len(self._pending) % PACKET_DATA_BYTES
                 if full:
                     self._send_pending(full, sync=False)
-        except BaseException as exc:
-            raise self._fail(exc) from exc
-        return start
+            except BaseException as exc:
+                raise self._fail(exc) from exc
 
     def _send_sync(self) -> None:
         """Send everything written so far, the last packet with ``syncBlock`` (needs the turn)."""

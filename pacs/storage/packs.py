@@ -169,7 +169,7 @@ class PackPool:
         try:
             start, flush = pack.file.begin_append(itertools.chain((header,), chunks))
         except BaseException:
-            self._give_back(pack, failed=True, appended=False)
+            self._give_back(pack, failed=not pack.file.intact(), appended=False)
             raise
         return PendingAppend(self, pack, start, flush)
 

@@ -217,3 +217,55 @@ def test_the_pack_pool_shares_one_pipeline_pack_among_concurrent_stores(hdfs_roo
     for (path, offset), record in records.items():
         assert blobs.read(path, offset, len(record)) == record
 
+
+
+def test_a_record_whose_source_fails_is_taken_back_unless_part_of_it_was_sent(hdfs_root):
+    """An object shorter than it said (the source raises) fails its store alone: the pack, shared
+    by other stores, goes on without it.  Once part of a record is down the pipeline it cannot be
+    taken back, and the pack breaks (its stores are retried on a new one)."""
+    blobs = store(hdfs_root)
+    pack = blobs.open_append("packs/taken-back.pack")
+
+    def failing(*parts):
+        yield from parts
+        raise ValueError("the object ended 10 bytes early")
+
+    first, second = os.urandom(5_000), os.urandom(7_000)
+    pack.append([first])
+    with pytest.raises(ValueError, match="ended 10 bytes early"):
+        pack.begin_append(failing(b"h" * 48, os.urandom(900)))
+    assert pack.size == len(first)
+    assert pack.append([second]) == len(first)
+    with pytest.raises(StorageUnavailable, match="half-sent"):
+        pack.begin_append(failing(os.urandom(3 << 20)))  # 3 MiB: packets went out before the failure
+    with pytest.raises(StorageUnavailable, match="can no longer be appended"):
+        pack.append([b"next"])
+    pack.close()
+    full = f"{hdfs_root}/packs/taken-back.pack"
+    deadline = time.monotonic() + 60
+    while under_construction(full):
+        assert time.monotonic() < deadline, "the NameNode did not close the broken pack"
+        time.sleep(0.5)
+    assert blobs.read("packs/taken-back.pack", 0, len(first) + len(second)) == first + second
+
+
+def test_the_pack_pool_keeps_a_shared_pack_after_a_store_whose_source_failed(hdfs_root):
+    from pacs.storage.packs import PackPool
+
+    blobs = store(hdfs_root)
+    opened = []
+    pool = PackPool(blobs, target_bytes=1 << 30, on_open=opened.append)
+
+    def failing():
+        yield os.urandom(1000)
+        raise ValueError("unreadable")
+
+    try:
+        first = pool.append(b"", [b"a" * 2000])
+        with pytest.raises(ValueError):
+            pool.begin_append(b"", failing())
+        second = pool.append(b"", [b"b" * 2000])
+        assert len(opened) == 1 and second == (first[0], first[1] + 2000)
+    finally:
+        pool.close()
+    assert blobs.read(first[0]) == b"a" * 2000 + b"b" * 2000
