@@ -126,11 +126,15 @@ class LocatedBlock:
     token: Token
     datanodes: tuple[tuple[str, int], ...]  # (host, data-transfer port), the NameNode's order
 
+    def extended(self, num_bytes: int | None = None) -> bytes:
+        """ExtendedBlockProto of this block, holding ``num_bytes`` (default: what the NameNode said)."""
+        return (field_bytes(1, self.pool_id.encode()) + field_varint(2, self.block_id)
+                + field_varint(3, self.generation_stamp)
+                + field_varint(4, self.num_bytes if num_bytes is None else num_bytes))
+
     def header(self, client_name: str) -> bytes:
         """ClientOperationHeaderProto for this block."""
-        block = (field_bytes(1, self.pool_id.encode()) + field_varint(2, self.block_id)
-                 + field_varint(3, self.generation_stamp) + field_varint(4, self.num_bytes))
-        base = field_bytes(1, block) + field_bytes(2, self.token.encode())
+        base = field_bytes(1, self.extended()) + field_bytes(2, self.token.encode())
         return field_bytes(1, base) + field_bytes(2, client_name.encode())
 
 

@@ -213,7 +213,6 @@ class PipelineAppendFile(AppendFile):
         self._seqno = 0  # the next packet's, in the current block
         self._acked = -1  # highest seqno acknowledged by the whole pipeline
         self._sync: tuple[int, int] | None = None  # (seqno, bytes it makes durable) of the sync in flight
-        self._unsynced = False  # the last packet sent carried data and no sync
         self._last_sent = time.monotonic()
         self._broken: BaseException | None = None
         self._closed = False
@@ -359,7 +358,6 @@ class PipelineAppendFile(AppendFile):
             self._sync = (self._seqno, self._sent)
         self._seqno += 1
         self._last_sent = time.monotonic()
-        self._unsynced = bool(piece) and not sync
         if piece:
             self._in_block += len(piece)
             partial = len(payload) % BYTES_PER_CHECKSUM

@@ -73,12 +73,7 @@ class NewBlock:
 
     def extended(self, num_bytes: int) -> bytes:
         """ExtendedBlockProto of this block holding ``num_bytes``."""
-        return extended_block(self.located, num_bytes)
-
-
-def extended_block(block: LocatedBlock, num_bytes: int) -> bytes:
-    return (field_str(1, block.pool_id) + field_varint(2, block.block_id)
-            + field_varint(3, block.generation_stamp) + field_varint(4, num_bytes))
+        return self.located.extended(num_bytes)
 
 
 def _datanode_address(info: bytes) -> tuple[str, int]:

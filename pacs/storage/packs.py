@@ -216,16 +216,14 @@ class PackPool:
 
     def _take(self) -> _OpenPack:
         with self._lock:
-            if self._shared is not None:
-                self._shared.users += 1
-                return self._shared
-            if self._idle:
-                return self._idle.pop()
+            pack = self._join_shared() or (self._idle.pop() if self._idle else None)
+        if pack is not None:
+            return pack
         with self._opening:
             with self._lock:  # opened by another store meanwhile
-                if self._shared is not None:
-                    self._shared.users += 1
-                    return self._shared
+                pack = self._join_shared()
+            if pack is not None:
+                return pack
             path = new_pack_path()
             if self._on_open is not None:
                 self._on_open(path)
@@ -239,6 +237,12 @@ class PackPool:
                     self._sealer = threading.Thread(target=self._seal_idle_forever, name="pack-sealer", daemon=True)
                     self._sealer.start()
         return pack
+
+    def _join_shared(self) -> _OpenPack | None:
+        """The shared pack with one more user, if there is one (called with the lock held)."""
+        if self._shared is not None:
+            self._shared.users += 1
+        return self._shared
 
     def _give_back(self, pack: _OpenPack, *, failed: bool = False, appended: bool = True) -> None:
         """A store is done with ``pack``: keep it for the next one, or seal it (full, or its append failed)."""
