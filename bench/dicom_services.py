@@ -1,6 +1,6 @@
 """DICOM network services, the archive (``pacs serve``) vs Orthanc, with the same dcmtk clients.
 
-    .venv/bin/python bench/dicom_services.py [--quick] [--keep]
+    .venv/bin/python bench/dicom_services.py [--quick] [--keep] [--cluster [--replication 3,1]]
 
 Both servers run as child processes on fresh data dirs, bound to loopback
 (Orthanc 1.10 cannot choose its listen address; it gets "RemoteAccessAllowed":
@@ -27,6 +27,13 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
    C-GET of the second series right after its four associations stored it
    (on HDFS its packs are still being written, which a retrieve of the first
    series, one pack full and sealed, does not show).
+
+With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
+``deploy/`` (``--replication`` adds a server per replication factor of its
+packs).  Each server's stored data is deleted when its measurements are done,
+and the next server starts once the machine is quiet (under 10 % busy for a
+second, at most 90 s): DataNodes deleting blocks or a disk writing back are
+not charged to it.
 
 Orthanc (Debian package ``orthanc``) is installed with apt-get when
 ``Orthanc`` is not on PATH.  Every process started here is stopped by its PID
@@ -131,6 +138,32 @@ class Procs:
             self.stop(proc)
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine; waiting for I/O counts as busy."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3]  # fields[4], iowait, stays busy: a disk still writing is not a quiet machine
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(busy_below: float = 0.1, limit_s: float = 90.0) -> float:
+    """Wait until the machine is quiet (under ``busy_below`` of its CPUs for a second); the seconds waited.
+
+    Before each server: what the previous one left running (DataNodes
+    deleting its blocks, the kernel writing back its files) is not charged
+    to the next.
+    """
+    started = time.monotonic()
+    busy, total = cpu_ticks()
+    while time.monotonic() - started < limit_s:
+        time.sleep(1.0)
+        busy2, total2 = cpu_ticks()
+        if total2 > total and (busy2 - busy) / (total2 - total) < busy_below:
+            break
+        busy, total = busy2, total2
+    return time.monotonic() - started
+
+
 def run_clients(cmds: list[list[str]], what: str) -> float:
     """Run the commands in parallel; wall seconds from the first start to the last exit."""
     started = time.perf_counter()
@@ -228,6 +261,7 @@ class Pacs:
     def __init__(self, procs: Procs, tmp: Path) -> None:
         self.procs, self.tmp = procs, tmp
         self.proc: subprocess.Popen | None = None
+        self.data_dirs: list[Path] = []
         help_text = subprocess.run([PACS_BIN, "serve", "--help"], capture_output=True, text=True).stdout
         self.has_workers_option = "--workers" in help_text
         self.workers = (os.cpu_count() or 1) if self.has_workers_option else 1
@@ -245,7 +279,13 @@ class Pacs:
         d = self.tmp / f"{self.name.replace(' ', '-').replace('+', '-')}-{tag}"
         d.mkdir()
         self.data_dir = d
+        self.data_dirs.append(d)
         return d
+
+    def discard(self) -> None:
+        """Delete what this server stored, once its measurements are done (see ``--keep``)."""
+        for d in self.data_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     @property
     def env(self) -> dict[str, str]:
@@ -291,16 +331,18 @@ class Pacs:
 
 
 class PacsCluster(Pacs):
-    """``pacs serve`` on HDFS (3 DataNodes, replication 3) + Postgres from ``deploy/``.
+    """``pacs serve`` on HDFS (3 DataNodes) + Postgres from ``deploy/``, packs at ``replication``.
 
     Needs the dev stack up: ``bash deploy/hdfs.sh up && bash deploy/postgres.sh up``
     (the URLs come from their ``env`` commands).  Each data dir gets a fresh
     HDFS root and an emptied database; the allow-list is off, as for Orthanc.
+    Replication 3 is the cluster default and is named plainly; any other
+    factor is named in the server's column ("pacs HDFS+PG r1").
     """
 
-    name = "pacs HDFS+PG"
-
-    def __init__(self, procs: Procs, tmp: Path) -> None:
+    def __init__(self, procs: Procs, tmp: Path, replication: int = 3) -> None:
+        self.replication = replication
+        self.name = "pacs HDFS+PG" if replication == 3 else f"pacs HDFS+PG r{replication}"
         super().__init__(procs, tmp)
         for url, what in ((devstack.HDFS_URL, "HDFS"), (devstack.PG_URL, "Postgres")):
             if not devstack.reachable(url):
@@ -316,21 +358,41 @@ class PacsCluster(Pacs):
         return d
 
     def discard(self) -> None:
-        """Delete what this run stored on HDFS (gigabytes, three replicas each)."""
+        """Delete what this server stored, on HDFS too (gigabytes, times the replication)."""
+        super().discard()
         for root in self.hdfs_roots:
             devstack.remove_hdfs_tree(root)
+        self.hdfs_roots.clear()
+        self.wait_deletions_sent()
+
+    @staticmethod
+    def wait_deletions_sent(limit_s: float = 60.0) -> None:
+        """Wait until the NameNode has handed every deleted block to its DataNodes.
+
+        It does so a batch per heartbeat; the DataNodes delete the files on
+        their own threads, and ``wait_quiet`` before the next server waits
+        for that.  The next server is not measured while three DataNodes
+        delete gigabytes of block files beside it.
+        """
+        deadline = time.monotonic() + limit_s
+        while (pending := devstack.hdfs_pending_deletions()) > 0:
+            if time.monotonic() > deadline:
+                print(f"the NameNode still has {pending} blocks to delete after {limit_s:.0f}s; going on", flush=True)
+                return
+            time.sleep(0.5)
 
     @property
     def env(self) -> dict[str, str]:
         return {**ENV, "PACS_STORAGE__BACKEND": "hdfs", "PACS_HDFS_URL": self.hdfs_url,
-                "PACS_STORAGE__HDFS_ROOT": self.hdfs_root, "PACS_INDEX_URL": self.pg_url,
-                "PACS_DICOM__REQUIRE_KNOWN_AE": "false"}
+                "PACS_STORAGE__HDFS_ROOT": self.hdfs_root, "PACS_REPLICATION": str(self.replication),
+                "PACS_INDEX_URL": self.pg_url, "PACS_DICOM__REQUIRE_KNOWN_AE": "false"}
 
     def settings(self):  # noqa: ANN201
         from pacs.settings import Settings
 
         return Settings(data_dir=self.data_dir, storage={"backend": "hdfs", "hdfs_url": self.hdfs_url,
-                                                         "hdfs_root": self.hdfs_root},
+                                                         "hdfs_root": self.hdfs_root,
+                                                         "replication": self.replication},
                         index={"url": self.pg_url}, dicom={"require_known_ae": False})
 
 
@@ -342,6 +404,7 @@ class Orthanc:
         self.procs, self.tmp = procs, tmp
         self.proc: subprocess.Popen | None = None
         self.move_port: int | None = None
+        self.data_dirs: list[Path] = []
         ensure_orthanc()
         shipped = Path("/etc/orthanc/orthanc.json")
         self.known_keys = shipped.read_text() if shipped.exists() else ""
@@ -355,7 +418,12 @@ class Orthanc:
         d = self.tmp / f"orthanc-{tag}"
         d.mkdir()
         self.data_dir = d
+        self.data_dirs.append(d)
         return d
+
+    def discard(self) -> None:
+        for d in self.data_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def add_move_destination(self, port: int) -> None:
         self.move_port = port
@@ -467,11 +535,14 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
                                       *keys, HOST, str(server.port)]], "C-MOVE")
             n, size = dir_bytes(moved)
             r["move_n"], r["move_bytes"] = n, size
+            for f in [f for f in moved.rglob("*") if f.is_file()]:  # counted; storescp stays up, its files go
+                f.unlink()
             got_dir = tmp / f"{server.name}-got"
             got_dir.mkdir()
             r["get"] = run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET")
             n, size = dir_bytes(got_dir)
             r["get_n"], r["get_bytes"] = n, size
+            shutil.rmtree(got_dir, ignore_errors=True)
         finally:
             server.stop()
     shutil.rmtree(tmp / f"{server.name}-moved", ignore_errors=True)
@@ -597,7 +668,18 @@ def main() -> int:
     parser.add_argument("--cluster", action="store_true",
                         help="also pacs on HDFS + Postgres (start them first: bash deploy/hdfs.sh up; "
                              "bash deploy/postgres.sh up)")
+    parser.add_argument("--replication", default="3", metavar="N[,N...]",
+                        help="with --cluster: the HDFS replication of pacs's packs, one pacs HDFS+PG server per "
+                             "factor (default 3, the cluster default). The dev stack's three DataNodes share this "
+                             "one machine, so at 3 every byte is written and fsync'ed three times on one disk; "
+                             "1 shows what one copy per machine costs")
     args = parser.parse_args()
+    try:
+        replications = [int(n) for n in args.replication.split(",")]
+        if not replications or min(replications) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--replication {args.replication!r}: expected factors of 1 or more, like 3 or 3,1")
 
     tmp = Path(tempfile.mkdtemp(prefix="dicom-bench-"))
     procs = Procs()
@@ -609,18 +691,23 @@ def main() -> int:
         if args.only in (None, "pacs"):
             servers.append(Pacs(procs, tmp))
             if args.cluster:
-                servers.append(PacsCluster(procs, tmp))
+                servers += [PacsCluster(procs, tmp, replication=n) for n in replications]
         if args.only in (None, "Orthanc"):
             servers.append(Orthanc(procs, tmp))
         versions = [s.version() for s in servers]
         versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
         for server in servers:
+            waited = wait_quiet()
+            if waited > 1.5:
+                print(f"waited {waited:.0f}s for the machine to go quiet before {server.name}", flush=True)
             started = time.perf_counter()
             try:
                 bench_server(server, data, results, procs, tmp)
             except Exception as exc:  # noqa: BLE001 — report and go on with the other server
                 errors.append(f"{server.name}: {type(exc).__name__}: {exc}")
+            if not args.keep:
+                server.discard()  # its gigabytes of files, and the page cache they hold, before the next server
             print(f"{server.name} done in {time.perf_counter() - started:.0f}s", flush=True)
         print()
         print(f"DICOM services benchmark{' (--quick)' if args.quick else ''}, "
@@ -628,8 +715,9 @@ def main() -> int:
         print("versions: " + "; ".join(versions))
         pacs = next((s for s in servers if isinstance(s, Pacs)), None)
         if any(isinstance(s, PacsCluster) for s in servers):
-            print("pacs HDFS+PG: HDFS 3.5 (NameNode + 3 DataNodes, replication 3) and Postgres 15 from deploy/, "
-                  "same pacs serve options")
+            factors = ", ".join(str(s.replication) for s in servers if isinstance(s, PacsCluster))
+            print(f"pacs HDFS+PG: HDFS 3.5 (NameNode + 3 DataNodes on this machine; packs at replication {factors}) "
+                  "and Postgres 15 from deploy/, same pacs serve options")
         if pacs is not None:
             print(f"pacs serve: embedded default (local files + SQLite), "
                   f"workers={pacs.workers}{'' if pacs.has_workers_option else ' (no --workers option yet)'}")
@@ -648,8 +736,7 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             for server in servers:
-                if isinstance(server, PacsCluster):
-                    server.discard()
+                server.discard()
     return 1 if errors else 0
 
 

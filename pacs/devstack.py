@@ -56,3 +56,16 @@ def remove_hdfs_tree(path: str, url: str = WEBHDFS_URL) -> None:
     import hdfs  # HdfsCLI over WebHDFS: plain HTTP, nothing to tear down
 
     hdfs.InsecureClient(url, user=os.environ.get("USER", "root")).delete(path, recursive=True)
+
+
+def hdfs_pending_deletions(url: str = WEBHDFS_URL) -> int:
+    """Blocks of deleted files the NameNode has yet to tell a DataNode to delete."""
+    import json
+    import urllib.request
+
+    query = f"{url}/jmx?qry=Hadoop:service=NameNode,name=FSNamesystem"
+    with urllib.request.urlopen(query, timeout=10) as response:
+        beans = json.load(response)["beans"]
+    if not beans:
+        raise RuntimeError(f"no FSNamesystem bean at {query}")
+    return int(beans[0]["PendingDeletionBlocks"])
