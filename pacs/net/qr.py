@@ -41,7 +41,7 @@ from pacs.net.stored import StoredObject
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.query.identifiers import InformationModel, parse_identifier, response_plan
 from pacs.query.matching import Level, build_query
-from pacs.storage.objects import Location, ObjectStore
+from pacs.storage.objects import Location, ObjectStore, Span, in_planned_order
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
 
 
 # Spans (ObjectStore.plan_spans: objects read together, one each on the
-# local store, a few MB of a pack on HDFS) are read and checksummed up to
+# local store, a few MB of a pack on HDFS, planned over runs of objects in
+# the order they lie in their packs) are read and checksummed up to
 # READ_AHEAD spans ahead of the one being sent, by as many threads: the reads
 # overlap the network exchange, and one read's latency (a NameNode call, an
 # HTTP exchange) overlaps another's transfer.
@@ -170,16 +171,19 @@ READ_AHEAD = 2
 
 def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, bytes | PacsError]]:
     """Each match with its bytes (or the error reading them), in order, read a span at a time ahead of use."""
-    items = iter(matches)
     spans = objects.plan_spans(item.location for item in matches)
+    return zip(matches, in_planned_order(_spans_read_ahead(objects, spans)))
+
+
+def _spans_read_ahead(objects: ObjectStore, spans: Iterator[Span]) -> Iterator[tuple[Span, list[bytes | PacsError]]]:
     with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="retrieve-read") as reader:
-        queued: deque[Future] = deque(reader.submit(objects.read_span, span) for span in islice(spans, READ_AHEAD))
+        queued: deque[tuple[Span, Future]] = deque(
+            (span, reader.submit(objects.read_span, span)) for span in islice(spans, READ_AHEAD))
         while queued:
-            sending = queued.popleft()
-            for span in islice(spans, 1):
-                queued.append(reader.submit(objects.read_span, span))
-            for data in sending.result():
-                yield next(items), data
+            span, reading = queued.popleft()
+            for later in islice(spans, 1):
+                queued.append((later, reader.submit(objects.read_span, later)))
+            yield span, reading.result()
 
 
 def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event) -> Iterator:

@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import xxhash
 
@@ -111,51 +112,107 @@ def _compare(location: Location, name: str, digest, expected: str) -> None:  # n
         )
 
 
+T = TypeVar("T")
+
 # The largest gap between two objects still read as one span: the record
 # header between them, or a few objects of another series.
 SPAN_GAP = 64 << 10
+# Spans are planned over runs of this many spans' worth of objects (ObjectStore.plan_spans).
+SPAN_WINDOW = 2
 
 
 @dataclass(frozen=True)
 class Span:
-    """Objects read with one range read: ``[start, end)`` of ``container`` holds them all."""
+    """Objects read with one range read: ``[start, end)`` of ``container`` holds them all.
+
+    ``positions``: where each of ``locations`` stands in the sequence the
+    span was planned from (:func:`plan_spans`).
+    """
 
     container: str
     start: int
     end: int
     locations: tuple[Location, ...]
+    positions: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         return self.end - self.start
 
 
-def plan_spans(locations: Iterable[Location], *, max_bytes: int, max_gap: int = SPAN_GAP) -> Iterator[Span]:
-    """Group locations, kept in their order, into spans of consecutive objects close together in one container.
+def plan_spans(locations: Iterable[Location], *, max_bytes: int, max_gap: int = SPAN_GAP,
+               window: int = 0) -> Iterator[Span]:
+    """Group locations into spans of objects close together in one container.
 
     A span grows while the next object starts at most ``max_gap`` bytes after
     the span's end and the span stays within ``max_bytes``; an object larger
     than ``max_bytes`` is a span of its own (with ``max_bytes=0``, every object).
+
+    With ``window=0`` the objects are taken in their order. Otherwise each run
+    of consecutive objects holding ``window`` bytes is taken in the order the
+    objects lie in their containers: a series that several associations
+    stored at once lies interleaved across the packs of the processes that
+    served them, and in its own order would be read an object at a time. The
+    spans of a run come in the order of their first position; put the objects
+    back in order with :func:`in_planned_order`.
     """
-    group: list[Location] = []
-    for location in locations:
+    if window <= 0:
+        yield from _group(enumerate(locations), max_bytes, max_gap)
+        return
+    run: list[tuple[int, Location]] = []
+    size = 0
+    for placed in enumerate(locations):
+        run.append(placed)
+        size += placed[1].length
+        if size >= window:
+            yield from _spans_of_run(run, max_bytes, max_gap)
+            run, size = [], 0
+    if run:
+        yield from _spans_of_run(run, max_bytes, max_gap)
+
+
+def _spans_of_run(run: list[tuple[int, Location]], max_bytes: int, max_gap: int) -> list[Span]:
+    by_place = sorted(run, key=lambda placed: (placed[1].container, placed[1].offset))
+    return sorted(_group(by_place, max_bytes, max_gap), key=lambda span: min(span.positions))
+
+
+def _group(placed: Iterable[tuple[int, Location]], max_bytes: int, max_gap: int) -> Iterator[Span]:
+    group: list[tuple[int, Location]] = []
+    for position, location in placed:
         if group:
-            first, last = group[0], group[-1]
+            first, last = group[0][1], group[-1][1]
             end = last.offset + last.length
             if (location.container == last.container
                     and 0 <= location.offset - end <= max_gap
                     and location.offset + location.length - first.offset <= max_bytes):
-                group.append(location)
+                group.append((position, location))
                 continue
             yield _span(group)
-        group = [location]
+        group = [(position, location)]
     if group:
         yield _span(group)
 
 
-def _span(group: list[Location]) -> Span:
-    last = group[-1]
-    return Span(group[0].container, group[0].offset, last.offset + last.length, tuple(group))
+def _span(group: list[tuple[int, Location]]) -> Span:
+    first, last = group[0][1], group[-1][1]
+    return Span(first.container, first.offset, last.offset + last.length,
+                tuple(location for _, location in group), tuple(position for position, _ in group))
+
+
+def in_planned_order(read: Iterable[tuple[Span, list[T]]]) -> Iterator[T]:
+    """The results of spans read in the order :func:`plan_spans` gave them, put back in the planned objects' order.
+
+    Holds at most one run (``window`` bytes) of results that are not due yet.
+    """
+    waiting: dict[int, T] = {}
+    due = 0
+    for span, results in read:
+        waiting.update(zip(span.positions, results))
+        while due in waiting:
+            yield waiting.pop(due)
+            due += 1
+    if waiting:
+        raise RuntimeError(f"spans left objects {sorted(waiting)[:5]}... unread before them (from {due})")
 
 
 class _Hashing:
@@ -330,8 +387,9 @@ class ObjectStore:
         raise AssertionError("unreachable")
 
     def plan_spans(self, locations: Iterable[Location]) -> Iterator[Span]:
-        """:func:`plan_spans` with the blob store's span size (``BlobStore.span_bytes``)."""
-        return plan_spans(locations, max_bytes=self.blobs.span_bytes)
+        """:func:`plan_spans` with the blob store's span size (``BlobStore.span_bytes``), over runs of twice that."""
+        span_bytes = self.blobs.span_bytes
+        return plan_spans(locations, max_bytes=span_bytes, window=SPAN_WINDOW * span_bytes)
 
     def read_span(self, span: Span) -> list[bytes | PacsError]:
         """The verified bytes of each object of ``span``, in its order, or the error that object met.
@@ -371,8 +429,7 @@ class ObjectStore:
 
     def read_many(self, locations: Iterable[Location]) -> Iterator[bytes | PacsError]:
         """Each object's verified bytes, or the error reading it, in order; read a span at a time."""
-        for span in self.plan_spans(locations):
-            yield from self.read_span(span)
+        return in_planned_order((span, self.read_span(span)) for span in self.plan_spans(locations))
 
     def get_many(self, locations: Iterable[Location]) -> Iterator[bytes]:
         """:meth:`read_many`, raising at the first object that cannot be read."""

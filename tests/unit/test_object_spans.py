@@ -16,7 +16,7 @@ from pacs.index.repository import location_of
 from pacs.net import qr
 from pacs.services import build_services
 from pacs.settings import Settings
-from pacs.storage.objects import RECORD_HEADER, Location, plan_spans
+from pacs.storage.objects import RECORD_HEADER, Location, in_planned_order, plan_spans
 from pacs.storage.scrub import scrub
 from pacs.synthetic import SeriesSpec, make_series
 
@@ -50,6 +50,28 @@ def test_an_object_larger_than_a_span_is_read_alone_and_zero_means_one_read_each
     assert [s.locations for s in plan_spans([big, small], max_bytes=1000)] == [(big,), (small,)]
     objects = [loc(i * 148, 100) for i in range(5)]
     assert [s.locations for s in plan_spans(objects, max_bytes=0)] == [(o,) for o in objects]
+
+
+def test_a_series_interleaved_across_two_packs_is_read_a_pack_run_at_a_time_and_put_back_in_order():
+    """Four associations into two serving processes: instance i lies in pack a or b, each pack in arrival order."""
+    step = RECORD_HEADER.size + 100
+    objects = [loc((i // 2) * step, 100, "packs/a.pack" if i % 2 == 0 else "packs/b.pack") for i in range(12)]
+    assert len(list(plan_spans(objects, max_bytes=1 << 20))) == 12  # in series order: one object per span
+    spans = list(plan_spans(objects, max_bytes=1 << 20, window=600))  # runs of 6 objects
+    assert [(s.container, s.positions) for s in spans] == [
+        ("packs/a.pack", (0, 2, 4)), ("packs/b.pack", (1, 3, 5)),
+        ("packs/a.pack", (6, 8, 10)), ("packs/b.pack", (7, 9, 11))]
+    assert all(s.locations == tuple(objects[i] for i in s.positions) for s in spans)
+    read = [(s, [f"object {i}" for i in s.positions]) for s in spans]
+    assert list(in_planned_order(read)) == [f"object {i}" for i in range(12)]
+
+
+def test_within_a_run_objects_are_read_in_pack_order_whatever_order_they_are_asked_in():
+    h = RECORD_HEADER.size
+    objects = [loc(i * (h + 100), 100) for i in range(5)][::-1]
+    (span,) = plan_spans(objects, max_bytes=1 << 20, window=1 << 20)
+    assert span.positions == (4, 3, 2, 1, 0) and span.start == 0
+    assert [s.positions for s in plan_spans(objects, max_bytes=1 << 20)] == [(0,), (1,), (2,), (3,), (4,)]
 
 
 @pytest.fixture
@@ -155,3 +177,16 @@ def test_a_retrieve_reads_ahead_a_bounded_number_of_spans_and_keeps_the_order(st
     released.set()
     rest = list(ahead)
     assert [item for item, _ in rest] == items[1:] and [data for _, data in rest] == sent[1:]
+
+
+def test_objects_asked_for_against_their_pack_order_are_read_in_spans_and_come_back_in_the_asked_order(stored):
+    services, sent, locations, reads = stored
+    backwards = locations[::-1]
+    assert list(services.objects.read_many(backwards)) == sent[::-1]
+    assert 1 < len(reads) < len(locations) // 5  # spans of 64 KiB planned over runs of 128 KiB, not 40 reads
+    reads.clear()
+    items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(backwards)]
+    got = list(qr._read_ahead(services.objects, items))
+    assert [item for item, _ in got] == items and [data for _, data in got] == sent[::-1]
+    assert 1 < len(reads) < len(locations) // 5
+
