@@ -30,7 +30,10 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
 
 With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
 ``deploy/`` (``--replication`` adds a server per replication factor of its
-packs).  Each server's stored data is deleted when its measurements are done,
+packs).  ``--peer-first`` measures Orthanc first (by default it comes last):
+the first server stores into a page cache the test files have just grown,
+which on some virtual machines costs many times more (docs/benchmarks.md).
+Each server's stored data is deleted when its measurements are done,
 and the next server starts once the machine is quiet (under 10 % busy for a
 second, at most 90 s): DataNodes deleting blocks or a disk writing back are
 not charged to it.
@@ -668,6 +671,9 @@ def main() -> int:
     parser.add_argument("--cluster", action="store_true",
                         help="also pacs on HDFS + Postgres (start them first: bash deploy/hdfs.sh up; "
                              "bash deploy/postgres.sh up)")
+    parser.add_argument("--peer-first", action="store_true",
+                        help="measure Orthanc before pacs (by default after): a server's position in the run "
+                             "decides what the servers before it left in the page cache")
     parser.add_argument("--replication", default="3", metavar="N[,N...]",
                         help="with --cluster: the HDFS replication of pacs's packs, one pacs HDFS+PG server per "
                              "factor (default 3, the cluster default). The dev stack's three DataNodes share this "
@@ -694,6 +700,8 @@ def main() -> int:
                 servers += [PacsCluster(procs, tmp, replication=n) for n in replications]
         if args.only in (None, "Orthanc"):
             servers.append(Orthanc(procs, tmp))
+        if args.peer_first:
+            servers.sort(key=lambda server: not isinstance(server, Orthanc))
         versions = [s.version() for s in servers]
         versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
