@@ -257,26 +257,15 @@ def timed_runs(cmd: list[str], runs: int) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- servers
 
-class Pacs:
-    name = "pacs"
-    aet = "PACS"
+class Server:
+    """What every server here has: a process started and stopped by PID, and data folders under the temp folder."""
+
+    name: str
 
     def __init__(self, procs: Procs, tmp: Path) -> None:
         self.procs, self.tmp = procs, tmp
         self.proc: subprocess.Popen | None = None
         self.data_dirs: list[Path] = []
-        help_text = subprocess.run([PACS_BIN, "serve", "--help"], capture_output=True, text=True).stdout
-        self.has_workers_option = "--workers" in help_text
-        self.workers = (os.cpu_count() or 1) if self.has_workers_option else 1
-
-    @staticmethod
-    def version() -> str:
-        try:
-            v = metadata.version("pacs")
-        except metadata.PackageNotFoundError:
-            v = "?"
-        return f"pacs {v} (pynetdicom {metadata.version('pynetdicom')}, pydicom {metadata.version('pydicom')}, " \
-               f"Python {platform.python_version()})"
 
     def new_data_dir(self, tag: str) -> Path:
         d = self.tmp / f"{self.name.replace(' ', '-').replace('+', '-')}-{tag}"
@@ -289,6 +278,31 @@ class Pacs:
         """Delete what this server stored, once its measurements are done (see ``--keep``)."""
         for d in self.data_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+class Pacs(Server):
+    name = "pacs"
+    aet = "PACS"
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        super().__init__(procs, tmp)
+        help_text = subprocess.run([PACS_BIN, "serve", "--help"], capture_output=True, text=True).stdout
+        self.has_workers_option = "--workers" in help_text
+        self.workers = (os.cpu_count() or 1) if self.has_workers_option else 1
+
+    @staticmethod
+    def version() -> str:
+        try:
+            v = metadata.version("pacs")
+        except metadata.PackageNotFoundError:
+            v = "?"
+        return f"pacs {v} (pynetdicom {metadata.version('pynetdicom')}, pydicom {metadata.version('pydicom')}, " \
+               f"Python {platform.python_version()})"
 
     @property
     def env(self) -> dict[str, str]:
@@ -326,11 +340,6 @@ class Pacs:
         self.proc = self.procs.start(args, self.tmp / f"pacs-serve-{self.data_dir.name}.log", env=self.env)
         wait_port(self.port, self.proc)
         subprocess.run(["echoscu", "-aec", self.aet, HOST, str(self.port)], env=ENV, check=True, capture_output=True)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc)
-            self.proc = None
 
 
 class PacsCluster(Pacs):
@@ -399,15 +408,13 @@ class PacsCluster(Pacs):
                         index={"url": self.pg_url}, dicom={"require_known_ae": False})
 
 
-class Orthanc:
+class Orthanc(Server):
     name = "Orthanc"
     aet = "ORTHANC"
 
     def __init__(self, procs: Procs, tmp: Path) -> None:
-        self.procs, self.tmp = procs, tmp
-        self.proc: subprocess.Popen | None = None
+        super().__init__(procs, tmp)
         self.move_port: int | None = None
-        self.data_dirs: list[Path] = []
         ensure_orthanc()
         shipped = Path("/etc/orthanc/orthanc.json")
         self.known_keys = shipped.read_text() if shipped.exists() else ""
@@ -416,17 +423,6 @@ class Orthanc:
     def version() -> str:
         out = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True).stdout
         return out.splitlines()[0].strip() if out else "Orthanc ?"
-
-    def new_data_dir(self, tag: str) -> Path:
-        d = self.tmp / f"orthanc-{tag}"
-        d.mkdir()
-        self.data_dir = d
-        self.data_dirs.append(d)
-        return d
-
-    def discard(self) -> None:
-        for d in self.data_dirs:
-            shutil.rmtree(d, ignore_errors=True)
 
     def add_move_destination(self, port: int) -> None:
         self.move_port = port
@@ -467,11 +463,6 @@ class Orthanc:
                     raise
                 time.sleep(0.2)
         subprocess.run(["echoscu", "-aec", self.aet, HOST, str(self.port)], env=ENV, check=True, capture_output=True)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc)
-            self.proc = None
 
 
 def ensure_orthanc() -> None:
@@ -538,7 +529,7 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
                                       *keys, HOST, str(server.port)]], "C-MOVE")
             n, size = dir_bytes(moved)
             r["move_n"], r["move_bytes"] = n, size
-            for f in [f for f in moved.rglob("*") if f.is_file()]:  # counted; storescp stays up, its files go
+            for f in moved.iterdir():  # counted; storescp (still up) writes its files flat into -od
                 f.unlink()
             got_dir = tmp / f"{server.name}-got"
             got_dir.mkdir()

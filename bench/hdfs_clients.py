@@ -51,6 +51,8 @@ import hdfs  # HdfsCLI (WebHDFS)
 import hdfs_native
 from hdfs_native import WriteOptions
 
+from pacs import devstack
+
 REPO = Path(__file__).resolve().parents[1]
 HDFS_SH = REPO / "deploy" / "hdfs.sh"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -214,10 +216,7 @@ def replica_names(path: str) -> list[list[str]]:
 
 
 def nn_state() -> dict:
-    with urllib.request.urlopen(
-        f"{WEBHDFS_URL}/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState", timeout=10
-    ) as r:
-        return json.load(r)["beans"][0]
+    return devstack.namenode_bean("FSNamesystemState", WEBHDFS_URL)
 
 
 def dn_data_port(n: int) -> int:

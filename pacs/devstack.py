@@ -58,14 +58,19 @@ def remove_hdfs_tree(path: str, url: str = WEBHDFS_URL) -> None:
     hdfs.InsecureClient(url, user=os.environ.get("USER", "root")).delete(path, recursive=True)
 
 
-def hdfs_pending_deletions(url: str = WEBHDFS_URL) -> int:
-    """Blocks of deleted files the NameNode has yet to tell a DataNode to delete."""
+def namenode_bean(name: str, url: str = WEBHDFS_URL) -> dict:
+    """One of the NameNode's JMX beans (``FSNamesystem``, ``FSNamesystemState``, ...), from its HTTP address."""
     import json
     import urllib.request
 
-    query = f"{url}/jmx?qry=Hadoop:service=NameNode,name=FSNamesystem"
+    query = f"{url}/jmx?qry=Hadoop:service=NameNode,name={name}"
     with urllib.request.urlopen(query, timeout=10) as response:
         beans = json.load(response)["beans"]
     if not beans:
-        raise RuntimeError(f"no FSNamesystem bean at {query}")
-    return int(beans[0]["PendingDeletionBlocks"])
+        raise RuntimeError(f"no {name} bean at {query}")
+    return beans[0]
+
+
+def hdfs_pending_deletions(url: str = WEBHDFS_URL) -> int:
+    """Blocks of deleted files the NameNode has yet to tell a DataNode to delete."""
+    return int(namenode_bean("FSNamesystem", url)["PendingDeletionBlocks"])

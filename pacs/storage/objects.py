@@ -133,7 +133,7 @@ class Span:
     start: int
     end: int
     locations: tuple[Location, ...]
-    positions: tuple[int, ...] = ()
+    positions: tuple[int, ...]
 
     @property
     def size(self) -> int:
