@@ -1,6 +1,6 @@
 """DICOM network services, the archive (``pacs serve``) vs Orthanc, with the same dcmtk clients.
 
-    .venv/bin/python bench/dicom_services.py [--quick] [--keep] [--cluster [--replication 3,1]]
+    .venv/bin/python bench/dicom_services.py [--quick] [--keep] [--rounds N] [--cluster [--replication 3,1]]
 
 Both servers run as child processes on fresh data dirs, bound to loopback
 (Orthanc 1.10 cannot choose its listen address; it gets "RemoteAccessAllowed":
@@ -30,9 +30,15 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
 
 With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
 ``deploy/`` (``--replication`` adds a server per replication factor of its
-packs).  ``--peer-first`` measures Orthanc first (by default it comes last):
-the first server stores into a page cache the test files have just grown,
-which on some virtual machines costs many times more (docs/benchmarks.md).
+packs).
+
+A server's place in the run moves its figures (on some virtual machines,
+memory the guest has not touched for a while costs many times more to fill;
+docs/benchmarks.md), so every server is measured in several rounds, the
+order turned by one each round: by default as many rounds as servers, each
+leading one round.  Every cell is the median over the rounds, with each
+round's figure beside it.  ``--rounds 1`` measures once;
+``--peer-first`` puts Orthanc first in round 1 (by default pacs leads).
 Each server's stored data is deleted when its measurements are done,
 and the next server starts once the machine is quiet (under 10 % busy for a
 second, at most 90 s): DataNodes deleting blocks or a disk writing back are
@@ -278,6 +284,7 @@ class Server:
         """Delete what this server stored, once its measurements are done (see ``--keep``)."""
         for d in self.data_dirs:
             shutil.rmtree(d, ignore_errors=True)
+        self.data_dirs.clear()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -491,12 +498,14 @@ def storescp(procs: Procs, out: Path):
         procs.stop(proc)
 
 
-def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> None:
-    r = results[server.name] = {}
+def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str = "") -> None:
+    """Measure one server into ``r``; ``tag`` tells its data folders apart from other rounds'."""
     ct = data["ct"]
+    prefix = tmp / f"{server.name.replace(' ', '-').replace('+', '-')}{tag}"
     # ---- phase 1: fresh data dir, store / move / get
-    server.new_data_dir("store")
-    with storescp(procs, tmp / f"{server.name}-moved") as scp_port:
+    server.new_data_dir(f"store{tag}")
+    moved = Path(f"{prefix}-moved")
+    with storescp(procs, moved) as scp_port:
         server.add_move_destination(scp_port)
         server.start()
         try:
@@ -511,12 +520,11 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
             if got != ct["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (4 assoc)")
             # A viewer pulling a study the moment it arrived: on HDFS, from packs still being written.
-            fresh_dir = tmp / f"{server.name}-fresh"
+            fresh_dir = Path(f"{prefix}-fresh")
             fresh_dir.mkdir()
             r["get_fresh"] = run_clients([getscu(server.aet, server.port, series_keys(ct["study"], ct["series4"]),
                                                  fresh_dir)], "C-GET just stored")
-            r["get_fresh_n"], r["get_fresh_bytes"] = dir_bytes(fresh_dir)
-            shutil.rmtree(fresh_dir, ignore_errors=True)
+            r["get_fresh_n"], r["get_fresh_bytes"] = received(fresh_dir, ct["n"], "C-GET just stored")
             small = data["small"]
             r["small"] = run_clients([storescu(server.aet, server.port, small["dir"])], "store small")
             got = series_count(server.aet, server.port, small["study"], small["series"], tmp)
@@ -524,48 +532,57 @@ def bench_server(server, data: dict, results: dict, procs: Procs, tmp: Path) -> 
                 raise RuntimeError(f"{server.name}: {got} of {small['n']} small instances stored")
 
             keys = series_keys(ct["study"], ct["series1"])
-            moved = tmp / f"{server.name}-moved"
             r["move"] = run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet, "-aem", SCP_AET, "-S",
                                       *keys, HOST, str(server.port)]], "C-MOVE")
-            n, size = dir_bytes(moved)
-            r["move_n"], r["move_bytes"] = n, size
-            for f in moved.iterdir():  # counted; storescp (still up) writes its files flat into -od
-                f.unlink()
-            got_dir = tmp / f"{server.name}-got"
+            # storescp (still up) writes its files flat into -od: counted, then deleted
+            r["move_n"], r["move_bytes"] = received(moved, ct["n"], "C-MOVE", keep_dir=True)
+            got_dir = Path(f"{prefix}-got")
             got_dir.mkdir()
             r["get"] = run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET")
-            n, size = dir_bytes(got_dir)
-            r["get_n"], r["get_bytes"] = n, size
-            shutil.rmtree(got_dir, ignore_errors=True)
+            r["get_n"], r["get_bytes"] = received(got_dir, ct["n"], "C-GET")
         finally:
             server.stop()
-    shutil.rmtree(tmp / f"{server.name}-moved", ignore_errors=True)
-    shutil.rmtree(tmp / f"{server.name}-got", ignore_errors=True)
+    shutil.rmtree(moved, ignore_errors=True)
 
     # ---- phase 2: fresh data dir with the study set, C-FIND
-    server.new_data_dir("find")
+    server.new_data_dir(f"find{tag}")
     studies = data["studies"]
     if isinstance(server, Pacs):
         n, secs = server.prefill(studies["dir"])
-        r["fill"] = (n, secs, "ingest service, in-process, before serve")
+        r["fill"] = (n, secs)
         server.start()
     else:
         server.start()
         secs = run_clients([storescu(server.aet, server.port, q) for q in studies["quarters"]], "fill")
-        r["fill"] = (studies["n"], secs, "storescu, 4 associations")
+        r["fill"] = (studies["n"], secs)
     try:
         one = [f"PatientName={studies['one_name']}", f"AccessionNumber={studies['one_acc']}", "StudyInstanceUID"]
         broad = ["PatientName=PAT*", "StudyInstanceUID"]
         for label, keys in (("find1", one), ("findall", broad)):
-            out = tmp / f"{server.name}-{label}"
+            out = Path(f"{prefix}-{label}")
             out.mkdir()
             subprocess.run(find_cmd(server.aet, server.port, keys, out), env=ENV, check=True, capture_output=True)
             r[f"{label}_matches"] = len(list(out.glob("*.dcm")))
+            shutil.rmtree(out)
             r[label] = timed_runs(find_cmd(server.aet, server.port, keys), FIND_RUNS)
             r[f"{label}_open"] = open_association_ms(server.aet, server.port, keys)
         r["echo"] = timed_runs(["echoscu", "-aec", server.aet, HOST, str(server.port)], FIND_RUNS)
     finally:
         server.stop()
+
+
+def received(folder: Path, expected: int, what: str, keep_dir: bool = False) -> tuple[int, int]:
+    """Count (files, bytes) a retrieve wrote into ``folder`` and delete them; fewer than ``expected`` is an error."""
+    n, size = dir_bytes(folder)
+    if keep_dir:
+        for f in folder.iterdir():
+            if f.is_file():
+                f.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    if n != expected:
+        raise RuntimeError(f"{what}: {n} of {expected} instances received")
+    return n, size
 
 
 def make_data(tmp: Path, quick: bool) -> dict:
@@ -608,50 +625,73 @@ def make_data(tmp: Path, quick: bool) -> dict:
     return data
 
 
-def table(data: dict, results: dict, quick: bool) -> str:
+def metrics(data: dict) -> list[tuple[str, object, str]]:
+    """(label, figures of one server's results, format of the figures); the first figure is the headline."""
     ct, small, st = data["ct"], data["small"], data["studies"]
-    names = list(results)
-    rows: list[tuple[str, ...]] = []
+    mb_ct = ct["bytes"] / 1e6
+    return [
+        (f"C-STORE {ct['n']} CT 512x512 ({mb_ct:.0f} MB), 1 assoc: inst/s | MB/s",
+         lambda r: (ct["n"] / r["store1"], mb_ct / r["store1"]), "{:.0f} | {:.1f}"),
+        (f"C-STORE {ct['n']} CT 512x512, 4 parallel assoc: inst/s | MB/s",
+         lambda r: (ct["n"] / r["store4"], ct["bytes4"] / 1e6 / r["store4"]), "{:.0f} | {:.1f}"),
+        (f"C-STORE {small['n']} x 64x64, 1 assoc: inst/s", lambda r: (small["n"] / r["small"],), "{:.0f}"),
+        (f"C-FIND STUDY, 1 match, {st['count']} studies: median | p95 ms", lambda r: r["find1"], "{:.1f} | {:.1f}"),
+        (f"C-FIND STUDY PatientName=PAT* (all {st['count']} match): median | p95 ms",
+         lambda r: r["findall"], "{:.1f} | {:.1f}"),
+        (f"C-FIND STUDY on an open association (findscu --repeat): 1 match | all {st['count']} ms per query",
+         lambda r: (r["find1_open"], r["findall_open"]), "{:.1f} | {:.1f}"),
+        ("  matches returned (1-match | PAT*)", lambda r: (r["find1_matches"], r["findall_matches"]), "{:.0f} | {:.0f}"),
+        ("C-ECHO (echoscu process + association floor): median | p95 ms", lambda r: r["echo"], "{:.1f} | {:.1f}"),
+        (f"C-MOVE {ct['n']} CT to storescp: MB/s (instances received)",
+         lambda r: (r["move_bytes"] / 1e6 / r["move"], r["move_n"]), "{:.1f} ({:.0f})"),
+        (f"C-GET {ct['n']} CT by getscu: MB/s (instances received)",
+         lambda r: (r["get_bytes"] / 1e6 / r["get"], r["get_n"]), "{:.1f} ({:.0f})"),
+        ("C-GET of the 4-assoc series right after it was stored: MB/s (instances received)",
+         lambda r: (r["get_fresh_bytes"] / 1e6 / r["get_fresh"], r["get_fresh_n"]), "{:.1f} ({:.0f})"),
+        (f"fill {st['n']} x 64x64 for C-FIND (pacs: ingest service in-process; Orthanc: storescu, 4 assoc): inst/s",
+         lambda r: (r["fill"][0] / r["fill"][1],), "{:.0f}"),
+    ]
 
-    def add(metric: str, fmt) -> None:
+
+def figures(rounds: list[dict], name: str, value) -> list[tuple | None]:  # noqa: ANN001
+    """One server's figures for one metric, a tuple per round; None where that round has none (it failed)."""
+    out: list[tuple | None] = []
+    for results in rounds:
+        try:
+            out.append(tuple(value(results[name])))
+        except (KeyError, ZeroDivisionError):
+            out.append(None)
+    return out
+
+
+def table(data: dict, rounds: list[dict], names: list[str]) -> str:
+    """Median over the rounds of every figure; with several rounds, each round's headline figure after it."""
+    rows = []
+    for label, value, fmt in metrics(data):
         cells = []
         for name in names:
-            try:
-                cells.append(fmt(results[name]))
-            except Exception:  # noqa: BLE001 — a missing result prints as n/a
+            runs = figures(rounds, name, value)
+            measured = [run for run in runs if run is not None]
+            if not measured:
                 cells.append("n/a")
-        rows.append((metric, *cells))
-
-    mb_ct = ct["bytes"] / 1e6
-    add(f"C-STORE {ct['n']} CT 512x512 ({mb_ct:.0f} MB), 1 assoc: inst/s | MB/s",
-        lambda r: f"{ct['n'] / r['store1']:.0f} | {mb_ct / r['store1']:.1f}")
-    add(f"C-STORE {ct['n']} CT 512x512, 4 parallel assoc: inst/s | MB/s",
-        lambda r: f"{ct['n'] / r['store4']:.0f} | {ct['bytes4'] / 1e6 / r['store4']:.1f}")
-    add(f"C-STORE {small['n']} x 64x64, 1 assoc: inst/s",
-        lambda r: f"{small['n'] / r['small']:.0f}")
-    add(f"C-FIND STUDY, 1 match, {st['count']} studies: median | p95 ms",
-        lambda r: f"{r['find1'][0]:.1f} | {r['find1'][1]:.1f}")
-    add(f"C-FIND STUDY PatientName=PAT* (all {st['count']} match): median | p95 ms",
-        lambda r: f"{r['findall'][0]:.1f} | {r['findall'][1]:.1f}")
-    add(f"C-FIND STUDY on an open association (findscu --repeat): 1 match | all {st['count']} ms per query",
-        lambda r: f"{r['find1_open']:.1f} | {r['findall_open']:.1f}")
-    add("  matches returned (1-match | PAT*)",
-        lambda r: f"{r['find1_matches']} | {r['findall_matches']}")
-    add("C-ECHO (echoscu process + association floor): median | p95 ms",
-        lambda r: f"{r['echo'][0]:.1f} | {r['echo'][1]:.1f}")
-    add(f"C-MOVE {ct['n']} CT to storescp: MB/s (instances received)",
-        lambda r: f"{r['move_bytes'] / 1e6 / r['move']:.1f} ({r['move_n']})")
-    add(f"C-GET {ct['n']} CT by getscu: MB/s (instances received)",
-        lambda r: f"{r['get_bytes'] / 1e6 / r['get']:.1f} ({r['get_n']})")
-    add("C-GET of the 4-assoc series right after it was stored: MB/s (instances received)",
-        lambda r: f"{r['get_fresh_bytes'] / 1e6 / r['get_fresh']:.1f} ({r['get_fresh_n']})")
-    add(f"fill {st['n']} x 64x64 for C-FIND: inst/s",
-        lambda r: f"{r['fill'][0] / r['fill'][1]:.0f} ({r['fill'][2]})")
+                continue
+            cell = fmt.format(*(statistics.median(col) for col in zip(*measured)))
+            if len(rounds) > 1:
+                head = fmt.split(" ")[0]
+                cell += " [" + " ".join(head.format(run[0]) if run else "-" for run in runs) + "]"
+            cells.append(cell)
+        rows.append((label, *cells))
     widths = [max(len(row[i]) for row in rows + [("metric", *names)]) for i in range(len(names) + 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(("metric", *names), widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def rotated(servers: list, k: int) -> list:
+    """Round ``k``'s order: the first order turned left by ``k``, so over len(servers) rounds each leads once."""
+    k %= len(servers)
+    return servers[k:] + servers[:k]
 
 
 def main() -> int:
@@ -665,6 +705,9 @@ def main() -> int:
     parser.add_argument("--peer-first", action="store_true",
                         help="measure Orthanc before pacs (by default after): a server's position in the run "
                              "decides what the servers before it left in the page cache")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="measure every server N times, the order turned by one each round (default: as many "
+                             "rounds as servers, so each goes first once); cells are medians over the rounds")
     parser.add_argument("--replication", default="3", metavar="N[,N...]",
                         help="with --cluster: the HDFS replication of pacs's packs, one pacs HDFS+PG server per "
                              "factor (default 3, the cluster default). The dev stack's three DataNodes share this "
@@ -677,10 +720,13 @@ def main() -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--replication {args.replication!r}: expected factors of 1 or more, like 3 or 3,1")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected 1 or more")
 
     tmp = Path(tempfile.mkdtemp(prefix="dicom-bench-"))
     procs = Procs()
-    results: dict = {}
+    rounds: list[dict] = []
+    orders: list[list[str]] = []
     errors: list[str] = []
     servers: list = []
     try:
@@ -693,21 +739,28 @@ def main() -> int:
             servers.append(Orthanc(procs, tmp))
         if args.peer_first:
             servers.sort(key=lambda server: not isinstance(server, Orthanc))
+        n_rounds = args.rounds if args.rounds is not None else len(servers)
         versions = [s.version() for s in servers]
         versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
-        for server in servers:
-            waited = wait_quiet()
-            if waited > 1.5:
-                print(f"waited {waited:.0f}s for the machine to go quiet before {server.name}", flush=True)
-            started = time.perf_counter()
-            try:
-                bench_server(server, data, results, procs, tmp)
-            except Exception as exc:  # noqa: BLE001 — report and go on with the other server
-                errors.append(f"{server.name}: {type(exc).__name__}: {exc}")
-            if not args.keep:
-                server.discard()  # its gigabytes of files, and the page cache they hold, before the next server
-            print(f"{server.name} done in {time.perf_counter() - started:.0f}s", flush=True)
+        for k in range(n_rounds):
+            order = rotated(servers, k)
+            orders.append([s.name for s in order])
+            rounds.append({})
+            for server in order:
+                waited = wait_quiet()
+                if waited > 1.5:
+                    print(f"waited {waited:.0f}s for the machine to go quiet before {server.name}", flush=True)
+                started = time.perf_counter()
+                r = rounds[k][server.name] = {}
+                try:
+                    bench_server(server, data, r, procs, tmp, tag=f"-{k + 1}")
+                except Exception as exc:  # noqa: BLE001 — report and go on with the other servers
+                    errors.append(f"round {k + 1}, {server.name}: {type(exc).__name__}: {exc}")
+                if not args.keep:
+                    server.discard()  # its gigabytes of files, and the page cache they hold, before the next server
+                print(f"round {k + 1}/{n_rounds}: {server.name} done in {time.perf_counter() - started:.0f}s",
+                      flush=True)
         print()
         print(f"DICOM services benchmark{' (--quick)' if args.quick else ''}, "
               f"{platform.node()}, {os.cpu_count()} cores, loopback, TCP_NODELAY=1 everywhere")
@@ -724,8 +777,13 @@ def main() -> int:
               "MaximumPduLength 16384, DicomThreadsCount 4)")
         print("C-FIND / C-ECHO times are per findscu/echoscu process: process start + association "
               f"setup + query + release, {FIND_RUNS} runs")
+        if n_rounds > 1:
+            print(f"{n_rounds} rounds, each server's order turned by one per round; every cell is the median "
+                  "over the rounds, [each round's first figure] after it")
+            for k, order in enumerate(orders):
+                print(f"  round {k + 1}: " + ", ".join(order))
         print()
-        print(table(data, results, args.quick))
+        print(table(data, rounds, [s.name for s in servers]))
         for e in errors:
             print("ERROR " + e)
     finally:
