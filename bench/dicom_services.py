@@ -39,6 +39,9 @@ order turned by one each round: by default as many rounds as servers, each
 leading one round.  Every cell is the median over the rounds, with each
 round's figure beside it.  ``--rounds 1`` measures once;
 ``--peer-first`` puts Orthanc first in round 1 (by default pacs leads).
+For each server of each round the machine's busy, iowait and steal shares
+are printed: a round that is slow for every server shows there when the host
+took the CPUs.
 Each server's stored data is deleted when its measurements are done,
 and the next server starts once the machine is quiet (under 10 % busy for a
 second, at most 90 s): DataNodes deleting blocks or a disk writing back are
@@ -147,12 +150,30 @@ class Procs:
             self.stop(proc)
 
 
+def cpu_fields() -> list[int]:
+    """The machine's jiffies from /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine; waiting for I/O counts as busy."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
+    fields = cpu_fields()
     idle = fields[3]  # fields[4], iowait, stays busy: a disk still writing is not a quiet machine
     return sum(fields) - idle, sum(fields)
+
+
+def machine_share(before: list[int], after: list[int]) -> str:
+    """What the whole machine did between two :func:`cpu_fields`, in % of all its CPUs.
+
+    Steal is time the host ran something else while this machine wanted a
+    CPU: a server measured while it is high was measured on a slower machine.
+    """
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    steal = d[7] if len(d) > 7 else 0
+    return (f"busy {100 * (total - d[3]) / total:.0f} %, iowait {100 * d[4] / total:.0f} %, "
+            f"steal {100 * steal / total:.1f} %")
 
 
 def wait_quiet(busy_below: float = 0.1, limit_s: float = 90.0) -> float:
@@ -726,7 +747,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dicom-bench-"))
     procs = Procs()
     rounds: list[dict] = []
-    orders: list[list[str]] = []
+    machine: list[list[str]] = []  # per round, what the machine did while each server was measured
     errors: list[str] = []
     servers: list = []
     try:
@@ -745,18 +766,20 @@ def main() -> int:
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
         for k in range(n_rounds):
             order = rotated(servers, k)
-            orders.append([s.name for s in order])
             rounds.append({})
+            machine.append([])
             for server in order:
                 waited = wait_quiet()
                 if waited > 1.5:
                     print(f"waited {waited:.0f}s for the machine to go quiet before {server.name}", flush=True)
                 started = time.perf_counter()
                 r = rounds[k][server.name] = {}
+                before = cpu_fields()
                 try:
                     bench_server(server, data, r, procs, tmp, tag=f"-{k + 1}")
                 except Exception as exc:  # noqa: BLE001 — report and go on with the other servers
                     errors.append(f"round {k + 1}, {server.name}: {type(exc).__name__}: {exc}")
+                machine[k].append(f"{server.name}: {machine_share(before, cpu_fields())}")
                 if not args.keep:
                     server.discard()  # its gigabytes of files, and the page cache they hold, before the next server
                 print(f"round {k + 1}/{n_rounds}: {server.name} done in {time.perf_counter() - started:.0f}s",
@@ -780,8 +803,9 @@ def main() -> int:
         if n_rounds > 1:
             print(f"{n_rounds} rounds, each server's order turned by one per round; every cell is the median "
                   "over the rounds, [each round's first figure] after it")
-            for k, order in enumerate(orders):
-                print(f"  round {k + 1}: " + ", ".join(order))
+        print("each round in its order, and what the machine did while each server was measured (% of its CPUs):")
+        for k, shares in enumerate(machine):
+            print(f"  round {k + 1}: " + "; ".join(shares))
         print()
         print(table(data, rounds, [s.name for s in servers]))
         for e in errors:
