@@ -294,8 +294,13 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.data_dirs: list[Path] = []
 
+    @property
+    def slug(self) -> str:
+        """The server's name as a file name ("pacs HDFS+PG r1" -> "pacs-HDFS-PG-r1")."""
+        return self.name.replace(" ", "-").replace("+", "-")
+
     def new_data_dir(self, tag: str) -> Path:
-        d = self.tmp / f"{self.name.replace(' ', '-').replace('+', '-')}-{tag}"
+        d = self.tmp / f"{self.slug}-{tag}"
         d.mkdir()
         self.data_dir = d
         self.data_dirs.append(d)
@@ -519,13 +524,13 @@ def storescp(procs: Procs, out: Path):
         procs.stop(proc)
 
 
-def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str = "") -> None:
+def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str) -> None:
     """Measure one server into ``r``; ``tag`` tells its data folders apart from other rounds'."""
     ct = data["ct"]
-    prefix = tmp / f"{server.name.replace(' ', '-').replace('+', '-')}{tag}"
+    prefix = f"{server.slug}{tag}"  # of the folders the clients write into
     # ---- phase 1: fresh data dir, store / move / get
     server.new_data_dir(f"store{tag}")
-    moved = Path(f"{prefix}-moved")
+    moved = tmp / f"{prefix}-moved"
     with storescp(procs, moved) as scp_port:
         server.add_move_destination(scp_port)
         server.start()
@@ -541,7 +546,7 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str 
             if got != ct["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (4 assoc)")
             # A viewer pulling a study the moment it arrived: on HDFS, from packs still being written.
-            fresh_dir = Path(f"{prefix}-fresh")
+            fresh_dir = tmp / f"{prefix}-fresh"
             fresh_dir.mkdir()
             r["get_fresh"] = run_clients([getscu(server.aet, server.port, series_keys(ct["study"], ct["series4"]),
                                                  fresh_dir)], "C-GET just stored")
@@ -557,7 +562,7 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str 
                                       *keys, HOST, str(server.port)]], "C-MOVE")
             # storescp (still up) writes its files flat into -od: counted, then deleted
             r["move_n"], r["move_bytes"] = received(moved, ct["n"], "C-MOVE", keep_dir=True)
-            got_dir = Path(f"{prefix}-got")
+            got_dir = tmp / f"{prefix}-got"
             got_dir.mkdir()
             r["get"] = run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET")
             r["get_n"], r["get_bytes"] = received(got_dir, ct["n"], "C-GET")
@@ -580,7 +585,7 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str 
         one = [f"PatientName={studies['one_name']}", f"AccessionNumber={studies['one_acc']}", "StudyInstanceUID"]
         broad = ["PatientName=PAT*", "StudyInstanceUID"]
         for label, keys in (("find1", one), ("findall", broad)):
-            out = Path(f"{prefix}-{label}")
+            out = tmp / f"{prefix}-{label}"
             out.mkdir()
             subprocess.run(find_cmd(server.aet, server.port, keys, out), env=ENV, check=True, capture_output=True)
             r[f"{label}_matches"] = len(list(out.glob("*.dcm")))
