@@ -39,5 +39,15 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+def drift(db: Database) -> list:
+    """How the database's schema differs from the models (Alembic's comparison); empty when they agree."""
+    from alembic.autogenerate import compare_metadata
+
+    from pacs.index.models import Base
+
+    with db.engine.connect() as connection:
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+
 def is_current(db: Database) -> bool:
     return current_revision(db) == head_revision()

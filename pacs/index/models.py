@@ -107,8 +107,9 @@ class Series(Base):
     frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")  # (0020,0052) UI
     num_instances: Mapped[int] = mapped_column(Integer, default=0)  # (0020,1209) IS
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # Last time an instance arrived: routing rules wait for a series to be quiet.
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # Last time an instance arrived: routing rules wait for a series to be quiet.  Not indexed:
+    # every stored instance sets it, and an indexed column would make that update touch every index.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

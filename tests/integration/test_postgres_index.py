@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from sqlalchemy import create_engine, func, text
@@ -58,6 +59,43 @@ def test_cli_migrates_postgres(pg_url, tmp_path):
             "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_patients_patient_name'")).scalar_one()
     engine.dispose()
     assert "varchar_pattern_ops" in indexdef
+    from pacs.index.database import Database
+    from pacs.index.migrate import drift
+
+    db = Database(pg_url)
+    try:
+        assert drift(db) == []  # the migrations build the models' schema on Postgres too
+    finally:
+        db.dispose()
+
+
+def test_counter_updates_of_a_series_are_made_in_place(pg_url, tmp_path):
+    """Each stored instance bumps its series', study's and patient's counters: Postgres must do that as a
+    heap-only ("HOT") update, which adds nothing to the table's indexes, so no column it sets may be indexed."""
+    from pacs.synthetic import SeriesSpec, make_series
+
+    count = 30
+    services = build_services(Settings(data_dir=tmp_path, index={"url": pg_url}))
+    try:
+        for blob in make_series(SeriesSpec(rows=16, columns=16, count=count)):
+            services.ingest.store(blob)
+    finally:
+        services.close()  # the server sessions end, and with them their statistics are reported
+    engine = create_engine(pg_url)
+    query = text("SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                 "WHERE relname IN ('series', 'studies', 'patients') ORDER BY relname")
+    try:
+        for _ in range(50):
+            with engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if rows and all(updated >= count - 1 for _, updated, _ in rows):
+                break
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    assert [name for name, _, _ in rows] == ["patients", "series", "studies"]
+    for name, updated, in_place in rows:
+        assert updated >= count - 1 and in_place == updated, (name, updated, in_place)
 
 
 def test_wildcard_match_uses_an_index_on_postgres(index):
