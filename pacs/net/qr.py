@@ -163,10 +163,11 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
 # Spans (ObjectStore.plan_spans: objects read together, one each on the
 # local store, a few MB of a pack on HDFS, planned over runs of objects in
 # the order they lie in their packs) are read and checksummed up to
-# READ_AHEAD spans ahead of the one being sent, by as many threads: the reads
-# overlap the network exchange, and one read's latency (a NameNode call, an
-# HTTP exchange) overlaps another's transfer.
-READ_AHEAD = 2
+# ``BlobStore.read_ahead`` spans ahead of the one being sent, by as many
+# threads, where a read waits on the network (HDFS): the reads overlap the
+# network exchange, and one read's latency (a NameNode call, an HTTP
+# exchange) overlaps another's transfer.  The local store's spans are read
+# when needed, on the sending thread, while the peer stores the object before.
 
 
 def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, bytes | PacsError]]:
@@ -176,9 +177,14 @@ def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[
 
 
 def _spans_read_ahead(objects: ObjectStore, spans: Iterator[Span]) -> Iterator[tuple[Span, list[bytes | PacsError]]]:
-    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="retrieve-read") as reader:
+    ahead = objects.blobs.read_ahead
+    if ahead <= 0:
+        for span in spans:
+            yield span, objects.read_span(span)
+        return
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="retrieve-read") as reader:
         queued: deque[tuple[Span, Future]] = deque(
-            (span, reader.submit(objects.read_span, span)) for span in islice(spans, READ_AHEAD))
+            (span, reader.submit(objects.read_span, span)) for span in islice(spans, ahead))
         while queued:
             span, reading = queued.popleft()
             for later in islice(spans, 1):
@@ -193,7 +199,7 @@ def _send_stored(objects: ObjectStore, matches: list[_ToSend], event: evt.Event)
     the stored transfer syntax the peer receives the bytes the modality sent.
     Where the peer accepted only another uncompressed syntax, the object is
     decoded and pynetdicom converts.  The next objects are read while one is
-    sent (``READ_AHEAD``).
+    sent (``BlobStore.read_ahead``).
     """
     for item, data in _read_ahead(objects, matches):
         if event.is_cancelled:

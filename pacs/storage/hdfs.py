@@ -130,6 +130,8 @@ class _Pending(Generic[T]):
 # Objects next to each other are read together up to this size: each read is
 # a NameNode call and a DataNode connection.
 SPAN_BYTES = 8 << 20
+# Spans a retrieve reads ahead, on as many threads (BlobStore.read_ahead).
+READ_AHEAD = 2
 # Spans and open packs are read straight from the DataNodes (pacs.storage.datanode)
 # unless that failed this many times in a row where the clients then got the same bytes.
 DIRECT_MISSES_BEFORE_FALLBACK = 3
@@ -148,6 +150,7 @@ def namenode_address(url: str) -> tuple[str, int] | None:
 
 class NativeHdfsBlobStore(BlobStore):
     span_bytes = SPAN_BYTES
+    read_ahead = READ_AHEAD
 
     def __init__(
         self,
@@ -539,6 +542,7 @@ class _Hsync(Flush):
 
 class WebHdfsBlobStore(BlobStore):
     span_bytes = SPAN_BYTES
+    read_ahead = READ_AHEAD
 
     def __init__(
         self,

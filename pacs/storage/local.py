@@ -68,14 +68,25 @@ class LocalBlobStore(BlobStore):
         return claim_abandoned(self._full(path))
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The bytes at ``offset`` (to the end, or ``length`` of them): one ``pread`` into one buffer."""
         try:
-            with open(self._full(path), "rb") as f:
-                f.seek(offset)
-                data = f.read() if length is None else f.read(length)
+            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no blob at {path!r} in {self.description}") from None
         except OSError as exc:
             raise StorageUnavailable(f"cannot read {path!r}: {exc}") from exc
+        try:
+            wanted = os.fstat(fd).st_size - offset if length is None else length
+            data = os.pread(fd, max(wanted, 0), offset)
+            while len(data) < wanted:  # a read that returns less than asked for, before the end
+                more = os.pread(fd, wanted - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {path!r}: {exc}") from exc
+        finally:
+            os.close(fd)
         if length is not None and len(data) != length:
             raise StorageUnavailable(
                 f"short read of {path!r}: expected {length} bytes at offset {offset}, got {len(data)}"

@@ -154,6 +154,7 @@ def test_a_span_that_cannot_be_read_is_read_object_by_object(stored, monkeypatch
 def test_a_retrieve_reads_ahead_a_bounded_number_of_spans_and_keeps_the_order(stored):
     services, sent, locations, reads = stored
     services.objects.blobs.span_bytes = 0  # one object per span: count the spans read ahead
+    services.objects.blobs.read_ahead = depth = 2  # as on HDFS
     released = threading.Event()
     started: list[Location] = []
     read_span = services.objects.read_span
@@ -170,13 +171,32 @@ def test_a_retrieve_reads_ahead_a_bounded_number_of_spans_and_keeps_the_order(st
     first, data = next(ahead)
     assert (first, data) == (items[0], sent[0])
     deadline = time.monotonic() + 10
-    while len(started) < 1 + qr.READ_AHEAD and time.monotonic() < deadline:
+    while len(started) < 1 + depth and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)  # time enough to start more reads, if it would
-    assert len(started) == 1 + qr.READ_AHEAD  # the one handed out and READ_AHEAD behind it, no more
+    assert len(started) == 1 + depth  # the one handed out and read_ahead behind it, no more
     released.set()
     rest = list(ahead)
     assert [item for item, _ in rest] == items[1:] and [data for _, data in rest] == sent[1:]
+
+
+def test_a_retrieve_from_the_local_store_reads_each_span_on_the_sending_thread_when_needed(stored):
+    services, sent, locations, reads = stored
+    assert services.objects.blobs.read_ahead == 0
+    readers: list[threading.Thread] = []
+    read_span = services.objects.read_span
+
+    def recorded(span):  # noqa: ANN001, ANN202
+        readers.append(threading.current_thread())
+        return read_span(span)
+
+    services.objects.read_span = recorded
+    items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(locations)]
+    ahead = qr._read_ahead(services.objects, items)
+    assert next(ahead) == (items[0], sent[0]) and len(readers) == 1  # nothing read before it is asked for
+    rest = list(ahead)
+    assert [item for item, _ in rest] == items[1:] and [data for _, data in rest] == sent[1:]
+    assert set(readers) == {threading.current_thread()}
 
 
 def test_objects_asked_for_against_their_pack_order_are_read_in_spans_and_come_back_in_the_asked_order(stored):
