@@ -12,8 +12,11 @@ import pytest
 from sqlalchemy import create_engine, func, text
 
 from pacs.devstack import PG_URL, empty_database
+from pacs.index.database import Database
+from pacs.index.migrate import drift
 from pacs.services import build_services
 from pacs.settings import Settings
+from pacs.synthetic import SeriesSpec, make_series
 from tests.unit import test_matching
 from tests.unit.test_matching import (  # noqa: F401  (collected here, against Postgres)
     test_date_ranges,
@@ -59,9 +62,6 @@ def test_cli_migrates_postgres(pg_url, tmp_path):
             "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_patients_patient_name'")).scalar_one()
     engine.dispose()
     assert "varchar_pattern_ops" in indexdef
-    from pacs.index.database import Database
-    from pacs.index.migrate import drift
-
     db = Database(pg_url)
     try:
         assert drift(db) == []  # the migrations build the models' schema on Postgres too
@@ -72,8 +72,6 @@ def test_cli_migrates_postgres(pg_url, tmp_path):
 def test_counter_updates_of_a_series_are_made_in_place(pg_url, tmp_path):
     """Each stored instance bumps its series', study's and patient's counters: Postgres must do that as a
     heap-only ("HOT") update, which adds nothing to the table's indexes, so no column it sets may be indexed."""
-    from pacs.synthetic import SeriesSpec, make_series
-
     count = 30
     services = build_services(Settings(data_dir=tmp_path, index={"url": pg_url}))
     try:

@@ -87,7 +87,8 @@ def test_migrations_build_the_schema_of_the_models(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'index.sqlite'}")
     try:
         upgrade(older, "0003")  # a schema from before migration 0004: the comparison sees what 0004 changes
-        assert [d[0] for d in drift(older)] == ["remove_index"] and "ix_series_updated_at" in str(drift(older))
+        differences = drift(older)
+        assert [d[0] for d in differences] == ["remove_index"] and "ix_series_updated_at" in str(differences)
         upgrade(db)
         assert drift(db) == []
     finally:
