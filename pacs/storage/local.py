@@ -26,12 +26,16 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.description = f"local:{self.root}"
+        self._root_name = os.fspath(self.root)
 
     def _full(self, path: str) -> Path:
-        rel = Path(path)
-        if rel.is_absolute() or ".." in rel.parts:
+        return Path(self._full_name(path))
+
+    def _full_name(self, path: str) -> str:
+        """The file's name under the root, as a string (a retrieve opens one per object sent)."""
+        if path.startswith("/") or ".." in path.split("/"):
             raise ValueError(f"blob path must be relative without '..', got {path!r}")
-        return self.root / rel
+        return f"{self._root_name}/{path}"
 
     def write(self, path: str, chunks: Iterable[bytes]) -> int:
         final = self._full(path)
@@ -70,7 +74,7 @@ class LocalBlobStore(BlobStore):
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         """The bytes at ``offset`` (to the end, or ``length`` of them): one ``pread`` into one buffer."""
         try:
-            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._full_name(path), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no blob at {path!r} in {self.description}") from None
         except OSError as exc:
