@@ -313,6 +313,7 @@ class EventDrivenDUL(DULServiceProvider):
     def run_reactor(self) -> None:
         """The DUL thread: pynetdicom's loop (one primitive sent or one PDU read, then one event), waiting when idle."""
         self._idle_timer.start()
+        self._tls_handshake()
         idle = False
         try:
             while True:
@@ -345,6 +346,33 @@ class EventDrivenDUL(DULServiceProvider):
                     os.close(fd)
                 except OSError:
                     pass
+
+    def _tls_handshake(self) -> None:
+        """The TLS handshake of an accepted connection, which the server leaves to this thread (pacs.net.scp).
+
+        Within the ACSE timeout, the time pynetdicom gives a peer to send its
+        association request.  A failed handshake (a plain DICOM peer, a
+        client that says nothing) ends the association as one whose request
+        never came: logged, the state machine told the connection closed
+        (Evt17), and the association thread, waiting for the request, handed
+        the nothing it gets on a timeout, at once.
+        """
+        sock = self.socket.socket if self.socket is not None else None
+        if not isinstance(sock, ssl.SSLSocket) or not sock.server_side or sock.version() is not None:
+            return  # not TLS, a requestor's connection, or shaken hands already
+        try:
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "a peer that has gone"
+        try:
+            sock.settimeout(self.assoc.acse_timeout)
+            sock.do_handshake()
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc or type(exc).__name__)
+            self.event_queue.put("Evt17")
+            self.to_user_queue.put(None)
 
     def _abort_now(self) -> None:
         """Send an A-ABORT past the state machine, whose state can no longer be trusted."""

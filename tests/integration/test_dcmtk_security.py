@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -54,7 +57,9 @@ def test_an_ae_without_store_permission_cannot_store(guarded, tmp_path):
     assert "Success" in accepted.stdout + accepted.stderr
 
 
-def test_tls_association_works_and_plain_one_fails(tmp_path):
+@pytest.fixture
+def tls_server(tmp_path):
+    """A TLS-only SCP with a self-signed certificate: (its port, the certificate)."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
                            "-days", "1", "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True)
@@ -62,12 +67,31 @@ def test_tls_association_works_and_plain_one_fails(tmp_path):
     services = build_services(Settings(data_dir=tmp_path / "data", dicom={
         "port": free_port(), "tls_cert_file": str(cert), "tls_key_file": str(key)}))
     server = start_scp(services)
-    try:
-        port = str(services.settings.dicom.port)
-        secure = run("echoscu", "+tla", "+cf", str(cert), "-aec", "PACS", "127.0.0.1", port)
+    yield str(services.settings.dicom.port), cert
+    server.shutdown()
+    services.close()
+
+
+def test_tls_association_works_and_plain_one_fails(tls_server):
+    port, cert = tls_server
+    secure = run("echoscu", "+tla", "+cf", str(cert), "-aec", "PACS", "127.0.0.1", port)
+    assert secure.returncode == 0, secure.stdout + secure.stderr
+    plain = run("echoscu", "-to", "5", "-ta", "5", "-td", "5", "-aec", "PACS", "127.0.0.1", port)
+    assert plain.returncode != 0
+
+
+def test_a_silent_connection_to_the_tls_port_holds_up_no_one(tls_server, caplog):
+    """A client that connects and never starts its handshake (a port scan, a load balancer's probe) is
+    handshaken with on its association's thread; the port goes on accepting meanwhile."""
+    port, cert = tls_server
+    with socket.create_connection(("127.0.0.1", int(port))):
+        secure = run("echoscu", "+tla", "+cf", str(cert), "-to", "10", "-ta", "10", "-td", "10",
+                     "-aec", "PACS", "127.0.0.1", port)
         assert secure.returncode == 0, secure.stdout + secure.stderr
-        plain = run("echoscu", "-to", "5", "-ta", "5", "-td", "5", "-aec", "PACS", "127.0.0.1", port)
-        assert plain.returncode != 0
-    finally:
-        server.shutdown()
-        services.close()
+        with caplog.at_level(logging.WARNING, logger="pacs.net.reactor"):
+            plain = run("echoscu", "-to", "5", "-ta", "5", "-td", "5", "-aec", "PACS", "127.0.0.1", port)
+            assert plain.returncode != 0
+            deadline = time.monotonic() + 5
+            while "TLS handshake with 127.0.0.1:" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "TLS handshake with 127.0.0.1:" in caplog.text and "failed" in caplog.text
