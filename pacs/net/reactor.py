@@ -98,6 +98,11 @@ FIND_PENDING = (0xFF00, 0xFF01)
 _BATCH_BYTES = 4 << 20
 # Coalesced messages (C-FIND matches) are written once this much is held.
 _COALESCE_BYTES = 64 << 10
+# The longest PDU taken other than a P-DATA-TF (an A-ASSOCIATE-RQ of 128 presentation contexts
+# with every transfer syntax pynetdicom knows is ~300 kB; the others are 10 bytes).
+MAX_CONTROL_PDU_LENGTH = 1 << 20
+# A P-DATA-TF may exceed the announced maximum by this much (see EventDrivenDUL._oversized).
+_PDU_LENGTH_SLACK = 64 << 10
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -228,14 +233,21 @@ class EventDrivenDUL(DULServiceProvider):
         read by handed back to it.
         """
         assoc = self.assoc
-        if (self.state_machine.current_state != "Sta6" or not self.event_queue.empty()
-                or not self._recv_pdu.empty() or self.socket is None
-                or not isinstance(assoc.dimse.receive_primitive, _StoreRequestReceiver)
-                or any(assoc.get_handlers(e) for e in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION))):
+        if self.socket is None:
             super()._read_pdu_data()
             return
-        header = self.socket.recv(6)
-        if len(header) != 6 or header[0] != 0x04:
+        try:
+            header = self.socket.recv(6)
+        except OSError as exc:  # TimeoutError and ssl.SSLError included
+            log.error("association with %s: reading a PDU failed: %s", self._peer(), exc)
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom reports it
+            return
+        if len(header) == 6 and self._oversized(header):
+            return
+        if (len(header) != 6 or header[0] != 0x04 or self.state_machine.current_state != "Sta6"
+                or not self.event_queue.empty() or not self._recv_pdu.empty()
+                or not isinstance(assoc.dimse.receive_primitive, _StoreRequestReceiver)
+                or any(assoc.get_handlers(e) for e in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION))):
             self.socket._pacs_pushed_back = bytes(header)
             super()._read_pdu_data()
             return
@@ -253,6 +265,50 @@ class EventDrivenDUL(DULServiceProvider):
         primitive = P_DATA()
         primitive._presentation_data_value_list = values  # views: the setter takes only bytes
         assoc.dimse.receive_primitive(primitive)  # DT-2; the state stays Sta6
+
+    def _oversized(self, header: bytes) -> bool:
+        """A PDU announced longer than the archive takes: refused before any of it is read.
+
+        A PDU is read into one buffer of the length its header announces;
+        unchecked, six bytes from anyone who can connect made the process
+        allocate and clear up to 4 GiB.  A P-DATA-TF may be as long as the
+        maximum this side announced at association (with
+        ``_PDU_LENGTH_SLACK`` for peers that count it differently; no limit
+        where that was 0), any other PDU ``MAX_CONTROL_PDU_LENGTH``.  The
+        association is aborted (A-ABORT, invalid PDU parameter value) and
+        the reason logged with the peer and the length.
+        """
+        pdu_type = header[0]
+        (length,) = _PDU_LENGTH.unpack_from(header, 2)
+        if pdu_type == 0x04:
+            assoc = self.assoc
+            local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+            announced = local.maximum_length
+            if not announced or length <= announced + _PDU_LENGTH_SLACK:
+                return False
+            limit = f"the {announced} bytes announced as this side's maximum"
+        elif length <= MAX_CONTROL_PDU_LENGTH:
+            return False
+        else:
+            limit = f"the {MAX_CONTROL_PDU_LENGTH} bytes taken for a PDU of type 0x{pdu_type:02X}"
+        log.error("association with %s: a PDU of type 0x%02X announced %d bytes, more than %s; aborting",
+                  self._peer(), pdu_type, length, limit)
+        negotiating = not self.assoc.is_established
+        self._abort_now(reason=0x06)  # invalid PDU parameter value
+        if negotiating:
+            self.to_user_queue.put(None)  # the association thread, waiting on ACSE, ends at once
+        return True
+
+    def _peer(self) -> str:
+        """The peer, for the log: its AE title once known, and its address."""
+        assoc = self.assoc
+        title = (assoc.requestor.ae_title if assoc.is_acceptor else assoc.acceptor.ae_title) or ""
+        try:
+            host, port = self.socket.socket.getpeername()[:2]
+            address = f"{host}:{port}"
+        except (AttributeError, OSError):
+            address = "a closed connection"
+        return f"{title.strip()} at {address}" if title.strip() else address
 
     def _flush_held(self) -> None:
         if self._held:
@@ -374,11 +430,11 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             self.to_user_queue.put(None)
 
-    def _abort_now(self) -> None:
+    def _abort_now(self, reason: int = 0x00) -> None:
         """Send an A-ABORT past the state machine, whose state can no longer be trusted."""
         pdu = A_ABORT_RQ()
         pdu.source = 0x02  # service provider
-        pdu.reason_diagnostic = 0x00
+        pdu.reason_diagnostic = reason
         try:
             self.socket.send(pdu.encode())
         except Exception:  # noqa: BLE001 - the connection may be gone already

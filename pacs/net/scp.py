@@ -34,6 +34,12 @@ from pacs.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The longest P-DATA-TF PDU the archive takes, announced at association.  Large enough that a
+# 0.5 MB image comes in one PDU where the peer sends that much at once (dcmtk sends 128 kB PDUs);
+# bounded, because each PDU is read into one buffer: with no limit announced, a peer could make
+# the process allocate whatever its PDU header claimed (pacs.net.reactor refuses longer PDUs).
+MAX_PDU_LENGTH = 4 << 20
+
 
 def handle_echo(event: evt.Event) -> int:
     return int(Status.SUCCESS)
@@ -119,7 +125,7 @@ TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in UNCOMPRESSE
 def build_ae(settings: Settings) -> EventDrivenAE:
     configure_pynetdicom_logging(settings.log_level)
     ae = EventDrivenAE(ae_title=settings.dicom.ae_title)
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+    ae.maximum_pdu_size = MAX_PDU_LENGTH
     ae.maximum_associations = 32
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = settings.dicom.network_timeout_s
     ae.add_supported_context(Verification, UNCOMPRESSED)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import threading
 import time
 
@@ -13,6 +15,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from pacs.index.repository import find_instance
 from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, _recv_exactly, make_event_driven
+from pacs.net.scp import MAX_PDU_LENGTH
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.synthetic import SeriesSpec, make_series
 
@@ -86,6 +89,44 @@ def test_a_silent_peer_is_aborted_after_the_network_timeout(scp):
     while not accepted[0].is_aborted and time.monotonic() < deadline:
         time.sleep(0.01)
     assert accepted[0].is_aborted
+
+
+def _read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU from a raw socket (header and body), or what came before the connection closed."""
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack_from(">L", data, 2)[0]:
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
+@pytest.mark.parametrize("pdu_type", [0x01, 0x04])
+def test_a_pdu_announced_longer_than_the_archive_takes_is_refused_unread(scp, caplog, pdu_type):
+    """Six bytes from anyone who can connect no longer make the archive allocate what they claim."""
+    services, accepted = scp
+    with socket.create_connection(("127.0.0.1", services.settings.dicom.port), timeout=5) as sock:
+        sock.sendall(struct.pack(">BBL", pdu_type, 0, 0xFFFFFFF0) + b"\0" * 1024)
+        answer = _read_pdu(sock)
+        assert answer == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])  # A-ABORT: provider, invalid parameter
+        assert sock.recv(1) == b""  # and the connection closed, not left to the ACSE timeout
+    assert f"a PDU of type 0x{pdu_type:02X} announced 4294967280 bytes" in caplog.text
+
+
+def test_a_data_pdu_longer_than_announced_aborts_an_established_association(scp, caplog):
+    services, accepted = scp
+    aborted = threading.Event()
+    assoc = _associate(services, Verification)
+    assoc.bind(evt.EVT_ABORTED, lambda event: aborted.set())
+    assert assoc.acceptor.maximum_length == MAX_PDU_LENGTH  # what the archive announced
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, MAX_PDU_LENGTH + (1 << 20)))
+    assert aborted.wait(5)
+    deadline = time.monotonic() + 5
+    while not accepted[0].is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accepted[0].is_aborted
+    assert f"announced {MAX_PDU_LENGTH + (1 << 20)} bytes, more than the {MAX_PDU_LENGTH} bytes" in caplog.text
 
 
 def test_an_abort_from_the_peer_ends_the_association(scp):
