@@ -853,6 +853,9 @@ class _StoreRequestReceiver:
         self.request = None  # the C-STORE-RQ whose data set is arriving
         self.data_set = BytesIO()
         self.digest = None  # the SHA-256 of its Part 10 object, so far
+        # Bytes of a data set past the AE's max_received_object_bytes, whose rest is
+        # dropped as it arrives: the handler refuses it without its bytes (0 otherwise).
+        self.oversized = 0
 
     def __call__(self, primitive: P_DATA) -> None:
         dimse = self.dimse
@@ -887,14 +890,23 @@ class _StoreRequestReceiver:
                 return
             else:
                 fragment = memoryview(data)[1:]
-                self.data_set.write(fragment)
-                if self.digest is not None:
-                    self.digest.update(fragment)
+                if self.oversized:
+                    self.oversized += len(fragment)  # counted, not kept
+                else:
+                    self.data_set.write(fragment)
+                    if self.digest is not None:
+                        self.digest.update(fragment)
+                    limit = dimse.assoc.ae.max_received_object_bytes
+                    if limit is not None and self.data_set.tell() > limit:
+                        self.oversized = self.data_set.tell()
+                        self.data_set, self.digest = BytesIO(), None
                 if control & 0x02:
                     request, self.request = self.request, None
                     request.DataSet = self.data_set
                     request._pacs_decoded = True  # see _served_store
-                    if self.digest is not None:
+                    if self.oversized:
+                        request._pacs_oversized, self.oversized = self.oversized, 0
+                    elif self.digest is not None:
                         request._pacs_sha256 = self.digest.hexdigest()
                     dimse.msg_queue.put((request._context_id, request))
 
@@ -949,7 +961,14 @@ def make_event_driven(assoc: Association) -> None:
 
 
 class EventDrivenAE(AE):
-    """pynetdicom's AE whose requested associations (C-MOVE sub-operations, push, echo) are event-driven."""
+    """pynetdicom's AE whose requested associations (C-MOVE sub-operations, push, echo) are event-driven.
+
+    ``max_received_object_bytes``: a C-STORE data set growing past it is no
+    longer kept as it arrives (:class:`_StoreRequestReceiver`), so that one
+    peer sending more than the archive would store cannot fill its memory.
+    """
+
+    max_received_object_bytes: int | None = None
 
     def _create_socket(self, assoc: Association, address, tls_args):  # noqa: ANN001, ANN202 - pynetdicom's hook
         sock = super()._create_socket(assoc, address, tls_args)

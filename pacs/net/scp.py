@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import AssociationServer
 
+from pacs.errors import ObjectTooLarge
 from pacs.ingest.service import BufferChain, IngestService, StoreOutcome
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.commands import part10_head
@@ -51,10 +52,17 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     if not may(event, STORE):
         tally["refused"] += 1
         return status_dataset(int(Status.NOT_AUTHORIZED), f"{calling_ae} may not store")
+    request = event.request
+    oversized = getattr(request, "_pacs_oversized", 0)
+    if oversized:  # refused as it arrived, its bytes past the limit dropped (pacs.net.reactor)
+        limit_mb = ingest.settings.max_object_mb
+        log.warning("C-STORE of %s from %s refused: its data set passed %d MB (storage.max_object_mb=%d); "
+                    "%d bytes received", request.AffectedSOPInstanceUID, calling_ae, limit_mb, limit_mb, oversized)
+        tally["failed"] += 1
+        return store_failure(ObjectTooLarge(f"data set over {limit_mb} MB"))
     try:
         # The object as received, without copying pynetdicom's dataset buffer:
         # a large object is held in memory once (see docs/conformance.md).
-        request = event.request
         # the head and digest the reactor made as the data set arrived, if it did
         sha256 = getattr(request, "_pacs_sha256", None)
         head = getattr(request, "_pacs_head", None) if sha256 else None
@@ -126,6 +134,7 @@ def build_ae(settings: Settings) -> EventDrivenAE:
     configure_pynetdicom_logging(settings.log_level)
     ae = EventDrivenAE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = MAX_PDU_LENGTH
+    ae.max_received_object_bytes = settings.storage.max_object_mb << 20
     ae.maximum_associations = 32
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = settings.dicom.network_timeout_s
     ae.add_supported_context(Verification, UNCOMPRESSED)

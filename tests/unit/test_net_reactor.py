@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import struct
 import threading
@@ -14,10 +15,12 @@ from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from pacs.index.repository import find_instance
+from pacs.net import reactor
 from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, _recv_exactly, make_event_driven
 from pacs.net.scp import MAX_PDU_LENGTH
 from pacs.net.transport import REQUESTOR_HANDLERS
-from pacs.synthetic import SeriesSpec, make_series
+from pacs.synthetic import SeriesSpec, make_instance, make_series
+from tests.conftest import start_recorded_scp
 
 
 def _associate(services, *contexts, ae_cls=EventDrivenAE):
@@ -127,6 +130,39 @@ def test_a_data_pdu_longer_than_announced_aborts_an_established_association(scp,
         time.sleep(0.01)
     assert accepted[0].is_aborted
     assert f"announced {MAX_PDU_LENGTH + (1 << 20)} bytes, more than the {MAX_PDU_LENGTH} bytes" in caplog.text
+
+
+def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded, caplog, monkeypatch):
+    """One peer sending more than the archive would store cannot fill its memory: the data set is no
+    longer kept once past storage.max_object_mb, the store is refused (A700), the association goes on."""
+    kept = []
+
+    class Recording(io.BytesIO):
+        def write(self, data) -> int:  # noqa: ANN001
+            written = super().write(data)
+            kept.append(self.tell())
+            return written
+
+    monkeypatch.setattr(reactor, "BytesIO", Recording)
+    embedded.settings.storage.max_object_mb = 1
+    server, _accepted = start_recorded_scp(embedded, network_timeout_s=10.0)
+    try:
+        big = pydicom.dcmread(io.BytesIO(make_instance(SeriesSpec(rows=2048, columns=2048, series_key="big"), 0)))
+        small = pydicom.dcmread(io.BytesIO(make_instance(SeriesSpec(rows=8, columns=8, series_key="small"), 0)))
+        assoc = _associate(embedded, CTImageStorage)
+        try:
+            statuses = [assoc.send_c_store(big).Status, assoc.send_c_store(small).Status]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0xA700, 0x0000]
+    assert f"C-STORE of {big.SOPInstanceUID} from TESTSCU refused: its data set passed 1 MB" in caplog.text
+    received = int(re.search(r"; (\d+) bytes received", caplog.text).group(1))
+    assert max(kept) <= MAX_PDU_LENGTH < received  # of all that came, one PDU's worth was held at most
+    with embedded.db.session() as session:
+        assert find_instance(session, big.SOPInstanceUID) is None
+        assert find_instance(session, small.SOPInstanceUID) is not None
 
 
 def test_an_abort_from_the_peer_ends_the_association(scp):
