@@ -63,6 +63,7 @@ from io import BytesIO
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.service_class import StorageServiceClass
@@ -103,6 +104,11 @@ _COALESCE_BYTES = 64 << 10
 MAX_CONTROL_PDU_LENGTH = 1 << 20
 # A P-DATA-TF may exceed the announced maximum by this much (see EventDrivenDUL._oversized).
 _PDU_LENGTH_SLACK = 64 << 10
+# The most of a message that pynetdicom assembles that the archive lets it hold (see
+# _StoreRequestReceiver._to_pynetdicom): a command set is a few hundred bytes; the data set of
+# anything but a C-STORE (a C-FIND identifier, a list of UIDs) a few kB, rarely a few MB.
+MAX_COMMAND_SET_BYTES = 1 << 20
+MAX_OTHER_DATA_SET_BYTES = 16 << 20
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -934,11 +940,41 @@ class _StoreRequestReceiver:
         return hashlib.sha256(head)
 
     def _to_pynetdicom(self, primitive: P_DATA) -> None:
-        """pynetdicom's own handling, with values that are views of a received buffer made ``bytes``."""
+        """pynetdicom's own handling, with values that are views of a received buffer made ``bytes``.
+
+        pynetdicom assembles a message's command set and data set in memory
+        with no limit of its own; a message growing past the archive's
+        (``MAX_COMMAND_SET_BYTES``, the AE's ``max_received_object_bytes``
+        for a C-STORE's data set, ``MAX_OTHER_DATA_SET_BYTES`` for any other)
+        is let go and the association aborted, the reason logged.
+        """
         for value in primitive.presentation_data_value_list:
             if not isinstance(value[1], bytes):
                 value[1] = bytes(value[1])
         self.pynetdicom(primitive)
+        message = self.dimse.message
+        if message is None:
+            return
+        command_bytes = message.encoded_command_set.tell()
+        data_set = message.data_set
+        data_bytes = data_set.tell() if isinstance(data_set, BytesIO) else 0
+        if isinstance(message, C_STORE_RQ):
+            data_limit = self.dimse.assoc.ae.max_received_object_bytes
+        else:
+            data_limit = MAX_OTHER_DATA_SET_BYTES
+        if command_bytes <= MAX_COMMAND_SET_BYTES and (data_limit is None or data_bytes <= data_limit):
+            return
+        self.dimse.message = None
+        dul = self.dimse.assoc.dul
+        peer = dul._peer() if isinstance(dul, EventDrivenDUL) else self.dimse.assoc.requestor.ae_title
+        log.error("association with %s: a %s passed %s (%d bytes of command set, %d of data set); aborting",
+                  peer, type(message).__name__.replace("_", "-"),
+                  f"the {MAX_COMMAND_SET_BYTES} bytes taken for a command set" if command_bytes > MAX_COMMAND_SET_BYTES
+                  else f"the {data_limit} bytes taken for its data set", command_bytes, data_bytes)
+        if isinstance(dul, EventDrivenDUL):
+            dul._abort_now()
+        else:
+            self.dimse.assoc.abort()
 
 
 def make_event_driven(assoc: Association) -> None:

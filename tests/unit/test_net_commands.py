@@ -193,7 +193,8 @@ class _Dimse:
         self.msg_queue: queue.Queue = queue.Queue()
         self.by_pynetdicom: list[list] = []
         self.assoc = SimpleNamespace(get_handlers=lambda event: [], requestor=SimpleNamespace(ae_title="TESTSCU"),
-                                     _accepted_cx={3: SimpleNamespace(transfer_syntax=[EXPLICIT])})
+                                     _accepted_cx={3: SimpleNamespace(transfer_syntax=[EXPLICIT])},
+                                     ae=SimpleNamespace(max_received_object_bytes=None))
         self.dul = SimpleNamespace(event_queue=queue.Queue())
 
     def receive_primitive(self, primitive) -> None:

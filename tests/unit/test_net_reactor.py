@@ -12,11 +12,17 @@ import time
 import pydicom
 import pytest
 from pynetdicom import evt
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
 from pacs.index.repository import find_instance
 from pacs.net import reactor
-from pacs.net.reactor import EventDrivenAE, EventDrivenDUL, _recv_exactly, make_event_driven
+from pacs.net.reactor import (
+    MAX_OTHER_DATA_SET_BYTES,
+    EventDrivenAE,
+    EventDrivenDUL,
+    _recv_exactly,
+    make_event_driven,
+)
 from pacs.net.scp import MAX_PDU_LENGTH
 from pacs.net.transport import REQUESTOR_HANDLERS
 from pacs.synthetic import SeriesSpec, make_instance, make_series
@@ -163,6 +169,25 @@ def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded
     with embedded.db.session() as session:
         assert find_instance(session, big.SOPInstanceUID) is None
         assert find_instance(session, small.SOPInstanceUID) is not None
+
+
+def test_a_query_whose_identifier_passes_the_limit_aborts_the_association(scp, caplog):
+    """pynetdicom assembles the messages the archive does not decode itself with no limit of its own."""
+    services, accepted = scp
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.add_new(0x00091010, "OB", b"\0" * (MAX_OTHER_DATA_SET_BYTES + 2 * MAX_PDU_LENGTH))
+    assoc = _associate(services, StudyRootQueryRetrieveInformationModelFind)
+    aborted = threading.Event()
+    assoc.bind(evt.EVT_ABORTED, lambda event: aborted.set())
+    responses = list(assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind))
+    assert aborted.wait(5)
+    assert all(status is None or not status for status, _ in responses)  # no answer came
+    assert f"a C-FIND-RQ passed the {MAX_OTHER_DATA_SET_BYTES} bytes taken for its data set" in caplog.text
+    deadline = time.monotonic() + 5
+    while not accepted[0].is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accepted[0].is_aborted
 
 
 def test_an_abort_from_the_peer_ends_the_association(scp):
