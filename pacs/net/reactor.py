@@ -902,7 +902,7 @@ class _StoreRequestReceiver:
                     self.data_set.write(fragment)
                     if self.digest is not None:
                         self.digest.update(fragment)
-                    limit = dimse.assoc.ae.max_received_object_bytes
+                    limit = getattr(dimse.assoc.ae, "max_received_object_bytes", None)
                     if limit is not None and self.data_set.tell() > limit:
                         self.oversized = self.data_set.tell()
                         self.data_set, self.digest = BytesIO(), None
@@ -959,7 +959,7 @@ class _StoreRequestReceiver:
         data_set = message.data_set
         data_bytes = data_set.tell() if isinstance(data_set, BytesIO) else 0
         if isinstance(message, C_STORE_RQ):
-            data_limit = self.dimse.assoc.ae.max_received_object_bytes
+            data_limit = getattr(self.dimse.assoc.ae, "max_received_object_bytes", None)
         else:
             data_limit = MAX_OTHER_DATA_SET_BYTES
         if command_bytes <= MAX_COMMAND_SET_BYTES and (data_limit is None or data_bytes <= data_limit):
