@@ -140,7 +140,25 @@ class BufferChain(io.RawIOBase):
         return done
 
 
-Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | BufferChain
+class ReceivedFile:
+    """An object a receiver spooled to an unnamed temporary file, read as that file.
+
+    No other process can reach such a file (it has no name), so like a
+    :class:`BufferChain` it cannot change while it is stored and is hashed
+    once.  ``sha256``: the hex SHA-256 of its bytes, when the receiver
+    computed it as they arrived; ingest then does not hash them again.
+    """
+
+    def __init__(self, file: BinaryIO, sha256: str | None = None) -> None:
+        self._file = file
+        self.sha256 = sha256
+        self.name = "<received object>"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | BufferChain | ReceivedFile
 
 
 class IngestService:
@@ -184,10 +202,11 @@ class IngestService:
                 attrs = read_attributes(fp, size)
             except InvalidObject as exc:
                 raise InvalidObject(f"{name}: {exc}") from None
-            sha256 = (source.sha256 if isinstance(source, BufferChain) else None) or _digest(fp)
-            # an in-memory source was copied into a private buffer: it cannot change
-            # before it is written, so it is hashed once; a file is hashed again as it streams
-            verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain))
+            sha256 = (source.sha256 if isinstance(source, (BufferChain, ReceivedFile)) else None) or _digest(fp)
+            # an in-memory source was copied into a private buffer (a received one may be in a
+            # private file): it cannot change before it is written, so it is hashed once; a file
+            # anyone may write to is hashed again as it streams
+            verify = not isinstance(source, (bytes, bytearray, memoryview, BufferChain, ReceivedFile))
             result = self._store_parsed(fp, attrs, sha256, size, source_ae, verify, write_first)
         if self.compactor is not None and result.outcome is not StoreOutcome.DUPLICATE:
             self.compactor.after_store()
@@ -468,4 +487,4 @@ def _digest(fp: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["BufferChain", "IngestService", "StoreOutcome", "StoreResult"]
+__all__ = ["BufferChain", "IngestService", "ReceivedFile", "StoreOutcome", "StoreResult"]

@@ -55,6 +55,7 @@ import queue
 import select
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import types
@@ -862,6 +863,8 @@ class _StoreRequestReceiver:
         # Bytes of a data set past the AE's max_received_object_bytes, whose rest is
         # dropped as it arrives: the handler refuses it without its bytes (0 otherwise).
         self.oversized = 0
+        # A data set growing past this many bytes goes on in an unnamed file (see _spool).
+        self.spool_at = getattr(dimse.assoc.ae, "spool_received_bytes", None) or math.inf
 
     def __call__(self, primitive: P_DATA) -> None:
         dimse = self.dimse
@@ -902,19 +905,46 @@ class _StoreRequestReceiver:
                     self.data_set.write(fragment)
                     if self.digest is not None:
                         self.digest.update(fragment)
+                    size = self.data_set.tell()
                     limit = getattr(dimse.assoc.ae, "max_received_object_bytes", None)
-                    if limit is not None and self.data_set.tell() > limit:
-                        self.oversized = self.data_set.tell()
+                    if limit is not None and size > limit:
+                        self.oversized = size
+                        self.data_set.close()  # a spooled file goes with it
                         self.data_set, self.digest = BytesIO(), None
+                    elif size > self.spool_at and type(self.data_set) is BytesIO:
+                        self._spool()
                 if control & 0x02:
                     request, self.request = self.request, None
-                    request.DataSet = self.data_set
+                    if type(self.data_set) is BytesIO:
+                        request.DataSet = self.data_set
+                    else:  # spooled: the primitive takes only a BytesIO
+                        request.DataSet, request._pacs_spooled = BytesIO(), self.data_set
                     request._pacs_decoded = True  # see _served_store
                     if self.oversized:
                         request._pacs_oversized, self.oversized = self.oversized, 0
                     elif self.digest is not None:
                         request._pacs_sha256 = self.digest.hexdigest()
                     dimse.msg_queue.put((request._context_id, request))
+
+    def _spool(self) -> None:
+        """Go on with the data set being received in an unnamed temporary file, its file meta first.
+
+        A large object is then held on disk rather than in memory: the
+        handler stores the file (``request._pacs_spooled``; it holds the
+        whole Part 10 object, so no head is put before it).  The file
+        has no name (``O_TMPFILE``): it is gone once closed, or with the
+        process, whatever ends the association.  Only for a request whose
+        head was made (:meth:`_start_digest`); any other stays in memory.
+        """
+        request = self.request
+        head = getattr(request, "_pacs_head", None)
+        if head is None:
+            return
+        spooled = tempfile.TemporaryFile(dir=self.dimse.assoc.ae.spool_dir)
+        spooled.write(head)
+        with self.data_set.getbuffer() as received:
+            spooled.write(received)
+        self.data_set = spooled
 
     def _start_digest(self, request: C_STORE, context_id: int):  # noqa: ANN205 - a hashlib object or None
         """The SHA-256 of the Part 10 object the handler will store, begun with its file meta.
@@ -1002,9 +1032,13 @@ class EventDrivenAE(AE):
     ``max_received_object_bytes``: a C-STORE data set growing past it is no
     longer kept as it arrives (:class:`_StoreRequestReceiver`), so that one
     peer sending more than the archive would store cannot fill its memory.
+    ``spool_received_bytes``: one growing past it goes on in an unnamed file
+    in ``spool_dir`` instead of memory.  None: no limit, no spooling.
     """
 
     max_received_object_bytes: int | None = None
+    spool_received_bytes: int | None = None
+    spool_dir: str | None = None
 
     def _create_socket(self, assoc: Association, address, tls_args):  # noqa: ANN001, ANN202 - pynetdicom's hook
         sock = super()._create_socket(assoc, address, tls_args)

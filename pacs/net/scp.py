@@ -9,6 +9,7 @@ the ingest service and answers only after the instance is durable and indexed.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -23,7 +24,7 @@ from pynetdicom.status import Status
 from pynetdicom.transport import AssociationServer
 
 from pacs.errors import ObjectTooLarge
-from pacs.ingest.service import BufferChain, IngestService, StoreOutcome
+from pacs.ingest.service import BufferChain, IngestService, ReceivedFile, StoreOutcome
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.commands import part10_head
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 # bounded, because each PDU is read into one buffer: with no limit announced, a peer could make
 # the process allocate whatever its PDU header claimed (pacs.net.reactor refuses longer PDUs).
 MAX_PDU_LENGTH = 4 << 20
+# A C-STORE data set growing past this goes on in an unnamed file under <data_dir>/tmp, not in
+# memory (pacs.net.reactor): at most this much of a received object is held in memory.
+SPOOL_RECEIVED_BYTES = 64 << 20
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -61,16 +65,22 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
         tally["failed"] += 1
         return store_failure(ObjectTooLarge(f"data set over {limit_mb} MB"))
     try:
-        # The object as received, without copying pynetdicom's dataset buffer:
-        # a large object is held in memory once (see docs/conformance.md).
-        # the head and digest the reactor made as the data set arrived, if it did
+        # The object as received, without copying the receiver's buffer: held in memory once,
+        # or past SPOOL_RECEIVED_BYTES in an unnamed file (see docs/conformance.md); the head
+        # and digest the reactor made as the data set arrived, if it did.
         sha256 = getattr(request, "_pacs_sha256", None)
         head = getattr(request, "_pacs_head", None) if sha256 else None
-        if head is None:
-            head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-                               event.context.transfer_syntax)
-        with event.request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as received:
-            result = ingest.store(received, source_ae=calling_ae, write_first=_sends_new_instances(tally))
+        spooled = getattr(request, "_pacs_spooled", None)  # a large one, in an unnamed file with its head
+        if spooled is not None:
+            with spooled:
+                result = ingest.store(ReceivedFile(spooled, sha256), source_ae=calling_ae,
+                                      write_first=_sends_new_instances(tally))
+        else:
+            if head is None:
+                head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                                   event.context.transfer_syntax)
+            with request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as received:
+                result = ingest.store(received, source_ae=calling_ae, write_first=_sends_new_instances(tally))
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
@@ -135,6 +145,9 @@ def build_ae(settings: Settings) -> EventDrivenAE:
     ae = EventDrivenAE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = MAX_PDU_LENGTH
     ae.max_received_object_bytes = settings.storage.max_object_mb << 20
+    ae.spool_received_bytes = SPOOL_RECEIVED_BYTES
+    ae.spool_dir = str(settings.data_dir / "tmp")
+    os.makedirs(ae.spool_dir, exist_ok=True)
     ae.maximum_associations = 32
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = settings.dicom.network_timeout_s
     ae.add_supported_context(Verification, UNCOMPRESSED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import socket
@@ -14,7 +15,7 @@ import pytest
 from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from pacs.index.repository import find_instance
+from pacs.index.repository import find_instance, location_of
 from pacs.net import reactor
 from pacs.net.reactor import (
     MAX_OTHER_DATA_SET_BYTES,
@@ -169,6 +170,42 @@ def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded
     with embedded.db.session() as session:
         assert find_instance(session, big.SOPInstanceUID) is None
         assert find_instance(session, small.SOPInstanceUID) is not None
+
+
+def test_a_large_data_set_goes_on_in_a_file_and_is_stored_whole(embedded, monkeypatch):
+    """Past the AE's spool_received_bytes a data set being received is held in an unnamed file, not in
+    memory; the object stored is the bytes sent, under the SHA-256 of those bytes."""
+    kept = []
+
+    class Recording(io.BytesIO):
+        def write(self, data) -> int:  # noqa: ANN001
+            written = super().write(data)
+            kept.append(self.tell())
+            return written
+
+    monkeypatch.setattr(reactor, "BytesIO", Recording)
+    server, _accepted = start_recorded_scp(embedded, network_timeout_s=10.0)
+    server.ae.spool_received_bytes = 1 << 20
+    try:
+        big = make_instance(SeriesSpec(rows=2048, columns=2048, series_key="big"), 0)
+        small = make_instance(SeriesSpec(rows=8, columns=8, series_key="small"), 0)
+        assoc = _associate(embedded, CTImageStorage)
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status for data in (big, small)]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000, 0x0000]
+    assert max(kept) <= (1 << 20) + MAX_PDU_LENGTH  # of the 8 MiB of pixels, the spool limit and a PDU at most
+    for data in (big, small):
+        sent = pydicom.dcmread(io.BytesIO(data))
+        with embedded.db.session() as session:
+            instance = find_instance(session, sent.SOPInstanceUID)
+        stored = embedded.objects.get(location_of(instance))
+        assert hashlib.sha256(stored).hexdigest() == instance.sha256
+        received = pydicom.dcmread(io.BytesIO(stored))
+        assert received.PixelData == sent.PixelData and received.SOPInstanceUID == sent.SOPInstanceUID
 
 
 def test_a_query_whose_identifier_passes_the_limit_aborts_the_association(scp, caplog):
