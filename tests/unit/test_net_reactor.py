@@ -139,18 +139,24 @@ def test_a_data_pdu_longer_than_announced_aborts_an_established_association(scp,
     assert f"announced {MAX_PDU_LENGTH + (1 << 20)} bytes, more than the {MAX_PDU_LENGTH} bytes" in caplog.text
 
 
-def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded, caplog, monkeypatch):
-    """One peer sending more than the archive would store cannot fill its memory: the data set is no
-    longer kept once past storage.max_object_mb, the store is refused (A700), the association goes on."""
-    kept = []
+@pytest.fixture
+def kept(monkeypatch) -> list[int]:
+    """The size of the receiver's in-memory data set buffer after each write to it."""
+    sizes: list[int] = []
 
     class Recording(io.BytesIO):
         def write(self, data) -> int:  # noqa: ANN001
             written = super().write(data)
-            kept.append(self.tell())
+            sizes.append(self.tell())
             return written
 
     monkeypatch.setattr(reactor, "BytesIO", Recording)
+    return sizes
+
+
+def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded, caplog, kept):
+    """One peer sending more than the archive would store cannot fill its memory: the data set is no
+    longer kept once past storage.max_object_mb, the store is refused (A700), the association goes on."""
     embedded.settings.storage.max_object_mb = 1
     server, _accepted = start_recorded_scp(embedded, network_timeout_s=10.0)
     try:
@@ -172,18 +178,9 @@ def test_a_data_set_past_the_object_limit_is_refused_without_being_kept(embedded
         assert find_instance(session, small.SOPInstanceUID) is not None
 
 
-def test_a_large_data_set_goes_on_in_a_file_and_is_stored_whole(embedded, monkeypatch):
+def test_a_large_data_set_goes_on_in_a_file_and_is_stored_whole(embedded, kept):
     """Past the AE's spool_received_bytes a data set being received is held in an unnamed file, not in
     memory; the object stored is the bytes sent, under the SHA-256 of those bytes."""
-    kept = []
-
-    class Recording(io.BytesIO):
-        def write(self, data) -> int:  # noqa: ANN001
-            written = super().write(data)
-            kept.append(self.tell())
-            return written
-
-    monkeypatch.setattr(reactor, "BytesIO", Recording)
     server, _accepted = start_recorded_scp(embedded, network_timeout_s=10.0)
     server.ae.spool_received_bytes = 1 << 20
     try:
