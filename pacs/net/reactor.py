@@ -249,16 +249,17 @@ class EventDrivenDUL(DULServiceProvider):
             log.error("association with %s: reading a PDU failed: %s", self._peer(), exc)
             self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom reports it
             return
-        if len(header) == 6 and self._oversized(header):
+        whole = len(header) == 6  # else the peer closed: pynetdicom reports it
+        length = _PDU_LENGTH.unpack_from(header, 2)[0] if whole else 0
+        if whole and self._oversized(header[0], length):
             return
-        if (len(header) != 6 or header[0] != 0x04 or self.state_machine.current_state != "Sta6"
+        if (not whole or header[0] != 0x04 or self.state_machine.current_state != "Sta6"
                 or not self.event_queue.empty() or not self._recv_pdu.empty()
                 or not isinstance(assoc.dimse.receive_primitive, _StoreRequestReceiver)
                 or any(assoc.get_handlers(e) for e in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION))):
             self.socket._pacs_pushed_back = bytes(header)
             super()._read_pdu_data()
             return
-        (length,) = _PDU_LENGTH.unpack_from(header, 2)
         body = self.socket.recv(length)
         if len(body) != length:
             log.error("The received PDU is shorter than expected (%d of %d bytes received)", len(body) + 6, length + 6)
@@ -273,7 +274,7 @@ class EventDrivenDUL(DULServiceProvider):
         primitive._presentation_data_value_list = values  # views: the setter takes only bytes
         assoc.dimse.receive_primitive(primitive)  # DT-2; the state stays Sta6
 
-    def _oversized(self, header: bytes) -> bool:
+    def _oversized(self, pdu_type: int, length: int) -> bool:
         """A PDU announced longer than the archive takes: refused before any of it is read.
 
         A PDU is read into one buffer of the length its header announces;
@@ -285,8 +286,6 @@ class EventDrivenDUL(DULServiceProvider):
         association is aborted (A-ABORT, invalid PDU parameter value) and
         the reason logged with the peer and the length.
         """
-        pdu_type = header[0]
-        (length,) = _PDU_LENGTH.unpack_from(header, 2)
         if pdu_type == 0x04:
             assoc = self.assoc
             local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
@@ -423,11 +422,7 @@ class EventDrivenDUL(DULServiceProvider):
         sock = self.socket.socket if self.socket is not None else None
         if not isinstance(sock, ssl.SSLSocket) or not sock.server_side or sock.version() is not None:
             return  # not TLS, a requestor's connection, or shaken hands already
-        try:
-            host, port = sock.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            peer = "a peer that has gone"
+        peer = self._peer()  # before the handshake: the connection may not outlive it
         try:
             sock.settimeout(self.assoc.acse_timeout)
             sock.do_handshake()
@@ -863,8 +858,11 @@ class _StoreRequestReceiver:
         # Bytes of a data set past the AE's max_received_object_bytes, whose rest is
         # dropped as it arrives: the handler refuses it without its bytes (0 otherwise).
         self.oversized = 0
-        # A data set growing past this many bytes goes on in an unnamed file (see _spool).
-        self.spool_at = getattr(dimse.assoc.ae, "spool_received_bytes", None) or math.inf
+        # The AE's limits (EventDrivenAE): a C-STORE data set past the first is refused as it
+        # arrives, one past the second goes on in an unnamed file (see _spool).
+        ae = dimse.assoc.ae
+        self.max_bytes = getattr(ae, "max_received_object_bytes", None) or math.inf
+        self.spool_at = getattr(ae, "spool_received_bytes", None) or math.inf
 
     def __call__(self, primitive: P_DATA) -> None:
         dimse = self.dimse
@@ -906,8 +904,7 @@ class _StoreRequestReceiver:
                     if self.digest is not None:
                         self.digest.update(fragment)
                     size = self.data_set.tell()
-                    limit = getattr(dimse.assoc.ae, "max_received_object_bytes", None)
-                    if limit is not None and size > limit:
+                    if size > self.max_bytes:
                         self.oversized = size
                         self.data_set.close()  # a spooled file goes with it
                         self.data_set, self.digest = BytesIO(), None
@@ -988,23 +985,16 @@ class _StoreRequestReceiver:
         command_bytes = message.encoded_command_set.tell()
         data_set = message.data_set
         data_bytes = data_set.tell() if isinstance(data_set, BytesIO) else 0
-        if isinstance(message, C_STORE_RQ):
-            data_limit = getattr(self.dimse.assoc.ae, "max_received_object_bytes", None)
-        else:
-            data_limit = MAX_OTHER_DATA_SET_BYTES
-        if command_bytes <= MAX_COMMAND_SET_BYTES and (data_limit is None or data_bytes <= data_limit):
+        data_limit = self.max_bytes if isinstance(message, C_STORE_RQ) else MAX_OTHER_DATA_SET_BYTES
+        if command_bytes <= MAX_COMMAND_SET_BYTES and data_bytes <= data_limit:
             return
         self.dimse.message = None
-        dul = self.dimse.assoc.dul
-        peer = dul._peer() if isinstance(dul, EventDrivenDUL) else self.dimse.assoc.requestor.ae_title
+        dul = self.dimse.assoc.dul  # an EventDrivenDUL: make_event_driven installs both
         log.error("association with %s: a %s passed %s (%d bytes of command set, %d of data set); aborting",
-                  peer, type(message).__name__.replace("_", "-"),
+                  dul._peer(), type(message).__name__.replace("_", "-"),
                   f"the {MAX_COMMAND_SET_BYTES} bytes taken for a command set" if command_bytes > MAX_COMMAND_SET_BYTES
                   else f"the {data_limit} bytes taken for its data set", command_bytes, data_bytes)
-        if isinstance(dul, EventDrivenDUL):
-            dul._abort_now()
-        else:
-            self.dimse.assoc.abort()
+        dul._abort_now()
 
 
 def make_event_driven(assoc: Association) -> None:

@@ -69,13 +69,13 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
         # or past SPOOL_RECEIVED_BYTES in an unnamed file (see docs/conformance.md); the head
         # and digest the reactor made as the data set arrived, if it did.
         sha256 = getattr(request, "_pacs_sha256", None)
-        head = getattr(request, "_pacs_head", None) if sha256 else None
         spooled = getattr(request, "_pacs_spooled", None)  # a large one, in an unnamed file with its head
         if spooled is not None:
             with spooled:
                 result = ingest.store(ReceivedFile(spooled, sha256), source_ae=calling_ae,
                                       write_first=_sends_new_instances(tally))
         else:
+            head = getattr(request, "_pacs_head", None) if sha256 else None
             if head is None:
                 head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
                                    event.context.transfer_syntax)
