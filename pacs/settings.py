@@ -132,6 +132,11 @@ class DicomSettings(BaseModel):
     network_timeout_s: float = Field(default=60, gt=0)
     # C-FIND answers at most this many matches (a Success follows them).
     max_find_results: int = Field(default=10_000, ge=1)
+    # Associations one worker process serves at once, counting those whose
+    # A-ASSOCIATE-RQ has come; one more is rejected as transient (local limit
+    # exceeded), which a peer may retry.  Connections that have not yet sent
+    # their request do not count (pacs.net.scp.MAX_WAITING_CONNECTIONS).
+    max_associations: int = Field(default=32, ge=1)
     # Accept associations only from AEs in the remote AE table (title and host).
     # None: on in cluster mode (HDFS storage), off in the embedded default.
     require_known_ae: bool | None = None

@@ -18,16 +18,31 @@ log = logging.getLogger(__name__)
 STORE, QUERY, RETRIEVE = 0, 1, 2
 
 
-def handle_requested(event: evt.Event, db: Database | None, storage_syntaxes: list[str] | None) -> None:
+def handle_requested(event: evt.Event, max_associations: int, db: Database | None,
+                     storage_syntaxes: list[str] | None) -> None:
     """Decide on an association request before pynetdicom negotiates it.
 
-    With ``db`` (the allow-list is on), reject a calling AE that is not in the
-    remote AE table (PS3.8 7.1.1.9): the peer must use a known AE title from
-    the host recorded for it (``*`` allows any host).  With
-    ``storage_syntaxes`` (unknown SOP classes are accepted), every proposed
-    abstract syntax pynetdicom does not know becomes a storage context.
+    Past ``max_associations`` associations whose request came (this one
+    included), reject it as transient, local limit exceeded (PS3.8 7.1.1.9),
+    as pynetdicom would; but pynetdicom counts every accepted connection,
+    including those that have not sent a request (and may never), so it is
+    given a limit that leaves room for them (``pacs.net.scp``).  With ``db``
+    (the allow-list is on), reject a calling AE that is not in the remote AE
+    table: the peer must use a known AE title from the host recorded for it
+    (``*`` allows any host).  With ``storage_syntaxes`` (unknown SOP classes
+    are accepted), every proposed abstract syntax pynetdicom does not know
+    becomes a storage context.
     """
-    if db is not None and not _known_peer(event.assoc, db):
+    assoc = event.assoc
+    serving = sum(1 for other in assoc.ae.active_associations
+                  if other.is_acceptor and other.requestor.primitive is not None)
+    if serving > max_associations:
+        log.warning("rejected association from %s at %s: %d associations already, the most one worker serves "
+                    "(dicom.max_associations=%d); the peer may retry", _calling(assoc), assoc.requestor.address,
+                    serving - 1, max_associations)
+        _reject(assoc, 0x02, 0x03, 0x02)  # rejected-transient, by the service provider (presentation), local limit
+        return
+    if db is not None and not _known_peer(assoc, db):
         return
     if storage_syntaxes is not None:
         _support_unknown_sop_classes(event.assoc, storage_syntaxes)
@@ -52,9 +67,20 @@ def _support_unknown_sop_classes(assoc: Association, syntaxes: list[str]) -> Non
         log.info("accepting unknown SOP classes as storage: %s", ", ".join(added))
 
 
-def _known_peer(assoc: Association, db: Database) -> bool:
+def _calling(assoc: Association) -> str:
     # The requestor's AE title is filled in by negotiation, which comes after this event.
-    calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+    return str(assoc.requestor.primitive.calling_ae_title or "").strip()
+
+
+def _reject(assoc: Association, result: int, source: int, reason: int) -> None:
+    """Send an A-ASSOCIATE-RJ and end the association the way pynetdicom's own negotiation does."""
+    assoc.acse.send_reject(result, source, reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _known_peer(assoc: Association, db: Database) -> bool:
+    calling = _calling(assoc)
     address = assoc.requestor.address
     with db.session() as session:
         peer = find_remote_ae(session, calling)
@@ -63,11 +89,7 @@ def _known_peer(assoc: Association, db: Database) -> bool:
             assoc.pacs_peer = (peer.may_store, peer.may_query, peer.may_retrieve)
     if not allowed:
         log.warning("rejected association from %s at %s: calling AE title not recognised", calling, address)
-        # rejected-permanent, by the service user, calling AE title not recognised;
-        # then end the association the way pynetdicom's own negotiation does.
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
+        _reject(assoc, 0x01, 0x01, 0x03)  # rejected-permanent, by the service user, calling AE title not recognised
     return allowed
 
 

@@ -403,6 +403,7 @@ class EventDrivenDUL(DULServiceProvider):
                 self.state_machine.do_action(event)
                 idle = False
         finally:
+            self._end_wait_for_request()
             for fd in (self._wake_read, self._wake_write):
                 try:
                     os.close(fd)
@@ -415,9 +416,8 @@ class EventDrivenDUL(DULServiceProvider):
         Within the ACSE timeout, the time pynetdicom gives a peer to send its
         association request.  A failed handshake (a plain DICOM peer, a
         client that says nothing) ends the association as one whose request
-        never came: logged, the state machine told the connection closed
-        (Evt17), and the association thread, waiting for the request, handed
-        the nothing it gets on a timeout, at once.
+        never came: logged, and the state machine told the connection closed
+        (Evt17), which ends this thread (see :meth:`_end_wait_for_request`).
         """
         sock = self.socket.socket if self.socket is not None else None
         if not isinstance(sock, ssl.SSLSocket) or not sock.server_side or sock.version() is not None:
@@ -429,7 +429,21 @@ class EventDrivenDUL(DULServiceProvider):
             sock.settimeout(None)
         except (OSError, ValueError) as exc:
             log.warning("TLS handshake with %s failed: %s", peer, exc or type(exc).__name__)
-            self.event_queue.put("Evt17")
+            self.event_queue.put("Evt17")  # the loop then ends, and _end_wait_for_request wakes the association
+
+    def _end_wait_for_request(self) -> None:
+        """An accepted connection that ends before its A-ASSOCIATE-RQ ends its association thread too, at once.
+
+        That thread waits for the request for up to the ACSE timeout; when the
+        connection closes first (a TCP health check or a port scan connects
+        and closes; a TLS handshake fails) pynetdicom leaves it waiting the
+        whole time, counted among the associations the AE may hold at once:
+        100 connections opened and closed left ~50 such threads in each of two
+        workers for a minute, and every association was rejected as over the
+        local limit.  Handed the nothing it gets on a timeout, it ends now.
+        """
+        assoc = self.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and self.to_user_queue.empty():
             self.to_user_queue.put(None)
 
     def _abort_now(self, reason: int = 0x00) -> None:

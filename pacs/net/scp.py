@@ -9,15 +9,17 @@ the ingest service and answers only after the instance is durable and indexed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
@@ -44,6 +46,14 @@ MAX_PDU_LENGTH = 4 << 20
 # A C-STORE data set growing past this goes on in an unnamed file under <data_dir>/tmp, not in
 # memory (pacs.net.reactor): at most this much of a received object is held in memory.
 SPOOL_RECEIVED_BYTES = 64 << 20
+# Connections a worker holds that have not sent their A-ASSOCIATE-RQ yet.  A peer sends it within
+# milliseconds of connecting; a connection that says nothing would wait up to the ACSE timeout.
+# Past this many the oldest is closed (ArchiveAssociationServer), so connections that never speak
+# cannot crowd out those that do.
+MAX_WAITING_CONNECTIONS = 64
+# Connections the kernel holds for the server to accept.  socketserver's default is 5: past that a
+# burst of connections (ten viewers opening at once) had its SYNs dropped and retried a second later.
+LISTEN_BACKLOG = 128
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -148,7 +158,10 @@ def build_ae(settings: Settings) -> EventDrivenAE:
     ae.spool_received_bytes = SPOOL_RECEIVED_BYTES
     ae.spool_dir = str(settings.data_dir / "tmp")
     os.makedirs(ae.spool_dir, exist_ok=True)
-    ae.maximum_associations = 32
+    # The limit on associations is handle_requested's (settings.dicom.max_associations), which counts
+    # those whose request came; pynetdicom's own counts every accepted connection, so it gets room for
+    # the waiting ones and never refuses first.
+    ae.maximum_associations = settings.dicom.max_associations + MAX_WAITING_CONNECTIONS
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = settings.dicom.network_timeout_s
     ae.add_supported_context(Verification, UNCOMPRESSED)
     for context in AllStoragePresentationContexts:
@@ -188,13 +201,72 @@ class ArchiveAssociationServer(AssociationServer):
       (:class:`pacs.net.reactor.EventDrivenDUL`).  pynetdicom's server
       shakes hands on the accepting thread with no time limit: one client
       that connected and said nothing stopped the port accepting anyone.
+    - Connections that have not sent their association request are capped
+      at ``MAX_WAITING_CONNECTIONS``: past that, the oldest is closed.
+      pynetdicom holds each until the ACSE timeout and counts it against the
+      AE's association limit, so 100 connections that said nothing (from
+      anyone who can reach the port, before any AE title is checked) had
+      every association rejected for a minute.
     """
+
+    request_queue_size = LISTEN_BACKLOG
+    _waiting: deque | None = None  # (accepted at, association) not yet requested, oldest first
+    _closed_unlogged = 0
+    _closed_logged_at = -math.inf
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
+        self._make_room()
+        super().process_request(request, client_address)
+
+    def accepted(self, assoc: Association) -> None:
+        """Note an association just made for an accepted connection (see _ArchiveRequestHandler)."""
+        if self._waiting is None:
+            self._waiting = deque()
+        self._waiting.append((time.monotonic(), assoc))
+
+    def _make_room(self) -> None:
+        """Forget associations whose request came or that ended; close the oldest waiting past the cap."""
+        if not self._waiting:
+            return
+        self._waiting = deque(entry for entry in self._waiting
+                              if entry[1].is_alive() and entry[1].requestor.primitive is None)
+        while len(self._waiting) >= MAX_WAITING_CONNECTIONS:
+            accepted_at, assoc = self._waiting.popleft()
+            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            if sock is None:
+                continue
+            try:
+                # The association's own threads see the connection end and finish (pacs.net.reactor).
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue  # closed meanwhile
+            self._log_closed(assoc, time.monotonic() - accepted_at)
+
+    def _log_closed(self, assoc: Association, silent_s: float) -> None:
+        """A WARNING for a closed waiting connection; at most one every 10 s, with the count since the last."""
+        self._closed_unlogged += 1
+        now = time.monotonic()
+        if now - self._closed_logged_at < 10:
+            return
+        log.warning("closed %d connection(s) that sent no association request (the last from %s:%s, after %.1f s): "
+                    "%d such connections is the most one worker holds", self._closed_unlogged,
+                    assoc.requestor.address, assoc.requestor.port, silent_s, MAX_WAITING_CONNECTIONS)
+        self._closed_unlogged, self._closed_logged_at = 0, now
+
+
+class _ArchiveRequestHandler(EventDrivenRequestHandler):
+    """The event-driven connection handler, telling the server of each association it makes."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self.server.accepted(assoc)
+        return assoc
 
 
 class SharedSocketServer(ArchiveAssociationServer):
@@ -228,7 +300,7 @@ class SharedSocketServer(ArchiveAssociationServer):
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """The non-blocking listening socket that ``pacs serve`` workers share (see :class:`SharedSocketServer`)."""
-    sock = socket.create_server((host, port), backlog=128)
+    sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -243,11 +315,10 @@ def start_scp(services: Services, *, block: bool = False, listening: socket.sock
     ae = build_ae(settings)
     allow_list = services.db if settings.require_known_ae else None
     unknown = TRANSFER_SYNTAXES if settings.dicom.accept_unknown_sop_classes else None
-    requested = [(evt.EVT_REQUESTED, handle_requested, [allow_list, unknown])] if allow_list or unknown else []
     handlers = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
         (evt.EVT_CONN_CLOSE, handle_connection_close),
-        *requested,
+        (evt.EVT_REQUESTED, handle_requested, [settings.dicom.max_associations, allow_list, unknown]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingest]),
         (evt.EVT_C_FIND, handle_find, [services.db, settings.dicom.max_find_results]),
@@ -262,7 +333,7 @@ def start_scp(services: Services, *, block: bool = False, listening: socket.sock
         ssl_context=context,
         server_class=(type("SharedSocketServer", (SharedSocketServer,), {"listening": listening})
                       if listening is not None else ArchiveAssociationServer),
-        request_handler=EventDrivenRequestHandler,
+        request_handler=_ArchiveRequestHandler,
     )
     server.contexts = _SupportedContexts(server.contexts)
     log.info(

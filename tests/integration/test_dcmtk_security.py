@@ -95,3 +95,97 @@ def test_a_silent_connection_to_the_tls_port_holds_up_no_one(tls_server, caplog)
             while "TLS handshake with 127.0.0.1:" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.05)
         assert "TLS handshake with 127.0.0.1:" in caplog.text and "failed" in caplog.text
+
+
+@pytest.fixture
+def patient_server(tmp_path):
+    """An SCP that gives a peer the default minute to send its association request, at most two associations."""
+    services = build_services(Settings(data_dir=tmp_path / "data", dicom={
+        "port": free_port(), "network_timeout_s": 60, "max_associations": 2}))
+    server = start_scp(services)
+    yield server, services.settings.dicom.port
+    server.shutdown()
+    services.close()
+
+
+def _waiting_for_request(server) -> int:  # noqa: ANN001 - pynetdicom's server
+    """The server's associations whose connection is open and whose A-ASSOCIATE-RQ has not come."""
+    return sum(1 for assoc in server.ae.active_associations
+               if assoc.is_acceptor and assoc.requestor.primitive is None)
+
+
+def _until(condition, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_connections_closed_before_their_request_leave_nothing_behind(patient_server):
+    """What a TCP health check or a port scan does — connect, close — ends the association at once, not
+    after the ACSE timeout: a hundred of them left the port rejecting every association for a minute."""
+    server, port = patient_server
+    for _ in range(100):
+        socket.create_connection(("127.0.0.1", port)).close()
+    assert _until(lambda: _waiting_for_request(server) == 0), f"{_waiting_for_request(server)} still waiting"
+    echo = run("echoscu", "-aec", "PACS", "127.0.0.1", str(port))
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+
+
+def test_connections_that_never_speak_crowd_out_no_one(patient_server, caplog):
+    """Connections that say nothing do not count against the association limit, and past
+    MAX_WAITING_CONNECTIONS the oldest of them are closed."""
+    from pacs.net.scp import MAX_WAITING_CONNECTIONS
+
+    server, port = patient_server
+    silent = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="pacs.net.scp"):
+            for _ in range(MAX_WAITING_CONNECTIONS + 36):
+                silent.append(socket.create_connection(("127.0.0.1", port)))
+            assert _until(lambda: _waiting_for_request(server) == MAX_WAITING_CONNECTIONS), \
+                f"{_waiting_for_request(server)} waiting"
+            echo = run("echoscu", "-aec", "PACS", "127.0.0.1", str(port))
+            assert echo.returncode == 0, echo.stdout + echo.stderr
+        # The server closed the oldest: each reads as ended (b"" or a reset); the newest are still open.
+        for sock in silent[:36]:
+            sock.settimeout(5)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        silent[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent[-1].recv(1)
+        assert "connection(s) that sent no association request" in caplog.text
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_associations_past_the_limit_are_rejected_as_transient(patient_server, caplog):
+    """dicom.max_associations counts associations whose request came; one more is told to retry later."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    server, port = patient_server
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="PACS") for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        with caplog.at_level(logging.WARNING, logger="pacs.net.access"):
+            refused = run("echoscu", "-aec", "PACS", "127.0.0.1", str(port))
+        assert refused.returncode != 0
+        assert "Rejected Transient" in refused.stdout + refused.stderr
+        assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+        assert "2 associations already" in caplog.text and "dicom.max_associations=2" in caplog.text
+        held.pop().release()
+        assert _until(lambda: sum(1 for a in server.ae.active_associations if a.is_acceptor) <= 1)
+        echo = run("echoscu", "-aec", "PACS", "127.0.0.1", str(port))
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+    finally:
+        for assoc in held:
+            assoc.release()
