@@ -274,6 +274,20 @@ class EventDrivenDUL(DULServiceProvider):
         primitive._presentation_data_value_list = values  # views: the setter takes only bytes
         assoc.dimse.receive_primitive(primitive)  # DT-2; the state stays Sta6
 
+    def _decode_pdu(self, bytestream: bytearray):  # noqa: ANN202 - pynetdicom's (PDU, event)
+        """pynetdicom's decoding of a PDU, a failure logged in one line that names the peer.
+
+        pynetdicom then answers it as an invalid PDU (Evt19: A-ABORT); its own
+        tracebacks of it are left out of the log (``pacs.net.transport``).
+        """
+        try:
+            return super()._decode_pdu(bytestream)
+        except Exception as exc:
+            log.error("association with %s: a PDU of type 0x%02X (%d bytes) could not be decoded: %s; aborting",
+                      self._peer(), bytestream[0], len(bytestream), exc)
+            exc.pacs_logged = True
+            raise
+
     def _oversized(self, pdu_type: int, length: int) -> bool:
         """A PDU announced longer than the archive takes: refused before any of it is read.
 

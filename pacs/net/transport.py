@@ -19,7 +19,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,31 @@ def configure_pynetdicom_logging(log_level: str) -> None:
     _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
     _config.LOG_REQUEST_IDENTIFIERS = verbose
     _config.LOG_RESPONSE_IDENTIFIERS = verbose
+    for name in ("pynetdicom.dul", "pynetdicom.utils"):
+        logger = logging.getLogger(name)
+        if verbose:
+            logger.removeFilter(_DECODE_TRACEBACKS)
+        else:
+            logger.addFilter(_DECODE_TRACEBACKS)  # once: a filter already there is not added again
+
+
+class _DecodeTracebacks(logging.Filter):
+    """pynetdicom's tracebacks for a PDU it cannot decode, left out unless the archive logs at DEBUG.
+
+    For one malformed A-ASSOCIATE-RQ (a port scan, a peer that is not DICOM)
+    pynetdicom logs two tracebacks and no peer: one for each text codec that
+    failed on an AE title (which it logs even when a fallback codec then
+    succeeds), one more for the PDU.  The archive logs one line with the peer,
+    the PDU type and the reason instead (``EventDrivenDUL._decode_pdu``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom.utils":
+            return not (record.exc_info and isinstance(record.exc_info[1], UnicodeError))
+        return not getattr(sys.exc_info()[1], "pacs_logged", False)  # logged while handling the one reported
+
+
+_DECODE_TRACEBACKS = _DecodeTracebacks()
 
 
 # For associations the archive requests.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import socket
 import struct
@@ -122,6 +123,24 @@ def test_a_pdu_announced_longer_than_the_archive_takes_is_refused_unread(scp, ca
         assert answer == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])  # A-ABORT: provider, invalid parameter
         assert sock.recv(1) == b""  # and the connection closed, not left to the ACSE timeout
     assert f"a PDU of type 0x{pdu_type:02X} announced 4294967280 bytes" in caplog.text
+
+
+def test_an_undecodable_association_request_is_logged_in_one_line(scp, caplog):
+    """A malformed A-ASSOCIATE-RQ (AE titles that are not text) is aborted and logged as one line naming
+    the peer, without pynetdicom's tracebacks (one per codec tried, one for the PDU)."""
+    services, _accepted = scp
+    body = struct.pack(">HH", 1, 0) + bytes(range(0xC0, 0xE0)) + b"\0" * 32  # version, reserved, called, calling
+    with caplog.at_level(logging.DEBUG, logger="pynetdicom"), \
+            socket.create_connection(("127.0.0.1", services.settings.dicom.port), timeout=5) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, len(body)) + body)
+        answer = _read_pdu(sock)
+    assert answer[0] == 0x07  # an A-ABORT
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    message = lines[0].getMessage()
+    assert message.startswith("association with 127.0.0.1:") and "a PDU of type 0x01 (74 bytes) could not be decoded" \
+        in message, message
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
 def test_a_data_pdu_longer_than_announced_aborts_an_established_association(scp, caplog):
