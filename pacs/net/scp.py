@@ -54,6 +54,8 @@ MAX_WAITING_CONNECTIONS = 64
 # Connections the kernel holds for the server to accept.  socketserver's default is 5: past that a
 # burst of connections (ten viewers opening at once) had its SYNs dropped and retried a second later.
 LISTEN_BACKLOG = 128
+# At most one WARNING about the waiting connections closed in this many seconds.
+CLOSED_REPORT_INTERVAL_S = 10.0
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -211,7 +213,8 @@ class ArchiveAssociationServer(AssociationServer):
 
     request_queue_size = LISTEN_BACKLOG
     _waiting: deque | None = None  # (accepted at, association) not yet requested, oldest first
-    _closed_unlogged = 0
+    _closed_unlogged = 0  # closed since the last WARNING about them
+    _closed_last: tuple[str, float] = ("", 0.0)  # the last one closed: its peer, how long it had said nothing
     _closed_logged_at = -math.inf
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -232,6 +235,7 @@ class ArchiveAssociationServer(AssociationServer):
 
     def _make_room(self) -> None:
         """Forget associations whose request came or that ended; close the oldest waiting past the cap."""
+        self._report_closed()  # those closed in the last burst, once the interval has passed
         if not self._waiting:
             return
         self._waiting = deque(entry for entry in self._waiting
@@ -246,17 +250,20 @@ class ArchiveAssociationServer(AssociationServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 continue  # closed meanwhile
-            self._log_closed(assoc, time.monotonic() - accepted_at)
+            self._closed_unlogged += 1
+            self._closed_last = (f"{assoc.requestor.address}:{assoc.requestor.port}", time.monotonic() - accepted_at)
+            self._report_closed()
 
-    def _log_closed(self, assoc: Association, silent_s: float) -> None:
-        """A WARNING for a closed waiting connection; at most one every 10 s, with the count since the last."""
-        self._closed_unlogged += 1
+    def _report_closed(self) -> None:
+        """A WARNING about the waiting connections closed since the last one; at most one every
+        ``CLOSED_REPORT_INTERVAL_S``: those closed meanwhile are told by the next connection accepted after."""
         now = time.monotonic()
-        if now - self._closed_logged_at < 10:
+        if not self._closed_unlogged or now - self._closed_logged_at < CLOSED_REPORT_INTERVAL_S:
             return
-        log.warning("closed %d connection(s) that sent no association request (the last from %s:%s, after %.1f s): "
-                    "%d such connections is the most one worker holds", self._closed_unlogged,
-                    assoc.requestor.address, assoc.requestor.port, silent_s, MAX_WAITING_CONNECTIONS)
+        peer, silent_s = self._closed_last
+        log.warning("closed %d connection(s) that sent no association request (the last from %s, after %.1f s): "
+                    "%d such connections is the most one worker holds", self._closed_unlogged, peer, silent_s,
+                    MAX_WAITING_CONNECTIONS)
         self._closed_unlogged, self._closed_logged_at = 0, now
 
 

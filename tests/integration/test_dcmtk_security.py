@@ -123,6 +123,12 @@ def _until(condition, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
     return True
 
 
+def _closed_reported(caplog) -> int:  # noqa: ANN001
+    """How many closed waiting connections the WARNINGs so far count."""
+    return sum(int(r.getMessage().split()[1]) for r in caplog.records
+               if "connection(s) that sent no association request" in r.getMessage())
+
+
 def test_connections_closed_before_their_request_leave_nothing_behind(patient_server):
     """What a TCP health check or a port scan does — connect, close — ends the association at once, not
     after the ACSE timeout: a hundred of them left the port rejecting every association for a minute."""
@@ -134,21 +140,26 @@ def test_connections_closed_before_their_request_leave_nothing_behind(patient_se
     assert echo.returncode == 0, echo.stdout + echo.stderr
 
 
-def test_connections_that_never_speak_crowd_out_no_one(patient_server, caplog):
+def test_connections_that_never_speak_crowd_out_no_one(patient_server, caplog, monkeypatch):
     """Connections that say nothing do not count against the association limit, and past
-    MAX_WAITING_CONNECTIONS the oldest of them are closed."""
-    from pacs.net.scp import MAX_WAITING_CONNECTIONS
+    MAX_WAITING_CONNECTIONS the oldest of them are closed, each counted in a WARNING."""
+    from pacs.net import scp
 
+    monkeypatch.setattr(scp, "CLOSED_REPORT_INTERVAL_S", 1.0)
     server, port = patient_server
     silent = []
     try:
         with caplog.at_level(logging.WARNING, logger="pacs.net.scp"):
-            for _ in range(MAX_WAITING_CONNECTIONS + 36):
+            for _ in range(scp.MAX_WAITING_CONNECTIONS + 36):
                 silent.append(socket.create_connection(("127.0.0.1", port)))
-            assert _until(lambda: _waiting_for_request(server) == MAX_WAITING_CONNECTIONS), \
+            assert _until(lambda: _waiting_for_request(server) == scp.MAX_WAITING_CONNECTIONS), \
                 f"{_waiting_for_request(server)} waiting"
             echo = run("echoscu", "-aec", "PACS", "127.0.0.1", str(port))
             assert echo.returncode == 0, echo.stdout + echo.stderr
+            time.sleep(1.0)
+            socket.create_connection(("127.0.0.1", port)).close()  # tells those closed since the first WARNING
+            # 36 closed for the silent ones past the cap, one more to make room for echoscu's
+            assert _until(lambda: _closed_reported(caplog) == 37), caplog.text
         # The server closed the oldest: each reads as ended (b"" or a reset); the newest are still open.
         for sock in silent[:36]:
             sock.settimeout(5)
@@ -159,7 +170,6 @@ def test_connections_that_never_speak_crowd_out_no_one(patient_server, caplog):
         silent[-1].setblocking(False)
         with pytest.raises(BlockingIOError):
             silent[-1].recv(1)
-        assert "connection(s) that sent no association request" in caplog.text
     finally:
         for sock in silent:
             sock.close()
