@@ -253,6 +253,19 @@ class EventDrivenDUL(DULServiceProvider):
         length = _PDU_LENGTH.unpack_from(header, 2)[0] if whole else 0
         if whole and self._oversized(header[0], length):
             return
+        if whole and not 0x01 <= header[0] <= 0x07:
+            # Answered as pynetdicom answers it (Evt19: A-ABORT), the peer named in the log, and its body
+            # (at most MAX_CONTROL_PDU_LENGTH, see _oversized) read past: pynetdicom left it to be read
+            # as the next PDU's header, and the abort waited for bytes that never came.
+            log.error("association with %s: a PDU of unknown type 0x%02X (%d bytes); aborting", self._peer(),
+                      header[0], length + 6)
+            try:
+                self.socket.recv(length)
+            except OSError:
+                self.event_queue.put("Evt17")  # gone meanwhile: the connection closed, as pynetdicom reports it
+                return
+            self.event_queue.put("Evt19")
+            return
         if (not whole or header[0] != 0x04 or self.state_machine.current_state != "Sta6"
                 or not self.event_queue.empty() or not self._recv_pdu.empty()
                 or not isinstance(assoc.dimse.receive_primitive, _StoreRequestReceiver)

@@ -143,6 +143,17 @@ def test_an_undecodable_association_request_is_logged_in_one_line(scp, caplog):
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
+def test_a_pdu_of_unknown_type_is_aborted_and_logged_with_the_peer(scp, caplog):
+    services, _accepted = scp
+    with socket.create_connection(("127.0.0.1", services.settings.dicom.port), timeout=5) as sock:
+        sock.sendall(bytes([0x09, 0, 0, 0, 0, 4]) + b"abcd")
+        answer = _read_pdu(sock)
+    assert answer[0] == 0x07  # an A-ABORT
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("association with 127.0.0.1:") \
+        and "a PDU of unknown type 0x09 (10 bytes)" in errors[0], errors
+
+
 def test_a_data_pdu_longer_than_announced_aborts_an_established_association(scp, caplog):
     services, accepted = scp
     aborted = threading.Event()
