@@ -168,6 +168,10 @@ def _instances_to_send(event: evt.Event, db: Database) -> list[_ToSend]:
 # network exchange, and one read's latency (a NameNode call, an HTTP
 # exchange) overlaps another's transfer.  The local store's spans are read
 # when needed, on the sending thread, while the peer stores the object before.
+# Each object of a span read whole is a view of the span's buffer, not a copy
+# (C-GET of 500 CT from HDFS, four alternating server starts of two fetches:
+# the server's CPU per image 1.11 ms with copies, 1.01 ms without; 335 and 361
+# MB/s).
 
 
 def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[_ToSend, bytes | PacsError]]:
@@ -178,17 +182,18 @@ def _read_ahead(objects: ObjectStore, matches: list[_ToSend]) -> Iterator[tuple[
 
 def _spans_read_ahead(objects: ObjectStore, spans: Iterator[Span]) -> Iterator[tuple[Span, list[bytes | PacsError]]]:
     ahead = objects.blobs.read_ahead
+    read = partial(objects.read_span, views=True)  # each object is sent and dropped: no copy
     if ahead <= 0:
         for span in spans:
-            yield span, objects.read_span(span)
+            yield span, read(span)
         return
     with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="retrieve-read") as reader:
         queued: deque[tuple[Span, Future]] = deque(
-            (span, reader.submit(objects.read_span, span)) for span in islice(spans, ahead))
+            (span, reader.submit(read, span)) for span in islice(spans, ahead))
         while queued:
             span, reading = queued.popleft()
             for later in islice(spans, 1):
-                queued.append((later, reader.submit(objects.read_span, later)))
+                queued.append((later, reader.submit(read, later)))
             yield span, reading.result()
 
 

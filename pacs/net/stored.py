@@ -52,7 +52,8 @@ class StoredObject(Dataset):
     as elements, and the stored bytes beside them.
     """
 
-    def __init__(self, part10: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+    def __init__(self, part10: bytes | memoryview, *, sop_class_uid: str, sop_instance_uid: str,
+                 transfer_syntax_uid: str) -> None:
         super().__init__()
         # The UIDs come from the index, which took them from a stored object: set without pydicom's
         # validation of each value (a regex per UID, a sizeable part of a sub-operation's own time).

@@ -391,8 +391,11 @@ class ObjectStore:
         span_bytes = self.blobs.span_bytes
         return plan_spans(locations, max_bytes=span_bytes, window=SPAN_WINDOW * span_bytes)
 
-    def read_span(self, span: Span) -> list[bytes | PacsError]:
+    def read_span(self, span: Span, *, views: bool = False) -> list[bytes | memoryview | PacsError]:
         """The verified bytes of each object of ``span``, in its order, or the error that object met.
+
+        ``views``: an object of a span read whole comes as a view of the span's
+        buffer instead of a copy (for a retrieve, which sends and drops it).
 
         One range read for the whole span (``BlobStore.read_unverified``: on
         HDFS, straight from a DataNode). An object whose checksum does not
@@ -408,7 +411,9 @@ class ObjectStore:
             else:
                 results: list[bytes | PacsError] = []
                 for location in span.locations:
-                    piece = bytes(data[location.offset - span.start:location.offset - span.start + location.length])
+                    piece = data[location.offset - span.start:location.offset - span.start + location.length]
+                    if not views:
+                        piece = bytes(piece)
                     try:
                         _verify(location, piece)
                     except ChecksumMismatch:

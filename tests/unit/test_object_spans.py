@@ -100,6 +100,21 @@ def test_read_many_reads_a_span_at_a_time_and_verifies_each_object(stored):
     assert reads == [(s.container, s.start, s.size) for s in spans]
 
 
+def test_a_retrieve_gets_each_object_of_a_span_as_a_view_of_the_one_buffer_read(stored):
+    """A retrieve sends each object and drops it: the objects of a span read whole are views of its
+    buffer, not copies; every other reader gets bytes of their own."""
+    services, sent, locations, reads = stored
+    (span, *_) = list(services.objects.plan_spans(locations))
+    assert len(span.locations) > 1
+    viewed = services.objects.read_span(span, views=True)
+    assert all(isinstance(data, memoryview) for data in viewed)
+    assert len({id(data.obj) for data in viewed}) == 1  # one buffer under them all
+    assert [bytes(data) for data in viewed] == sent[:len(span.locations)]
+    assert all(type(data) is bytes for data in services.objects.read_span(span))
+    items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(locations)]
+    assert [bytes(data) for _, data in qr._read_ahead(services.objects, items)] == sent
+
+
 def test_an_object_whose_bytes_changed_fails_alone(stored):
     services, sent, locations, reads = stored
     victim = locations[3]
@@ -159,11 +174,11 @@ def test_a_retrieve_reads_ahead_a_bounded_number_of_spans_and_keeps_the_order(st
     started: list[Location] = []
     read_span = services.objects.read_span
 
-    def gated(span):  # noqa: ANN001, ANN202
+    def gated(span, **kwargs):  # noqa: ANN001, ANN202
         started.append(span.locations[0])
         if len(started) > 1:
             released.wait(10)
-        return read_span(span)
+        return read_span(span, **kwargs)
 
     services.objects.read_span = gated
     items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(locations)]
@@ -186,9 +201,9 @@ def test_a_retrieve_from_the_local_store_reads_each_span_on_the_sending_thread_w
     readers: list[threading.Thread] = []
     read_span = services.objects.read_span
 
-    def recorded(span):  # noqa: ANN001, ANN202
+    def recorded(span, **kwargs):  # noqa: ANN001, ANN202
         readers.append(threading.current_thread())
-        return read_span(span)
+        return read_span(span, **kwargs)
 
     services.objects.read_span = recorded
     items = [qr._ToSend(f"uid{i}", "1.2", "1.2.840.10008.1.2.1", location) for i, location in enumerate(locations)]
