@@ -12,6 +12,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from pacs.index.database import Database
 from pacs.index.repository import find_remote_ae
+from pacs.net.reactor import awaiting_request
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def handle_requested(event: evt.Event, max_associations: int, db: Database | Non
     becomes a storage context.
     """
     assoc = event.assoc
-    serving = sum(1 for other in assoc.ae.active_associations
-                  if other.is_acceptor and other.requestor.primitive is not None)
+    serving = sum(1 for other in assoc.ae.active_associations if other.is_acceptor and not awaiting_request(other))
     if serving > max_associations:
         log.warning("rejected association from %s at %s: %d associations already, the most one worker serves "
                     "(dicom.max_associations=%d); the peer may retry", _calling(assoc), assoc.requestor.address,
@@ -45,7 +45,7 @@ def handle_requested(event: evt.Event, max_associations: int, db: Database | Non
     if db is not None and not _known_peer(assoc, db):
         return
     if storage_syntaxes is not None:
-        _support_unknown_sop_classes(event.assoc, storage_syntaxes)
+        _support_unknown_sop_classes(assoc, storage_syntaxes)
 
 
 def _support_unknown_sop_classes(assoc: Association, syntaxes: list[str]) -> None:

@@ -469,8 +469,7 @@ class EventDrivenDUL(DULServiceProvider):
         workers for a minute, and every association was rejected as over the
         local limit.  Handed the nothing it gets on a timeout, it ends now.
         """
-        assoc = self.assoc
-        if assoc.is_acceptor and assoc.requestor.primitive is None and self.to_user_queue.empty():
+        if awaiting_request(self.assoc) and self.to_user_queue.empty():
             self.to_user_queue.put(None)
 
     def _abort_now(self, reason: int = 0x00) -> None:
@@ -1038,6 +1037,11 @@ class _StoreRequestReceiver:
         dul._abort_now()
 
 
+def awaiting_request(assoc: Association) -> bool:
+    """An association the archive accepted whose A-ASSOCIATE-RQ has not come (it may never)."""
+    return assoc.is_acceptor and assoc.requestor.primitive is None
+
+
 def make_event_driven(assoc: Association) -> None:
     """Give an association whose threads have not started the event-driven threads."""
     if assoc.is_alive() or assoc.dul.is_alive():
@@ -1086,5 +1090,5 @@ class EventDrivenRequestHandler(RequestHandler):
         return assoc
 
 
-__all__ = ["EventDrivenAE", "EventDrivenDUL", "EventDrivenRequestHandler", "IDLE_WAIT_S", "hold_reactor",
-           "make_event_driven", "release_reactor"]
+__all__ = ["EventDrivenAE", "EventDrivenDUL", "EventDrivenRequestHandler", "IDLE_WAIT_S", "awaiting_request",
+           "hold_reactor", "make_event_driven", "release_reactor"]

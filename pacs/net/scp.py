@@ -16,6 +16,8 @@ import ssl
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -30,7 +32,7 @@ from pacs.ingest.service import BufferChain, IngestService, ReceivedFile, StoreO
 from pacs.net.access import STORE, handle_requested, may
 from pacs.net.commands import part10_head
 from pacs.net.qr import add_qr_contexts, handle_find, handle_get, handle_move
-from pacs.net.reactor import EventDrivenAE, EventDrivenRequestHandler
+from pacs.net.reactor import EventDrivenAE, EventDrivenRequestHandler, awaiting_request
 from pacs.net.status import status_dataset, store_failure
 from pacs.net.transport import configure_pynetdicom_logging, handle_connection_open
 from pacs.services import Services
@@ -77,22 +79,8 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
         tally["failed"] += 1
         return store_failure(ObjectTooLarge(f"data set over {limit_mb} MB"))
     try:
-        # The object as received, without copying the receiver's buffer: held in memory once,
-        # or past SPOOL_RECEIVED_BYTES in an unnamed file (see docs/conformance.md); the head
-        # and digest the reactor made as the data set arrived, if it did.
-        sha256 = getattr(request, "_pacs_sha256", None)
-        spooled = getattr(request, "_pacs_spooled", None)  # a large one, in an unnamed file with its head
-        if spooled is not None:
-            with spooled:
-                result = ingest.store(ReceivedFile(spooled, sha256), source_ae=calling_ae,
-                                      write_first=_sends_new_instances(tally))
-        else:
-            head = getattr(request, "_pacs_head", None) if sha256 else None
-            if head is None:
-                head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-                                   event.context.transfer_syntax)
-            with request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as received:
-                result = ingest.store(received, source_ae=calling_ae, write_first=_sends_new_instances(tally))
+        with _received(request, event.context.transfer_syntax) as received:
+            result = ingest.store(received, source_ae=calling_ae, write_first=_sends_new_instances(tally))
     except Exception as exc:  # the protocol boundary: every failure becomes a status
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", "?")
         log.warning("C-STORE of %s from %s failed: %s", sop_uid, calling_ae, exc)
@@ -101,6 +89,27 @@ def handle_store(event: evt.Event, ingest: IngestService):  # noqa: ANN201
     tally[result.outcome.value] += 1
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return int(Status.SUCCESS)  # a plain status: pynetdicom builds no dataset for it
+
+
+@contextmanager
+def _received(request, transfer_syntax: str) -> Iterator[BufferChain | ReceivedFile]:  # noqa: ANN001 - a C_STORE
+    """The object as received, for ingest, without copying the receiver's buffer.
+
+    Held in memory once, or past SPOOL_RECEIVED_BYTES in an unnamed file that
+    holds its head too (see docs/conformance.md); with the head and digest the
+    reactor made as the data set arrived, if it did.
+    """
+    sha256 = getattr(request, "_pacs_sha256", None)
+    spooled = getattr(request, "_pacs_spooled", None)
+    if spooled is not None:
+        with spooled:
+            yield ReceivedFile(spooled, sha256)
+        return
+    head = getattr(request, "_pacs_head", None) if sha256 else None
+    if head is None:
+        head = part10_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax)
+    with request.DataSet.getbuffer() as dataset, BufferChain(head, dataset, sha256=sha256) as chain:
+        yield chain
 
 
 def _sends_new_instances(tally: Counter) -> bool:
@@ -238,8 +247,7 @@ class ArchiveAssociationServer(AssociationServer):
         self._report_closed()  # those closed in the last burst, once the interval has passed
         if not self._waiting:
             return
-        self._waiting = deque(entry for entry in self._waiting
-                              if entry[1].is_alive() and entry[1].requestor.primitive is None)
+        self._waiting = deque(entry for entry in self._waiting if entry[1].is_alive() and awaiting_request(entry[1]))
         while len(self._waiting) >= MAX_WAITING_CONNECTIONS:
             accepted_at, assoc = self._waiting.popleft()
             sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None

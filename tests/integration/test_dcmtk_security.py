@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pacs.index.models import RemoteAE
+from pacs.net.reactor import awaiting_request
 from pacs.net.scp import start_scp
 from pacs.services import build_services
 from pacs.settings import Settings
@@ -110,8 +111,7 @@ def patient_server(tmp_path):
 
 def _waiting_for_request(server) -> int:  # noqa: ANN001 - pynetdicom's server
     """The server's associations whose connection is open and whose A-ASSOCIATE-RQ has not come."""
-    return sum(1 for assoc in server.ae.active_associations
-               if assoc.is_acceptor and assoc.requestor.primitive is None)
+    return sum(1 for assoc in server.ae.active_associations if awaiting_request(assoc))
 
 
 def _until(condition, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
