@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import crc32c
@@ -37,14 +38,26 @@ def test_a_negative_int_is_sent_as_ten_bytes_of_twos_complement():
     assert read_varint(encoded, 0) == (2**64 - 2, 10)
 
 
-def test_checksums_are_crc32c_of_each_512_byte_chunk_big_endian():
-    data = bytes(range(256)) * 5  # 1,280 bytes: two full chunks and a 256-byte one
+def test_checksums_are_crc32c_of_each_chunk_big_endian():
+    chunk = hdfswriter.BYTES_PER_CHECKSUM
+    data = bytes(range(256)) * (chunk * 5 // 256 // 2)  # two and a half chunks
     sums = chunk_checksums(data)
     assert len(sums) == 12
-    expected = [crc32c.crc32c(data[i:i + 512]) for i in (0, 512, 1024)]
+    expected = [crc32c.crc32c(data[i:i + chunk]) for i in (0, chunk, 2 * chunk)]
     assert list(struct.unpack(">3I", sums)) == expected
-    assert chunk_checksums(memoryview(data)[512:1024]) == sums[4:8]
+    assert chunk_checksums(memoryview(data)[chunk:2 * chunk]) == sums[4:8]
     assert chunk_checksums(b"") == b""
+
+
+@pytest.mark.parametrize("lead, length", [(1, 10), (100, 4096 * 3 + 7), (4095, 1), (2000, 2096), (2000, 2095)])
+def test_checksums_with_a_lead_are_those_of_the_lead_and_the_data_together(lead, length):
+    data, before = os.urandom(length), os.urandom(lead)
+    assert chunk_checksums(data, lead=before) == chunk_checksums(before + data)
+
+
+def test_a_lead_of_a_whole_chunk_is_refused():
+    with pytest.raises(ValueError, match="4096 bytes"):
+        chunk_checksums(b"x", lead=bytes(hdfswriter.BYTES_PER_CHECKSUM))
 
 
 def test_the_packet_header_has_fixed_width_offset_seqno_and_length():
@@ -89,7 +102,7 @@ def test_write_block_sets_up_a_new_pipeline_through_the_other_datanodes():
     assert request[2] == list(block.targets[1:])  # the first DataNode is the one connected to
     assert request[4] == [hdfswriter.PIPELINE_SETUP_CREATE] and request[5] == [3]
     assert request[6] == [0] and request[7] == [0] and request[8] == [1_017]
-    assert fields(request[9][0]) == {1: [hdfswriter.CHECKSUM_CRC32C], 2: [512]}
+    assert fields(request[9][0]) == {1: [hdfswriter.CHECKSUM_CRC32C], 2: [hdfswriter.BYTES_PER_CHECKSUM]}
 
 
 def test_the_rpc_header_carries_the_call_id_zigzagged_and_the_client_id():
