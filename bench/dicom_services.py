@@ -30,7 +30,16 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
 
 With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
 ``deploy/`` (``--replication`` adds a server per replication factor of its
-packs).
+packs).  The cluster first gets stores and a retrieve that are not measured
+(its Java daemons' first minutes run code not yet compiled; ``--no-warm-up``
+measures it cold).
+
+Besides the rates, each row's server CPU per instance: user + system time of
+the server's processes over the row (``pacs serve`` and its workers,
+Orthanc), and on the cluster that of its DataNodes, NameNode and Postgres.
+On a machine whose memory and CPUs swing, a rate carries the swing of
+every process on it (the peer's included); a server's CPU per instance is
+its own cost.
 
 A server's place in the run moves its figures (on some virtual machines,
 memory the guest has not touched for a while costs many times more to fill;
@@ -67,6 +76,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -195,6 +205,50 @@ def wait_quiet(busy_below: float = 0.1, limit_s: float = 90.0) -> float:
             break
         busy, total = busy2, total2
     return time.monotonic() - started
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> Iterator[tuple[int, list[str], str]]:
+    """(process group, /proc/PID/stat fields after the command name, command line) of every process."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        yield int(fields[2]), fields, cmdline
+
+
+def _cpu_s(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) the live processes of a process group have used: a server and its workers."""
+    return sum(_cpu_s(fields) for group, fields, _ in _processes() if group == pgid)
+
+
+def stack_cpu_s() -> float:
+    """CPU seconds the dev stack's processes have used: the HDFS daemons (Java) and the Postgres server."""
+    return sum(_cpu_s(fields) for _, fields, cmd in _processes()
+               if ("java" in cmd and "org.apache.hadoop.hdfs" in cmd) or cmd.startswith("postgres"))
+
+
+@contextmanager
+def cpu_per_instance(server, r: dict, key: str, instances: int):  # noqa: ANN001
+    """Record in ``r[key]`` the server's CPU ms per instance over the block (and, on the cluster, its stack's)."""
+    server_before, stack_before = group_cpu_s(server.proc.pid), stack_cpu_s()
+    yield
+    r.setdefault(key, []).append(1e3 * (group_cpu_s(server.proc.pid) - server_before) / instances)
+    if isinstance(server, PacsCluster):
+        r.setdefault(f"{key}_stack", []).append(1e3 * (stack_cpu_s() - stack_before) / instances)
 
 
 def run_clients(cmds: list[list[str]], what: str) -> float:
@@ -538,12 +592,14 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
         server.add_move_destination(scp_port)
         server.start()
         try:
-            secs = run_clients([storescu(server.aet, server.port, ct["dir1"])], "store 1 assoc")
+            with cpu_per_instance(server, r, "store1_cpu", ct["n"]):
+                secs = run_clients([storescu(server.aet, server.port, ct["dir1"])], "store 1 assoc")
             r["store1"] = secs
             got = series_count(server.aet, server.port, ct["study"], ct["series1"], tmp)
             if got != ct["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {ct['n']} CT instances stored (1 assoc)")
-            secs = run_clients([storescu(server.aet, server.port, q) for q in ct["quarters"]], "store 4 assoc")
+            with cpu_per_instance(server, r, "store4_cpu", ct["n"]):
+                secs = run_clients([storescu(server.aet, server.port, q) for q in ct["quarters"]], "store 4 assoc")
             r["store4"] = secs
             got = series_count(server.aet, server.port, ct["study"], ct["series4"], tmp)
             if got != ct["n"]:
@@ -555,7 +611,8 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
                                                  fresh_dir)], "C-GET just stored")
             r["get_fresh_n"], r["get_fresh_bytes"] = received(fresh_dir, ct["n"], "C-GET just stored")
             small = data["small"]
-            r["small"] = run_clients([storescu(server.aet, server.port, small["dir"])], "store small")
+            with cpu_per_instance(server, r, "small_cpu", small["n"]):
+                r["small"] = run_clients([storescu(server.aet, server.port, small["dir"])], "store small")
             got = series_count(server.aet, server.port, small["study"], small["series"], tmp)
             if got != small["n"]:
                 raise RuntimeError(f"{server.name}: {got} of {small['n']} small instances stored")
@@ -563,14 +620,16 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
             keys = series_keys(ct["study"], ct["series1"])
             moves, gets = [], []
             for _ in range(RETRIEVES):
-                moves.append(run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet, "-aem", SCP_AET, "-S",
-                                           *keys, HOST, str(server.port)]], "C-MOVE"))
+                with cpu_per_instance(server, r, "move_cpu", ct["n"]):
+                    moves.append(run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet, "-aem", SCP_AET,
+                                               "-S", *keys, HOST, str(server.port)]], "C-MOVE"))
                 # storescp (still up) writes its files flat into -od: counted, then deleted
                 r["move_n"], r["move_bytes"] = received(moved, ct["n"], "C-MOVE", keep_dir=True)
             for _ in range(RETRIEVES):
                 got_dir = tmp / f"{prefix}-got"
                 got_dir.mkdir()
-                gets.append(run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET"))
+                with cpu_per_instance(server, r, "get_cpu", ct["n"]):
+                    gets.append(run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET"))
                 r["get_n"], r["get_bytes"] = received(got_dir, ct["n"], "C-GET")
             r["move"], r["get"] = statistics.median(moves), statistics.median(gets)
         finally:
@@ -602,6 +661,33 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
         r["echo"] = timed_runs(["echoscu", "-aec", server.aet, HOST, str(server.port)], FIND_RUNS)
     finally:
         server.stop()
+
+
+def warm_up(server: PacsCluster, data: dict, tmp: Path) -> float:
+    """Stores and a retrieve into the HDFS cluster, not measured, before its first round; the seconds taken.
+
+    The DataNodes and the NameNode are Java processes, started by the
+    caller shortly before: their first stores run code not yet compiled, on
+    memory their JVMs have not yet touched.  Measured without this, the
+    cluster's first round was its slowest in every run (the four-association
+    store at 13-32 % of Orthanc's rate, 47-51 % in the rounds after).  A
+    cluster in service has been running for days.
+    """
+    started = time.perf_counter()
+    ct, small = data["ct"], data["small"]
+    server.new_data_dir("warm-up")
+    server.start()
+    try:
+        run_clients([storescu(server.aet, server.port, q) for q in ct["quarters"]], "warm-up store")
+        run_clients([storescu(server.aet, server.port, small["dir"])], "warm-up store")
+        got = tmp / "warm-up-got"
+        got.mkdir()
+        run_clients([getscu(server.aet, server.port, series_keys(ct["study"], ct["series4"]), got)], "warm-up C-GET")
+        shutil.rmtree(got)
+    finally:
+        server.stop()
+        server.discard()
+    return time.perf_counter() - started
 
 
 def received(folder: Path, expected: int, what: str, keep_dir: bool = False) -> tuple[int, int]:
@@ -681,6 +767,16 @@ def metrics(data: dict) -> list[tuple[str, object, str]]:
          lambda r: (r["get_bytes"] / 1e6 / r["get"], r["get_n"]), "{:.1f} ({:.0f})"),
         ("C-GET of the 4-assoc series right after it was stored: MB/s (instances received)",
          lambda r: (r["get_fresh_bytes"] / 1e6 / r["get_fresh"], r["get_fresh_n"]), "{:.1f} ({:.0f})"),
+        ("server CPU per instance, C-STORE 1 assoc | 4 assoc | 64x64: ms",
+         lambda r: (statistics.median(r["store1_cpu"]), statistics.median(r["store4_cpu"]), statistics.median(r["small_cpu"])),
+         "{:.2f} | {:.2f} | {:.2f}"),
+        (f"server CPU per instance, C-MOVE | C-GET (median of {RETRIEVES}): ms",
+         lambda r: (statistics.median(r["move_cpu"]), statistics.median(r["get_cpu"])), "{:.2f} | {:.2f}"),
+        ("  HDFS + Postgres CPU per instance, C-STORE 1 | 4 assoc | 64x64: ms",
+         lambda r: (statistics.median(r["store1_cpu_stack"]), statistics.median(r["store4_cpu_stack"]), statistics.median(r["small_cpu_stack"])),
+         "{:.2f} | {:.2f} | {:.2f}"),
+        (f"  HDFS + Postgres CPU per instance, C-MOVE | C-GET (median of {RETRIEVES}): ms",
+         lambda r: (statistics.median(r["move_cpu_stack"]), statistics.median(r["get_cpu_stack"])), "{:.2f} | {:.2f}"),
         (f"fill {st['n']} x 64x64 for C-FIND (pacs: ingest service in-process; Orthanc: storescu, 4 assoc): inst/s",
          lambda r: (r["fill"][0] / r["fill"][1],), "{:.0f}"),
     ]
@@ -746,6 +842,10 @@ def main() -> int:
                              "factor (default 3, the cluster default). The dev stack's three DataNodes share this "
                              "one machine, so at 3 every byte is written and fsync'ed three times on one disk; "
                              "1 shows what one copy per machine costs")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="with --cluster: measure the HDFS cluster from its first store (by default it gets "
+                             "500 CT over four associations, the small instances and a C-GET, not measured, "
+                             "before the first round: its Java daemons' first minutes run code not yet compiled)")
     args = parser.parse_args()
     try:
         replications = [int(n) for n in args.replication.split(",")]
@@ -753,6 +853,8 @@ def main() -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--replication {args.replication!r}: expected factors of 1 or more, like 3 or 3,1")
+    if args.no_warm_up and not args.cluster:
+        parser.error("--no-warm-up: only the HDFS cluster is warmed up; add --cluster")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: expected 1 or more")
 
@@ -776,6 +878,9 @@ def main() -> int:
         versions = [s.version() for s in servers]
         versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
+        cluster = next((s for s in servers if isinstance(s, PacsCluster)), None)
+        if cluster is not None and not args.no_warm_up:
+            print(f"warmed the HDFS cluster up (not measured) in {warm_up(cluster, data, tmp):.0f}s", flush=True)
         for k in range(n_rounds):
             order = rotated(servers, k)
             rounds.append({})
@@ -812,6 +917,11 @@ def main() -> int:
               "MaximumPduLength 16384, DicomThreadsCount 4)")
         print("C-FIND / C-ECHO times are per findscu/echoscu process: process start + association "
               f"setup + query + release, {FIND_RUNS} runs")
+        if cluster is not None:
+            print("the HDFS cluster was " + ("measured from its first store (--no-warm-up)" if args.no_warm_up else
+                  "warmed up before round 1 (500 CT over 4 assoc, the small instances, a C-GET; not measured)"))
+        print("server CPU: user + system of the server's processes (pacs serve and its workers; Orthanc), per "
+              "instance; on the cluster, HDFS + Postgres CPU is that of the DataNodes, the NameNode and Postgres")
         if n_rounds > 1:
             print(f"{n_rounds} rounds, each server's order turned by one per round; every cell is the median "
                   "over the rounds, [each round's first figure] after it")
