@@ -30,9 +30,7 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
 
 With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
 ``deploy/`` (``--replication`` adds a server per replication factor of its
-packs).  The cluster first gets stores and a retrieve that are not measured
-(its Java daemons' first minutes run code not yet compiled; ``--no-warm-up``
-measures it cold).
+packs).
 
 Besides the rates, each row's server CPU per instance: user + system time of
 the server's processes over the row (``pacs serve`` and its workers,
@@ -663,33 +661,6 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
         server.stop()
 
 
-def warm_up(server: PacsCluster, data: dict, tmp: Path) -> float:
-    """Stores and a retrieve into the HDFS cluster, not measured, before its first round; the seconds taken.
-
-    The DataNodes and the NameNode are Java processes, started by the
-    caller shortly before: their first stores run code not yet compiled, on
-    memory their JVMs have not yet touched.  Measured without this, the
-    cluster's first round was its slowest in every run (the four-association
-    store at 13-32 % of Orthanc's rate, 47-51 % in the rounds after).  A
-    cluster in service has been running for days.
-    """
-    started = time.perf_counter()
-    ct, small = data["ct"], data["small"]
-    server.new_data_dir("warm-up")
-    server.start()
-    try:
-        run_clients([storescu(server.aet, server.port, q) for q in ct["quarters"]], "warm-up store")
-        run_clients([storescu(server.aet, server.port, small["dir"])], "warm-up store")
-        got = tmp / "warm-up-got"
-        got.mkdir()
-        run_clients([getscu(server.aet, server.port, series_keys(ct["study"], ct["series4"]), got)], "warm-up C-GET")
-        shutil.rmtree(got)
-    finally:
-        server.stop()
-        server.discard()
-    return time.perf_counter() - started
-
-
 def received(folder: Path, expected: int, what: str, keep_dir: bool = False) -> tuple[int, int]:
     """Count (files, bytes) a retrieve wrote into ``folder`` and delete them; fewer than ``expected`` is an error."""
     n, size = dir_bytes(folder)
@@ -842,10 +813,6 @@ def main() -> int:
                              "factor (default 3, the cluster default). The dev stack's three DataNodes share this "
                              "one machine, so at 3 every byte is written and fsync'ed three times on one disk; "
                              "1 shows what one copy per machine costs")
-    parser.add_argument("--no-warm-up", action="store_true",
-                        help="with --cluster: measure the HDFS cluster from its first store (by default it gets "
-                             "500 CT over four associations, the small instances and a C-GET, not measured, "
-                             "before the first round: its Java daemons' first minutes run code not yet compiled)")
     args = parser.parse_args()
     try:
         replications = [int(n) for n in args.replication.split(",")]
@@ -853,8 +820,6 @@ def main() -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--replication {args.replication!r}: expected factors of 1 or more, like 3 or 3,1")
-    if args.no_warm_up and not args.cluster:
-        parser.error("--no-warm-up: only the HDFS cluster is warmed up; add --cluster")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: expected 1 or more")
 
@@ -878,9 +843,6 @@ def main() -> int:
         versions = [s.version() for s in servers]
         versions.append(subprocess.run(["storescu", "--version"], capture_output=True, text=True)
                         .stdout.splitlines()[0].strip("$ ") + " (storescu/findscu/movescu/getscu/storescp)")
-        cluster = next((s for s in servers if isinstance(s, PacsCluster)), None)
-        if cluster is not None and not args.no_warm_up:
-            print(f"warmed the HDFS cluster up (not measured) in {warm_up(cluster, data, tmp):.0f}s", flush=True)
         for k in range(n_rounds):
             order = rotated(servers, k)
             rounds.append({})
@@ -917,9 +879,6 @@ def main() -> int:
               "MaximumPduLength 16384, DicomThreadsCount 4)")
         print("C-FIND / C-ECHO times are per findscu/echoscu process: process start + association "
               f"setup + query + release, {FIND_RUNS} runs")
-        if cluster is not None:
-            print("the HDFS cluster was " + ("measured from its first store (--no-warm-up)" if args.no_warm_up else
-                  "warmed up before round 1 (500 CT over 4 assoc, the small instances, a C-GET; not measured)"))
         print("server CPU: user + system of the server's processes (pacs serve and its workers; Orthanc), per "
               "instance; on the cluster, HDFS + Postgres CPU is that of the DataNodes, the NameNode and Postgres")
         if n_rounds > 1:
