@@ -397,7 +397,7 @@ class _Upcoming:
 
     result: object
     msg_id: int | None = None
-    message: bytes | None = None
+    message: list | None = None  # the request's pieces (pacs.net.reactor.message_pieces)
 
 
 class _Done:

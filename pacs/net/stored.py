@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.utils import set_ae
 
 from pacs.net.commands import store_request_command
-from pacs.net.reactor import encode_message, hold_reactor, release_reactor
+from pacs.net.reactor import hold_reactor, message_pieces, release_reactor
 
 _META_GROUP_LENGTH = struct.Struct("<I")
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
@@ -108,8 +108,8 @@ def send_stored(assoc: Association, obj: StoredObject, *, msg_id: int = 1, prior
 
 
 def encode_stored(assoc: Association, obj: StoredObject, *, msg_id: int, priority: int = 2,
-                  originator_aet: str | None = None, originator_id: int | None = None) -> bytes | None:
-    """The C-STORE request :func:`send_stored` would send for ``obj``, whole and encoded (for
+                  originator_aet: str | None = None, originator_id: int | None = None) -> list | None:
+    """The C-STORE request :func:`send_stored` would send for ``obj``, whole and encoded in pieces (for
     ``send_encoded_now``); None where it would not go out in one piece, or not in the stored syntax."""
     context_id = _context_for(assoc, obj.SOPClassUID, obj.transfer_syntax_uid)
     if context_id is None:
@@ -162,8 +162,9 @@ def _send_message(assoc: Association, context_id: int, dataset: memoryview, msg_
 
 def encode_store_request(assoc: Association, context_id: int, dataset: memoryview, msg_id: int, priority: int,
                          sop_class_uid: str, sop_instance_uid: str, originator_aet: str | None,
-                         originator_id: int | None) -> bytes | None:
-    """The whole C-STORE request as the PDUs ``send_encoded_now`` writes, or None where it must go through DIMSE.
+                         originator_id: int | None) -> list | None:
+    """The whole C-STORE request as the PDUs ``send_encoded_now`` writes (:func:`message_pieces`: views of
+    ``dataset`` between the PDU headers), or None where it must go through DIMSE.
 
     The command set is encoded from the values (the AE title checked as the
     primitive would) without building pynetdicom's request primitive.  None
@@ -182,7 +183,7 @@ def encode_store_request(assoc: Association, context_id: int, dataset: memoryvie
     command = store_request_command(msg_id, priority, sop_class_uid, sop_instance_uid, aet, originator_id)
     if command is None:
         return None
-    return encode_message(context_id, command, dataset, assoc.dimse.maximum_pdu_size)
+    return message_pieces(context_id, command, dataset, assoc.dimse.maximum_pdu_size)
 
 
 def _plain_uid(uid: str) -> bool:

@@ -81,6 +81,68 @@ def test_tls_association_works_and_plain_one_fails(tls_server):
     assert plain.returncode != 0
 
 
+def test_objects_stored_over_tls_are_found_and_retrieved_over_tls_byte_for_byte(tls_server, tmp_path):
+    """storescu and findscu over TLS (dcmtk), and a C-GET over TLS (pynetdicom: getscu has no TLS):
+    the archive's replies and sub-operations go out on an SSL socket, which has no sendmsg, as whole
+    PDUs joined a write at a time; an image of 1 MB is several such writes."""
+    import io
+    import ssl
+
+    import pydicom
+    from pynetdicom import AE, build_role, evt
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    port, cert = tls_server
+    folder = tmp_path / "sent"
+    folder.mkdir()
+    spec = SeriesSpec(patient_id="TLS1", study_key="tls", series_key="tls-1", rows=724, columns=724, count=3)
+    sent = {}
+    for i in range(spec.count):
+        data = make_instance(spec, i)
+        sent[pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
+        (folder / f"{i}.dcm").write_bytes(data)
+    stored = run("storescu", "+tla", "+cf", str(cert), "-aec", "PACS", "+sd", "127.0.0.1", port, str(folder))
+    assert stored.returncode == 0, stored.stdout + stored.stderr
+    found_dir = tmp_path / "found"
+    found_dir.mkdir()
+    found = run("findscu", "+tla", "+cf", str(cert), "-aec", "PACS", "-S", "-X", "-od", str(found_dir),
+                "-k", "QueryRetrieveLevel=IMAGE", "-k", "PatientID=TLS1", "-k", "SOPInstanceUID",
+                "-k", f"StudyInstanceUID={pydicom.dcmread(folder / '0.dcm').StudyInstanceUID}",
+                "-k", f"SeriesInstanceUID={pydicom.dcmread(folder / '0.dcm').SeriesInstanceUID}",
+                "127.0.0.1", port)
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert {pydicom.dcmread(f).SOPInstanceUID for f in found_dir.iterdir()} == set(sent)
+
+    received = {}
+
+    def on_store(event):  # noqa: ANN001, ANN202
+        received[event.request.AffectedSOPInstanceUID] = event.encoded_dataset(include_meta=False)
+        return 0x0000
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title="TLSGET")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # as stored: sent without conversion
+    assoc = ae.associate("127.0.0.1", int(port), ae_title="PACS", tls_args=(context, "localhost"),
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = pydicom.dcmread(folder / "0.dcm").StudyInstanceUID
+        statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000
+    for uid, data in sent.items():
+        dataset_part = data[data.index(b"DICM") + 4:]
+        group_length = int.from_bytes(dataset_part[8:12], "little")
+        assert received[uid] == dataset_part[12 + group_length:]  # the data set as stored, byte for byte
+
+
 def test_a_silent_connection_to_the_tls_port_holds_up_no_one(tls_server, caplog):
     """A client that connects and never starts its handshake (a port scan, a load balancer's probe) is
     handshaken with on its association's thread; the port goes on accepting meanwhile."""

@@ -650,3 +650,52 @@ def test_a_received_object_is_hashed_as_it_arrives_and_stored_with_that_digest(s
             stored = services.objects.get(location_of(row))  # verifies the stored checksum
             assert row.sha256 == hashlib.sha256(stored).hexdigest()
             assert pydicom.dcmread(io.BytesIO(stored)).PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
+
+
+def test_a_message_in_pieces_goes_out_whole_through_partial_writes():
+    """More pieces than one sendmsg takes, to a reader slower than the writer, on a socket with a timeout
+    (Python's sendmsg then writes what the buffer takes): every byte, in order, none sent twice."""
+    from pacs.net.reactor import _PIECES_PER_CALL, _sendmsg_all, encode_message, message_pieces
+
+    dataset = bytes(range(256)) * 12_000  # 3 MB in 1 kB PDUs: over 6,000 pieces
+    pieces = message_pieces(5, b"command" * 20, dataset, 1024)
+    assert len(pieces) > 3 * _PIECES_PER_CALL
+    writer, reader = socket.socketpair()
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    writer.settimeout(10)
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while chunk := reader.recv(7000):
+            received.extend(chunk)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=read_slowly)
+    thread.start()
+    try:
+        calls = []
+        sendmsg = writer.sendmsg
+        _sendmsg_all(type("Recorded", (), {"sendmsg": lambda self, v: calls.append(len(v)) or sendmsg(v)})(), pieces)
+    finally:
+        writer.shutdown(socket.SHUT_WR)
+        thread.join(10)
+        writer.close()
+        reader.close()
+    assert bytes(received) == encode_message(5, b"command" * 20, dataset, 1024)
+    assert len(calls) > len(pieces) / _PIECES_PER_CALL and max(calls) <= _PIECES_PER_CALL  # partial writes
+
+
+def test_pieces_joined_for_a_socket_without_sendmsg_are_whole_pdus_up_to_the_limit():
+    from pacs.net.reactor import _joined_pdus, encode_message, message_pieces
+
+    pieces = message_pieces(3, b"c" * 50, b"d" * 5_000, 200)
+    writes = list(_joined_pdus(pieces, 1_000))
+    assert b"".join(writes) == encode_message(3, b"c" * 50, b"d" * 5_000, 200)
+    assert len(writes) > 1 and all(len(w) <= 1_000 for w in writes)
+    for write in writes:  # each begins a PDU and ends one
+        while write:
+            assert write[0] == 0x04
+            write = write[6 + int.from_bytes(write[2:6], "big"):]
+    big = list(_joined_pdus(message_pieces(3, b"c", b"d" * 5_000, 0), 1_000))  # one PDU longer than the limit
+    assert [len(w) for w in big] == [12 + 1, 12 + 5_000]

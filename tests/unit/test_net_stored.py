@@ -77,13 +77,15 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def test_the_request_goes_out_as_the_primitives_command_set_with_the_stored_bytes():
     assoc = _Recorder()
-    _send_message(assoc, 3, memoryview(b"data"), 12, 2, CT, "1.2.3.4", "MOVESCU", 7)
+    data = b"data"
+    _send_message(assoc, 3, memoryview(data), 12, 2, CT, "1.2.3.4", "MOVESCU", 7)
     request = C_STORE()
     request.MessageID, request.Priority, request.AffectedSOPClassUID = 12, 2, CT
     request.AffectedSOPInstanceUID, request.MoveOriginatorApplicationEntityTitle = "1.2.3.4", "MOVESCU"
     request.MoveOriginatorMessageID = 7
     expected = encode_message(3, command_set(request, has_data=True), b"data", 16384)
-    assert assoc.sent_now == [expected] and not assoc.sent_by_dimse
+    assert [b"".join(pieces) for pieces in assoc.sent_now] == [expected] and not assoc.sent_by_dimse
+    assert assoc.sent_now[0][-1].obj is data  # the data set is sent from the stored bytes, not a copy
 
 
 @pytest.mark.parametrize("case", ["the DUL cannot send now", "an invalid originator AE", "a UID with letters"])
