@@ -81,6 +81,7 @@ from pacs.net.commands import (
     store_response,
     store_response_of,
 )
+from pacs.sockio import send_pieces
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,8 @@ FIND_PENDING = (0xFF00, 0xFF01)
 _BATCH_BYTES = 4 << 20
 # Coalesced messages (C-FIND matches) are written once this much is held.
 _COALESCE_BYTES = 64 << 10
-# A message written in pieces (see EventDrivenDUL._write_pieces): at most this many per sendmsg
-# (Linux's IOV_MAX), and where sendmsg cannot be used, whole PDUs joined up to this many bytes a write.
-_PIECES_PER_CALL = 1024
+# A message written in pieces where sendmsg cannot be used (see EventDrivenDUL._write_pieces):
+# whole PDUs joined up to this many bytes a write.
 _JOINED_BYTES = 1 << 20
 # The longest PDU taken other than a P-DATA-TF (an A-ASSOCIATE-RQ of 128 presentation contexts
 # with every transfer syntax pynetdicom knows is ~300 kB; the others are 10 bytes).
@@ -250,7 +250,7 @@ class EventDrivenDUL(DULServiceProvider):
                 self.socket.send(joined)
             return
         try:
-            _sendmsg_all(sock, pieces)
+            send_pieces(sock, pieces)
         except Exception:  # as AssociationSocket.send: the connection is gone, or timed out
             self.socket.event_queue.put("Evt17")
 
@@ -670,22 +670,6 @@ def message_pieces(context_id: int, command: bytes, dataset: bytes | memoryview 
 def encode_message(context_id: int, command: bytes, dataset: bytes | memoryview | None, max_pdu_length: int) -> bytes:
     """A whole DIMSE message as the P-DATA-TF PDUs :meth:`EventDrivenDUL.send_message_now` writes, joined."""
     return b"".join(message_pieces(context_id, command, dataset, max_pdu_length))
-
-
-def _sendmsg_all(sock, pieces: list[bytes | memoryview]) -> None:  # noqa: ANN001 - a socket.socket
-    """Write every piece, in order, with as few ``sendmsg`` calls as the socket takes; a piece partly
-    written is taken up where it stopped (a view, not a copy)."""
-    views = [memoryview(piece) for piece in pieces if len(piece)]
-    first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first:first + _PIECES_PER_CALL])
-        while sent:
-            length = len(views[first])
-            if sent < length:
-                views[first] = views[first][sent:]
-                break
-            sent -= length
-            first += 1
 
 
 def _joined_pdus(pieces: list[bytes | memoryview], limit: int) -> Iterator[bytes]:

@@ -59,6 +59,7 @@ from contextlib import contextmanager
 import crc32c
 
 from pacs.errors import StorageUnavailable
+from pacs.sockio import send_pieces
 from pacs.storage.base import AppendFile, Flush
 from pacs.storage.datanode import DATA_TRANSFER_VERSION, STATUS_SUCCESS
 from pacs.storage.namenode import NameNodeClient, NameNodeError, NewBlock
@@ -158,14 +159,7 @@ def _send_all(sock: socket.socket, head: bytes, *payload: bytes | memoryview) ->
     if sum(len(piece) for piece in payload) <= 1 << 16:
         sock.sendall(b"".join((head, *payload)))
         return
-    buffers = [memoryview(head), *(memoryview(piece) for piece in payload if piece)]
-    while buffers:
-        sent = sock.sendmsg(buffers)
-        while buffers and sent >= len(buffers[0]):
-            sent -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and sent:
-            buffers[0] = buffers[0][sent:]
+    send_pieces(sock, [head, *payload])
 
 
 class _Pipeline:

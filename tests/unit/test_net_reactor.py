@@ -655,11 +655,12 @@ def test_a_received_object_is_hashed_as_it_arrives_and_stored_with_that_digest(s
 def test_a_message_in_pieces_goes_out_whole_through_partial_writes():
     """More pieces than one sendmsg takes, to a reader slower than the writer, on a socket with a timeout
     (Python's sendmsg then writes what the buffer takes): every byte, in order, none sent twice."""
-    from pacs.net.reactor import _PIECES_PER_CALL, _sendmsg_all, encode_message, message_pieces
+    from pacs.net.reactor import encode_message, message_pieces
+    from pacs.sockio import PIECES_PER_CALL, send_pieces
 
     dataset = bytes(range(256)) * 12_000  # 3 MB in 1 kB PDUs: over 6,000 pieces
     pieces = message_pieces(5, b"command" * 20, dataset, 1024)
-    assert len(pieces) > 3 * _PIECES_PER_CALL
+    assert len(pieces) > 3 * PIECES_PER_CALL
     writer, reader = socket.socketpair()
     writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -676,14 +677,14 @@ def test_a_message_in_pieces_goes_out_whole_through_partial_writes():
     try:
         calls = []
         sendmsg = writer.sendmsg
-        _sendmsg_all(type("Recorded", (), {"sendmsg": lambda self, v: calls.append(len(v)) or sendmsg(v)})(), pieces)
+        send_pieces(type("Recorded", (), {"sendmsg": lambda self, v: calls.append(len(v)) or sendmsg(v)})(), pieces)
     finally:
         writer.shutdown(socket.SHUT_WR)
         thread.join(10)
         writer.close()
         reader.close()
     assert bytes(received) == encode_message(5, b"command" * 20, dataset, 1024)
-    assert len(calls) > len(pieces) / _PIECES_PER_CALL and max(calls) <= _PIECES_PER_CALL  # partial writes
+    assert len(calls) > len(pieces) / PIECES_PER_CALL and max(calls) <= PIECES_PER_CALL  # partial writes
 
 
 def test_pieces_joined_for_a_socket_without_sendmsg_are_whole_pdus_up_to_the_limit():
