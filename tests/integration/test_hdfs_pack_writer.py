@@ -77,7 +77,9 @@ def test_records_of_every_alignment_read_back_while_open_and_once_closed(hdfs_ro
     blobs = store(hdfs_root, block_size=1 << 20)
     pack = blobs.open_append("packs/aligned.pack")
     assert isinstance(pack, PipelineAppendFile)
-    sizes = [1, 511, 512, 513, 100, 1023, 700_000, 1 << 20, 2_500_000, 3, 77_777]
+    chunk = hdfswriter.BYTES_PER_CHECKSUM
+    sizes = [1, 511, 512, 513, 100, 1023, chunk - 1, chunk, chunk + 1, 2 * chunk - 3000, 700_000, 1 << 20,
+             2_500_000, 3, 77_777]
     written = bytearray()
     try:
         for size in sizes:
