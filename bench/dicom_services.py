@@ -74,7 +74,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -208,45 +207,39 @@ def wait_quiet(busy_below: float = 0.1, limit_s: float = 90.0) -> float:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _processes() -> Iterator[tuple[int, list[str], str]]:
-    """(process group, /proc/PID/stat fields after the command name, command line) of every process."""
+def cpu_s(pgid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by the live processes of a process group (a server and its
+    workers), and by the dev stack's (the HDFS daemons and the Postgres server): one pass over /proc."""
+    group = stack = 0.0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+            if int(fields[2]) == pgid:
+                group += seconds
+                continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()
-        yield int(fields[2]), fields, cmdline
-
-
-def _cpu_s(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) the live processes of a process group have used: a server and its workers."""
-    return sum(_cpu_s(fields) for group, fields, _ in _processes() if group == pgid)
-
-
-def stack_cpu_s() -> float:
-    """CPU seconds the dev stack's processes have used: the HDFS daemons (Java) and the Postgres server."""
-    return sum(_cpu_s(fields) for _, fields, cmd in _processes()
-               if ("java" in cmd and "org.apache.hadoop.hdfs" in cmd) or cmd.startswith("postgres"))
+        if ("java" in cmd and "org.apache.hadoop.hdfs" in cmd) or cmd.startswith("postgres"):
+            stack += seconds
+    return group, stack
 
 
 @contextmanager
 def cpu_per_instance(server, r: dict, key: str, instances: int):  # noqa: ANN001
     """Record in ``r[key]`` the server's CPU ms per instance over the block (and, on the cluster, its stack's)."""
-    server_before, stack_before = group_cpu_s(server.proc.pid), stack_cpu_s()
+    before = cpu_s(server.proc.pid)
     yield
-    r.setdefault(key, []).append(1e3 * (group_cpu_s(server.proc.pid) - server_before) / instances)
+    after = cpu_s(server.proc.pid)
+    r.setdefault(key, []).append(1e3 * (after[0] - before[0]) / instances)
     if isinstance(server, PacsCluster):
-        r.setdefault(f"{key}_stack", []).append(1e3 * (stack_cpu_s() - stack_before) / instances)
+        r.setdefault(f"{key}_stack", []).append(1e3 * (after[1] - before[1]) / instances)
 
 
 def run_clients(cmds: list[list[str]], what: str) -> float:

@@ -219,17 +219,14 @@ class EventDrivenDUL(DULServiceProvider):
                 self._flush()
             return True
 
-    def send_encoded_now(self, message: bytes | list[bytes | memoryview]) -> bool:
-        """Write a message :func:`encode_message` encoded (or its :func:`message_pieces`), now; False
-        (nothing sent) where :meth:`send_message_now` would return False."""
+    def send_encoded_now(self, pieces: list[bytes | memoryview]) -> bool:
+        """Write a message's :func:`message_pieces`, now; False (nothing sent) where
+        :meth:`send_message_now` would return False."""
         with self._send_lock:
             if not self._may_send_now():
                 return False
             self._flush()
-            if isinstance(message, list):
-                self._write_pieces(message)
-            else:
-                self.socket.send(message)
+            self._write_pieces(pieces)
             return True
 
     def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:

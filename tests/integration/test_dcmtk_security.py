@@ -93,6 +93,8 @@ def test_objects_stored_over_tls_are_found_and_retrieved_over_tls_byte_for_byte(
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
+    from pacs.net.stored import StoredObject
+
     port, cert = tls_server
     folder = tmp_path / "sent"
     folder.mkdir()
@@ -104,12 +106,12 @@ def test_objects_stored_over_tls_are_found_and_retrieved_over_tls_byte_for_byte(
         (folder / f"{i}.dcm").write_bytes(data)
     stored = run("storescu", "+tla", "+cf", str(cert), "-aec", "PACS", "+sd", "127.0.0.1", port, str(folder))
     assert stored.returncode == 0, stored.stdout + stored.stderr
+    first = pydicom.dcmread(folder / "0.dcm", stop_before_pixels=True)
     found_dir = tmp_path / "found"
     found_dir.mkdir()
     found = run("findscu", "+tla", "+cf", str(cert), "-aec", "PACS", "-S", "-X", "-od", str(found_dir),
                 "-k", "QueryRetrieveLevel=IMAGE", "-k", "PatientID=TLS1", "-k", "SOPInstanceUID",
-                "-k", f"StudyInstanceUID={pydicom.dcmread(folder / '0.dcm').StudyInstanceUID}",
-                "-k", f"SeriesInstanceUID={pydicom.dcmread(folder / '0.dcm').SeriesInstanceUID}",
+                "-k", f"StudyInstanceUID={first.StudyInstanceUID}", "-k", f"SeriesInstanceUID={first.SeriesInstanceUID}",
                 "127.0.0.1", port)
     assert found.returncode == 0, found.stdout + found.stderr
     assert {pydicom.dcmread(f).SOPInstanceUID for f in found_dir.iterdir()} == set(sent)
@@ -132,15 +134,14 @@ def test_objects_stored_over_tls_are_found_and_retrieved_over_tls_byte_for_byte(
     try:
         query = pydicom.Dataset()
         query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = pydicom.dcmread(folder / "0.dcm").StudyInstanceUID
+        query.StudyInstanceUID = first.StudyInstanceUID
         statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
     finally:
         assoc.release()
     assert statuses[-1] == 0x0000
-    for uid, data in sent.items():
-        dataset_part = data[data.index(b"DICM") + 4:]
-        group_length = int.from_bytes(dataset_part[8:12], "little")
-        assert received[uid] == dataset_part[12 + group_length:]  # the data set as stored, byte for byte
+    for uid, data in sent.items():  # the data set as stored, byte for byte
+        assert received[uid] == StoredObject(data, sop_class_uid=CTImageStorage, sop_instance_uid=uid,
+                                             transfer_syntax_uid=ExplicitVRLittleEndian).dataset_bytes()
 
 
 def test_a_silent_connection_to_the_tls_port_holds_up_no_one(tls_server, caplog):

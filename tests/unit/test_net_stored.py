@@ -50,8 +50,8 @@ class _Recorder:
         outer = self
 
         class Dul:
-            def send_encoded_now(self, message: bytes) -> bool:
-                outer.sent_now.append(message)
+            def send_encoded_now(self, pieces: list) -> bool:
+                outer.sent_now.append(pieces)
                 return direct
 
         class Dimse:
