@@ -26,7 +26,13 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
    into a temp dir) of the first 500-instance CT series: MB/s.  Besides, a
    C-GET of the second series right after its four associations stored it
    (on HDFS its packs are still being written, which a retrieve of the first
-   series, one pack full and sealed, does not show).
+   series, one pack full and sealed, does not show).  And both retrieves of
+   the first series again with the peer dropping what it receives
+   (``storescp --ignore``, ``getscu --ignore``; the count of instances from
+   the final response): a peer writing files spends from 0.3 to over 2 ms of
+   kernel time per 0.5 MB image on a VM that charges new page cache by the
+   minute, which bounds both servers' figures; without it the rate is the
+   server's own.
 
 With ``--cluster``, pacs is measured a second time on HDFS + Postgres from
 ``deploy/`` (``--replication`` adds a server per replication factor of its
@@ -96,6 +102,7 @@ FIND_RUNS = 20
 RETRIEVES = 3
 OPEN_REPEATS, OPEN_RUNS = 20, 5  # C-FIND on an open association (findscu --repeat)
 SCP_AET = "BENCHSCP"
+NULL_AET = "BENCHNULL"  # a storescp that receives and answers, writing nothing (--ignore)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -242,8 +249,9 @@ def cpu_per_instance(server, r: dict, key: str, instances: int):  # noqa: ANN001
         r.setdefault(f"{key}_stack", []).append(1e3 * (after[1] - before[1]) / instances)
 
 
-def run_clients(cmds: list[list[str]], what: str) -> float:
-    """Run the commands in parallel; wall seconds from the first start to the last exit."""
+def run_clients(cmds: list[list[str]], what: str, outputs: list[str] | None = None) -> float:
+    """Run the commands in parallel; wall seconds from the first start to the last exit (their output
+    appended to ``outputs`` if given)."""
     started = time.perf_counter()
     procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in cmds]
     outs = [p.communicate()[0].decode(errors="replace") for p in procs]
@@ -252,6 +260,8 @@ def run_clients(cmds: list[list[str]], what: str) -> float:
         bad = [ln for ln in out.splitlines() if ln.startswith(("E:", "F:"))]
         if p.returncode != 0 or bad:
             raise RuntimeError(f"{what}: {p.args[0]} rc={p.returncode}\n" + "\n".join((bad or out.splitlines())[:15]))
+    if outputs is not None:
+        outputs += outs
     return elapsed
 
 
@@ -280,8 +290,19 @@ def series_keys(study_uid: str, series_uid: str) -> list[str]:
             "-k", f"SeriesInstanceUID={series_uid}"]
 
 
-def getscu(aet: str, port: int, keys: list[str], out: Path) -> list[str]:
-    return ["getscu", "-aet", "GETSCU", "-aec", aet, "-S", *keys, "-od", str(out), HOST, str(port)]
+def getscu(aet: str, port: int, keys: list[str], out: Path | None) -> list[str]:
+    """A C-GET into ``out``; with none, every object received and answered, and dropped (``--ignore``:
+    the peer's cost of writing files left out), the final response's counts logged (``-v``)."""
+    where = ["-od", str(out)] if out is not None else ["--ignore", "-v"]
+    return ["getscu", "-aet", "GETSCU", "-aec", aet, "-S", *keys, *where, HOST, str(port)]
+
+
+def completed_suboperations(output: str, what: str) -> int:
+    """The Number of Completed Suboperations of a getscu run's final response (logged with ``-v``)."""
+    for line in output.splitlines():
+        if "Number of Completed Suboperations" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise RuntimeError(f"{what}: no final response counts in the client's output:\n{output[-1500:]}")
 
 
 def series_count(aet: str, port: int, study_uid: str, series_uid: str, tmp: Path) -> int:
@@ -394,8 +415,8 @@ class Pacs(Server):
 
         return Settings(data_dir=self.data_dir)
 
-    def add_move_destination(self, port: int) -> None:
-        subprocess.run([PACS_BIN, "ae", "add", SCP_AET, HOST, str(port), "--data-dir", str(self.data_dir)],
+    def add_move_destination(self, port: int, aet: str = SCP_AET) -> None:
+        subprocess.run([PACS_BIN, "ae", "add", aet, HOST, str(port), "--data-dir", str(self.data_dir)],
                        check=True, capture_output=True, env=self.env)
 
     def prefill(self, folder: Path) -> tuple[int, float]:
@@ -495,7 +516,7 @@ class Orthanc(Server):
 
     def __init__(self, procs: Procs, tmp: Path) -> None:
         super().__init__(procs, tmp)
-        self.move_port: int | None = None
+        self.move_ports: dict[str, int] = {}
         ensure_orthanc()
         shipped = Path("/etc/orthanc/orthanc.json")
         self.known_keys = shipped.read_text() if shipped.exists() else ""
@@ -505,8 +526,8 @@ class Orthanc(Server):
         out = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True).stdout
         return out.splitlines()[0].strip() if out else "Orthanc ?"
 
-    def add_move_destination(self, port: int) -> None:
-        self.move_port = port
+    def add_move_destination(self, port: int, aet: str = SCP_AET) -> None:
+        self.move_ports[aet] = port
 
     def start(self) -> None:
         self.port, self.http_port = free_port(), free_port()
@@ -525,7 +546,7 @@ class Orthanc(Server):
             "DicomAlwaysAllowFind": True,
             "DicomAlwaysAllowGet": True,
             "DicomAlwaysAllowMove": True,
-            "DicomModalities": {SCP_AET: [SCP_AET, HOST, self.move_port]} if self.move_port else {},
+            "DicomModalities": {aet: [aet, HOST, port] for aet, port in self.move_ports.items()},
             "Plugins": [],
         }
         if '"TcpNoDelay"' in self.known_keys:  # HTTP side; the DICOM side gets TCP_NODELAY=1 in its env
@@ -561,15 +582,31 @@ def ensure_orthanc() -> None:
 # --------------------------------------------------------------------------- the benchmark
 
 @contextmanager
-def storescp(procs: Procs, out: Path):
+def storescp(procs: Procs, out: Path, discard: bool = False):
+    """A storescp writing what it receives into ``out``; with ``discard``, writing nothing (``--ignore``,
+    AE title NULL_AET), each request it answers logged (``-v``) in ``out``'s log (see :func:`stores_logged`)."""
     port = free_port()
-    out.mkdir(parents=True, exist_ok=True)
-    proc = procs.start(["storescp", "-aet", SCP_AET, "-od", str(out), str(port)], out.parent / f"{out.name}.log")
+    if discard:
+        args = ["storescp", "--ignore", "-v", "-aet", NULL_AET, str(port)]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        args = ["storescp", "-aet", SCP_AET, "-od", str(out), str(port)]
+    proc = procs.start(args, storescp_log(out))
     try:
         wait_port(port, proc)
         yield port
     finally:
         procs.stop(proc)
+
+
+def storescp_log(out: Path) -> Path:
+    return out.parent / f"{out.name}.log"
+
+
+def stores_logged(log: Path) -> int:
+    """How many C-STORE requests a ``storescp -v`` has logged so far."""
+    with open(log, errors="replace") as f:
+        return sum(1 for line in f if "Received Store Request" in line)
 
 
 def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str) -> None:
@@ -579,8 +616,10 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
     # ---- phase 1: fresh data dir, store / move / get
     server.new_data_dir(f"store{tag}")
     moved = tmp / f"{prefix}-moved"
-    with storescp(procs, moved) as scp_port:
+    null = tmp / f"{prefix}-null"
+    with storescp(procs, moved) as scp_port, storescp(procs, null, discard=True) as null_port:
         server.add_move_destination(scp_port)
+        server.add_move_destination(null_port, NULL_AET)
         server.start()
         try:
             with cpu_per_instance(server, r, "store1_cpu", ct["n"]):
@@ -622,7 +661,24 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
                 with cpu_per_instance(server, r, "get_cpu", ct["n"]):
                     gets.append(run_clients([getscu(server.aet, server.port, keys, got_dir)], "C-GET"))
                 r["get_n"], r["get_bytes"] = received(got_dir, ct["n"], "C-GET")
+            # The same, the peer dropping every object it receives: the servers' figures without the
+            # peer's cost of writing 500 new files (on a VM, from 0.3 to over 2 ms per image).
+            null_moves, null_gets = [], []
+            for _ in range(RETRIEVES):
+                before = stores_logged(storescp_log(null))
+                with cpu_per_instance(server, r, "move_null_cpu", ct["n"]):
+                    null_moves.append(run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet,
+                                                    "-aem", NULL_AET, "-S", *keys, HOST, str(server.port)]],
+                                                  "C-MOVE to storescp --ignore"))
+                r["move_null_n"] = stores_logged(storescp_log(null)) - before
+            for _ in range(RETRIEVES):
+                out: list[str] = []
+                with cpu_per_instance(server, r, "get_null_cpu", ct["n"]):
+                    null_gets.append(run_clients([getscu(server.aet, server.port, keys, None)],
+                                                 "C-GET --ignore", out))
+                r["get_null_n"] = completed_suboperations(out[0], "C-GET --ignore")
             r["move"], r["get"] = statistics.median(moves), statistics.median(gets)
+            r["move_null"], r["get_null"] = statistics.median(null_moves), statistics.median(null_gets)
         finally:
             server.stop()
     shutil.rmtree(moved, ignore_errors=True)
@@ -729,13 +785,19 @@ def metrics(data: dict) -> list[tuple[str, object, str]]:
          lambda r: (r["move_bytes"] / 1e6 / r["move"], r["move_n"]), "{:.1f} ({:.0f})"),
         (f"C-GET {ct['n']} CT by getscu, median of {RETRIEVES}: MB/s (instances received)",
          lambda r: (r["get_bytes"] / 1e6 / r["get"], r["get_n"]), "{:.1f} ({:.0f})"),
+        (f"C-MOVE {ct['n']} CT to storescp --ignore (received, not written), median of {RETRIEVES}: MB/s "
+         "(instances)", lambda r: (r["move_bytes"] / 1e6 / r["move_null"], r["move_null_n"]), "{:.1f} ({:.0f})"),
+        (f"C-GET {ct['n']} CT by getscu --ignore (received, not written), median of {RETRIEVES}: MB/s (instances)",
+         lambda r: (r["get_bytes"] / 1e6 / r["get_null"], r["get_null_n"]), "{:.1f} ({:.0f})"),
         ("C-GET of the 4-assoc series right after it was stored: MB/s (instances received)",
          lambda r: (r["get_fresh_bytes"] / 1e6 / r["get_fresh"], r["get_fresh_n"]), "{:.1f} ({:.0f})"),
         ("server CPU per instance, C-STORE 1 assoc | 4 assoc | 64x64: ms",
          lambda r: (statistics.median(r["store1_cpu"]), statistics.median(r["store4_cpu"]), statistics.median(r["small_cpu"])),
          "{:.2f} | {:.2f} | {:.2f}"),
-        (f"server CPU per instance, C-MOVE | C-GET (median of {RETRIEVES}): ms",
-         lambda r: (statistics.median(r["move_cpu"]), statistics.median(r["get_cpu"])), "{:.2f} | {:.2f}"),
+        (f"server CPU per instance, C-MOVE | C-GET | both --ignore (median of {RETRIEVES}): ms",
+         lambda r: (statistics.median(r["move_cpu"]), statistics.median(r["get_cpu"]),
+                    statistics.median(r["move_null_cpu"]), statistics.median(r["get_null_cpu"])),
+         "{:.2f} | {:.2f} | {:.2f} | {:.2f}"),
         ("  HDFS + Postgres CPU per instance, C-STORE 1 | 4 assoc | 64x64: ms",
          lambda r: (statistics.median(r["store1_cpu_stack"]), statistics.median(r["store4_cpu_stack"]), statistics.median(r["small_cpu_stack"])),
          "{:.2f} | {:.2f} | {:.2f}"),
