@@ -28,8 +28,8 @@ every exchange waits for delayed ACKs).  Measured, in the same run:
    (on HDFS its packs are still being written, which a retrieve of the first
    series, one pack full and sealed, does not show).  And both retrieves of
    the first series again with the peer dropping what it receives
-   (``storescp --ignore``, ``getscu --ignore``; the count of instances from
-   the final response): a peer writing files spends from 0.3 to over 2 ms of
+   (``storescp --ignore``, ``getscu --ignore``; the instances counted in
+   ``storescp``'s log and in ``getscu``'s final response): a peer writing files spends from 0.3 to over 2 ms of
    kernel time per 0.5 MB image on a VM that charges new page cache by the
    minute, which bounds both servers' figures; without it the rate is the
    server's own.
@@ -670,13 +670,14 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
                     null_moves.append(run_clients([["movescu", "-aet", "MOVESCU", "-aec", server.aet,
                                                     "-aem", NULL_AET, "-S", *keys, HOST, str(server.port)]],
                                                   "C-MOVE to storescp --ignore"))
-                r["move_null_n"] = stores_logged(storescp_log(null)) - before
+                r["move_null_n"] = expect(stores_logged(storescp_log(null)) - before, ct["n"],
+                                          "C-MOVE to storescp --ignore")
             for _ in range(RETRIEVES):
                 out: list[str] = []
                 with cpu_per_instance(server, r, "get_null_cpu", ct["n"]):
                     null_gets.append(run_clients([getscu(server.aet, server.port, keys, None)],
                                                  "C-GET --ignore", out))
-                r["get_null_n"] = completed_suboperations(out[0], "C-GET --ignore")
+                r["get_null_n"] = expect(completed_suboperations(out[0], "C-GET --ignore"), ct["n"], "C-GET --ignore")
             r["move"], r["get"] = statistics.median(moves), statistics.median(gets)
             r["move_null"], r["get_null"] = statistics.median(null_moves), statistics.median(null_gets)
         finally:
@@ -710,6 +711,13 @@ def bench_server(server, data: dict, r: dict, procs: Procs, tmp: Path, tag: str)
         server.stop()
 
 
+def expect(n: int, expected: int, what: str) -> int:
+    """``n`` instances received; any other count than ``expected`` is an error."""
+    if n != expected:
+        raise RuntimeError(f"{what}: {n} of {expected} instances received")
+    return n
+
+
 def received(folder: Path, expected: int, what: str, keep_dir: bool = False) -> tuple[int, int]:
     """Count (files, bytes) a retrieve wrote into ``folder`` and delete them; fewer than ``expected`` is an error."""
     n, size = dir_bytes(folder)
@@ -719,9 +727,7 @@ def received(folder: Path, expected: int, what: str, keep_dir: bool = False) -> 
                 f.unlink()
     else:
         shutil.rmtree(folder, ignore_errors=True)
-    if n != expected:
-        raise RuntimeError(f"{what}: {n} of {expected} instances received")
-    return n, size
+    return expect(n, expected, what), size
 
 
 def make_data(tmp: Path, quick: bool) -> dict:
