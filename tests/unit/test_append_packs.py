@@ -228,3 +228,37 @@ def test_a_flush_that_fails_indexes_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert services.ingest.store(series("fails", 1)[0]).outcome is StoreOutcome.STORED  # and the next store works
     services.close()
+
+
+def test_the_index_is_free_to_other_writers_while_a_store_flushes(tmp_path, monkeypatch):
+    """SQLite has one writer at a time: a store must not hold its write lock while its bytes are flushed,
+    or every other store waits out the flush in SQLite's busy handler (1 ms and longer sleeps)."""
+    import sqlite3
+
+    from pacs.storage.local import LocalAppendFile
+
+    services = build_services(Settings(data_dir=tmp_path / "data"))
+    database = services.db.engine.url.database
+    real = LocalAppendFile.start_flush
+    tried = []
+
+    class Flush:
+        def __init__(self, file) -> None:
+            self.file = file
+
+        def wait(self) -> None:
+            other = sqlite3.connect(database, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # the write lock, now, or "database is locked"
+                other.execute("ROLLBACK")
+                tried.append("free")
+            except sqlite3.OperationalError as exc:
+                tried.append(str(exc))
+            finally:
+                other.close()
+            real(self.file).wait()
+
+    monkeypatch.setattr(LocalAppendFile, "start_flush", lambda file: Flush(file))
+    assert [services.ingest.store(data).outcome for data in series("unlocked", 3)] == [StoreOutcome.STORED] * 3
+    assert tried == ["free"] * 3
+    services.close()
