@@ -246,16 +246,11 @@ class IngestService:
         The transaction looks the UID up, the bytes are written and flushed,
         and then the rows are inserted and committed: nothing ever points at
         bytes that are not durable.  The rows go in after the flush, not
-        beside it: SQLite has one writer at a time, and the first insert
-        takes its write lock until the commit, so rows inserted while the
-        flush ran held every other store — of the same process or another
-        worker — off the index for the whole flush, each waiting in SQLite's
-        busy handler, which sleeps 1, 2, 5, 10... ms between tries (500 CT
-        over four associations, two workers, seven server starts each way:
-        541/s with the rows beside the flush, 631/s after it; over one
-        association, where nothing contends, 442 and 420/s: the ~0.13 ms of
-        inserts no longer overlap the flush).
-        With recoverable appends the commit does not flush the index's log:
+        beside it: the first insert takes SQLite's one write lock until the
+        commit, and rows inserted while the flush ran kept every other store
+        (another association, another worker) off the index for the whole
+        flush, sleeping in SQLite's busy handler (docs/storage.md has the
+        measurements).  With recoverable appends the commit does not flush the index's log:
         the flushed record in the pack is the durable copy.
         """
         if self.db.statements_commit_alone:
